@@ -131,6 +131,34 @@ class OptimizerState:
         """A plain nested dict (safe for ``torch.save`` and ``weights_only`` loading)."""
         return dataclasses.asdict(self)
 
+    def select(self, names) -> OptimizerState:
+        """The state of the parameters in ``names`` only (same step count and running loss)."""
+        names = set(names)
+        pick = lambda d: {k: v for k, v in d.items() if k in names}  # noqa: E731
+        return self.replace(
+            hidden=pick(self.hidden),
+            cell=pick(self.cell),
+            per_param_lr=pick(self.per_param_lr),
+            slots={slot: pick(values) for slot, values in self.slots.items()},
+        )
+
+    @classmethod
+    def merge(cls, states: list[OptimizerState]) -> OptimizerState:
+        """Union of states over disjoint parameter names; step counts must agree."""
+        if not states:
+            return cls()
+        counts = {s.step_count for s in states}
+        if len(counts) != 1:
+            raise ValueError(f"cannot merge states with different step counts {sorted(counts)}")
+        merged = cls(step_count=states[0].step_count, running_loss=states[0].running_loss)
+        for s in states:
+            merged.hidden.update(s.hidden)
+            merged.cell.update(s.cell)
+            merged.per_param_lr.update(s.per_param_lr)
+            for slot, values in s.slots.items():
+                merged.slots.setdefault(slot, {}).update(values)
+        return merged
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OptimizerState:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -140,3 +168,21 @@ class OptimizerState:
 
 
 pytree.register_dataclass(OptimizerState)
+
+
+@dataclass
+class MetaOptTrainResult:
+    """What one meta-training step did.
+
+    ``meta_loss`` is the mean meta-objective over the step's episodes, ``meta_grad_norm`` the
+    meta-gradient's global norm before clipping, ``skipped`` whether the step was discarded for a
+    non-finite loss or gradient, ``steps`` the number of meta-steps applied so far,
+    ``skipped_total`` the number skipped so far, ``inner_steps`` the inner steps run in this step.
+    """
+
+    meta_loss: float
+    meta_grad_norm: float
+    skipped: bool
+    steps: int
+    skipped_total: int = 0
+    inner_steps: int = 0
