@@ -1,0 +1,96 @@
+"""Differentiable unrolls: apply an update rule K steps on a task and return a meta-loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from metaoptimizer.config import META_OBJECTIVES, OptimizerState
+from metaoptimizer.rules.base import Params, UpdateRule, apply_updates
+from metaoptimizer.tasks.base import Batch, Task
+
+
+@dataclass
+class UnrollResult:
+    """Outcome of one unroll.
+
+    ``meta_loss`` is differentiable w.r.t. the rule's meta-parameters; ``params``/``state`` are the
+    inner parameters and rule state at the end (still attached to the graph: call
+    :func:`detach_params` / ``state.detach()`` to cut it); ``losses`` are the inner training losses
+    seen at each step, as floats; ``finite`` is False when any inner loss or the meta-loss was NaN/Inf.
+    """
+
+    meta_loss: Tensor
+    params: Params
+    state: OptimizerState
+    losses: list[float] = field(default_factory=list)
+    finite: bool = True
+
+
+def detach_params(params: Mapping[str, Tensor]) -> Params:
+    """Detached leaf copies that require grad, ready to start an unroll (cuts the graph)."""
+    return {name: p.detach().requires_grad_(True) for name, p in params.items()}
+
+
+def inner_gradients(loss: Tensor, params: Mapping[str, Tensor], second_order: bool) -> Params:
+    """Gradient of ``loss`` w.r.t. ``params``.
+
+    With ``second_order`` the gradient stays in the graph (full meta-gradient); without it the
+    gradient is treated as a constant input to the rule, as Andrychowicz et al. do, which avoids
+    Hessian-vector products while keeping the path through the parameters.
+    """
+    names = list(params)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=second_order, retain_graph=True)
+    return {n: g if second_order else g.detach() for n, g in zip(names, grads, strict=True)}
+
+
+def unroll(
+    rule: UpdateRule,
+    task: Task,
+    params: Mapping[str, Tensor],
+    state: OptimizerState,
+    train_batches: Iterator[Batch],
+    steps: int,
+    *,
+    second_order: bool = False,
+    meta_objective: str = "train_loss",
+    valid_batches: Iterator[Batch] | None = None,
+) -> UnrollResult:
+    """Run ``rule`` for ``steps`` inner steps from ``params``/``state`` and compute the meta-loss.
+
+    ``meta_objective='train_loss'``: mean training loss at the parameters produced by each of the
+    ``steps`` updates (each measured on the next training batch, as in Andrychowicz et al.).
+    ``meta_objective='valid_loss'``: validation loss after the last update, on one batch of
+    ``valid_batches``. ``params`` must require grad (use :func:`detach_params`).
+    """
+    if meta_objective not in META_OBJECTIVES:
+        raise ValueError(f"meta_objective={meta_objective!r} is not supported; accepted values: {META_OBJECTIVES}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if meta_objective == "valid_loss" and valid_batches is None:
+        raise ValueError("meta_objective='valid_loss' needs valid_batches")
+    params = dict(params)
+    loss = task.loss(params, next(train_batches))
+    losses = [float(loss.detach())]
+    meta_terms: list[Tensor] = []
+    finite = math.isfinite(losses[0])
+    for _ in range(steps):
+        if not finite:
+            break
+        grads = inner_gradients(loss, params, second_order)
+        updates, state = rule.update(grads, state, params, state.step_count + 1)
+        params = apply_updates(params, updates)
+        loss = task.loss(params, next(train_batches))
+        losses.append(float(loss.detach()))
+        finite = math.isfinite(losses[-1])
+        meta_terms.append(loss)
+    if meta_objective == "valid_loss" and finite:
+        meta_loss = task.loss(params, next(valid_batches))
+    else:
+        meta_loss = torch.stack(meta_terms).mean() if meta_terms else loss
+    finite = finite and bool(torch.isfinite(meta_loss))
+    return UnrollResult(meta_loss=meta_loss, params=params, state=state, losses=losses[:-1], finite=finite)
