@@ -1,0 +1,212 @@
+"""``MetaOptimizer``: the project's spec API over the functional core.
+
+It binds an update rule to a model: ``compute_update`` turns gradients into updates,
+``meta_train_step`` improves the rule from episodes, ``torch_optimizer`` hands the rule to an
+ordinary PyTorch training loop, and ``save``/``load`` persist it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metaoptimizer.checkpoint import load_checkpoint, save_checkpoint
+from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, OptimizerState
+from metaoptimizer.meta.step import apply_meta_gradient
+from metaoptimizer.meta.trainer import ReplayableBatches, TaskRun, TruncatedBPTT
+from metaoptimizer.rules import build_rule
+from metaoptimizer.rules.base import Params, UpdateRule, check_grads
+from metaoptimizer.tasks.base import TRAIN, ModuleTask, Task, split_seed
+
+CHECKPOINT_KIND = "metaoptimizer"
+
+
+def _is_episode(obj: object) -> bool:
+    return all(hasattr(obj, f) for f in ("support_x", "support_y", "query_x", "query_y"))
+
+
+class MetaOptimizer:
+    """A learned optimizer bound to ``base_model`` (which may be None for a rule used only through
+    :meth:`torch_optimizer`).
+
+    ``rule`` overrides the rule that ``config`` would build (for example a trained one).
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module | None = None,
+        config: MetaOptimizerConfig | None = None,
+        *,
+        rule: UpdateRule | None = None,
+    ) -> None:
+        if config is None:
+            config = MetaOptimizerConfig()
+        if not isinstance(config, MetaOptimizerConfig):
+            raise TypeError(f"config must be a MetaOptimizerConfig, got {type(config).__name__}")
+        if base_model is not None and not isinstance(base_model, nn.Module):
+            raise TypeError(f"base_model must be a torch.nn.Module or None, got {type(base_model).__name__}")
+        self.config = config
+        self.base_model = base_model
+        self.rule = rule if rule is not None else build_rule(config)
+        self.meta_optimizer = torch.optim.Adam(self._meta_parameters(), lr=config.meta_lr)
+        self.estimator = TruncatedBPTT(config.meta_objective, config.second_order)
+        self.meta_steps = 0
+        self.skipped_meta_steps = 0
+        self._episodes_seen = 0
+        self._effective_lr: dict[str, float] = {}
+        self.state = self.rule.init(self._model_params()) if base_model is not None else OptimizerState()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _meta_parameters(self) -> list[Tensor]:
+        return [p for p in self.rule.parameters() if p.requires_grad]
+
+    def _model_params(self, model: nn.Module | None = None) -> Params:
+        model = model if model is not None else self.base_model
+        if model is None:
+            raise ValueError("this MetaOptimizer has no base_model; pass one to the constructor or the call")
+        return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+    def _run_for(self, episode: Any, model: nn.Module | None) -> TaskRun:
+        """A one-truncation inner run for a ``Task`` or a support/query episode."""
+        seed = split_seed(TRAIN, self.config.seed + self._episodes_seen)
+        self._episodes_seen += 1
+        if isinstance(episode, Task):
+            task, params = episode, episode.init_params(seed)
+        elif _is_episode(episode):
+            if model is None:
+                raise ValueError("support/query episodes need a base_model to train")
+            support = (episode.support_x, episode.support_y)
+            task = ModuleTask(
+                "episode", lambda: model, support, (episode.query_x, episode.query_y),
+                loss=self.config.loss, batch_size=len(episode.support_x),
+            )
+            params = self._model_params(model)
+        else:
+            raise TypeError(
+                f"episodes must be Task objects or episodes with support_x/support_y/query_x/query_y, "
+                f"got {type(episode).__name__}"
+            )
+        return TaskRun(
+            task=task,
+            task_index=seed,
+            params=params,
+            state=self.rule.init(params),
+            train_batches=ReplayableBatches(task.train_batches, seed),
+            valid_batches=ReplayableBatches(task.valid_batches, seed),
+            steps_done=0,
+            horizon=self.config.unroll_steps,
+        )
+
+    # -- the spec's API ------------------------------------------------------------------------
+    def compute_update(
+        self, gradients: Mapping[str, Tensor], state: OptimizerState | None = None
+    ) -> tuple[Params, OptimizerState]:
+        """Updates to *add* to the base model's parameters, and the new state.
+
+        ``gradients`` maps parameter names (as in ``base_model.named_parameters()``) to gradients;
+        names may be a subset. NaN/Inf gradients, unknown names and shape mismatches raise
+        ``ValueError``. Without ``state`` the facade's own state is used and advanced.
+        """
+        params = self._model_params()
+        check_grads(gradients, params)
+        own_state = state is None
+        current = self.state if own_state else state
+        with torch.no_grad():
+            updates, new_state = self.rule.update(dict(gradients), current, params, current.step_count + 1)
+        self._effective_lr = {
+            name: float(updates[name].norm() / gradients[name].norm().clamp_min(1e-12)) for name in updates
+        }
+        if own_state:
+            self.state = new_state
+        return updates, new_state
+
+    def meta_train_step(
+        self, episodes: Iterable[Any], base_model: nn.Module | None = None
+    ) -> MetaOptTrainResult:
+        """One meta-gradient step of the rule over ``episodes``.
+
+        Each episode is a :class:`~metaoptimizer.tasks.base.Task` (trained from fresh parameters)
+        or a support/query episode (the base model trained on the support set from its current
+        parameters, the query set serving as validation data). The rule is unrolled for
+        ``config.unroll_steps`` steps on each; the mean meta-loss is differentiated, clipped to
+        ``config.gradient_clipping`` and applied with Adam(``config.meta_lr``). Non-finite steps are
+        skipped and counted.
+        """
+        model = base_model if base_model is not None else self.base_model
+        runs = [self._run_for(episode, model) for episode in episodes]
+        if not runs:
+            raise ValueError("meta_train_step needs at least one episode")
+        estimate = self.estimator.estimate(self.rule, runs, self.config.unroll_steps)
+        norm, skipped = apply_meta_gradient(
+            self.meta_optimizer, self._meta_parameters(), estimate.grads, self.config.gradient_clipping, estimate.finite
+        )
+        if skipped:
+            self.skipped_meta_steps += 1
+        else:
+            self.meta_steps += 1
+        return MetaOptTrainResult(
+            meta_loss=estimate.meta_loss,
+            meta_grad_norm=norm,
+            skipped=skipped,
+            steps=self.meta_steps,
+            skipped_total=self.skipped_meta_steps,
+            inner_steps=estimate.inner_steps,
+        )
+
+    def get_learned_lr(self) -> dict[str, float]:
+        """Per-parameter-tensor learning rates the rule applies.
+
+        For rules without an explicit rate (the LSTM) this is the effective rate of the last
+        ``compute_update``: ``||update|| / ||gradient||`` per tensor.
+        """
+        if not self._effective_lr:
+            raise RuntimeError("no update has been computed yet; call compute_update first")
+        return dict(self._effective_lr)
+
+    def reset_optimizer_state(self) -> None:
+        """Fresh rule state for the base model (hidden/cell state, accumulators, step count)."""
+        self.state = self.rule.init(self._model_params())
+        self._effective_lr = {}
+
+    # -- adapters and persistence -----------------------------------------------------------------
+    def torch_optimizer(self, params: Iterable[Any] | None = None, **kwargs: Any):
+        """A ``torch.optim.Optimizer`` that applies this rule (see :class:`metaoptimizer.optim.LearnedOptimizer`)."""
+        from metaoptimizer.optim import LearnedOptimizer
+
+        if params is None:
+            if self.base_model is None:
+                raise ValueError("pass params, or construct the MetaOptimizer with a base_model")
+            params = self.base_model.parameters()
+        return LearnedOptimizer(params, self.rule, **kwargs)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write rule weights, config, meta-optimizer state and counters to one file, atomically."""
+        save_checkpoint(
+            path,
+            kind=CHECKPOINT_KIND,
+            config=self.config.to_dict(),
+            payload={
+                "rule": self.rule.state_dict(),
+                "meta_optimizer": self.meta_optimizer.state_dict(),
+                "meta_steps": self.meta_steps,
+                "skipped_meta_steps": self.skipped_meta_steps,
+            },
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, base_model: nn.Module | None = None) -> MetaOptimizer:
+        """Rebuild a saved MetaOptimizer (``torch.load(weights_only=True)`` underneath)."""
+        data = load_checkpoint(path, expected_kind=CHECKPOINT_KIND)
+        meta = cls(base_model, MetaOptimizerConfig.from_dict(data["config"]))
+        try:
+            meta.rule.load_state_dict(data["rule"])
+            meta.meta_optimizer.load_state_dict(data["meta_optimizer"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise ValueError(f"checkpoint {os.fspath(path)!r} does not match its config: {error}") from error
+        meta.meta_steps = int(data["meta_steps"])
+        meta.skipped_meta_steps = int(data["skipped_meta_steps"])
+        return meta

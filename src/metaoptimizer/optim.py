@@ -1,0 +1,258 @@
+"""A ``torch.optim.Optimizer`` that runs any :class:`~metaoptimizer.rules.base.UpdateRule`.
+
+The adapter keeps one :class:`OptimizerState` per parameter (keyed by a stable name such as
+``"g0.p3"``: group 0, parameter 3) so parameters can join late (``add_param_group``) or miss
+gradients on some steps. Each step merges the states of the parameters that have gradients,
+grouped by step count, calls ``rule.update`` once per group under ``torch.no_grad`` and splits the
+new state back. A group's ``lr`` multiplies the rule's updates, so ``torch.optim.lr_scheduler``
+schedulers work unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaoptimizer.config import OptimizerState, check_positive
+from metaoptimizer.rules.base import UpdateRule, check_unit_interval, next_step
+
+__all__ = ["NONFINITE_POLICIES", "LearnedOptimizer"]
+
+NONFINITE_POLICIES = ("raise", "skip")
+_PER_PARAM_FIELDS = ("hidden", "cell", "per_param_lr")
+
+
+def _param_name(group_index: int, param_index: int) -> str:
+    return f"g{group_index}.p{param_index}"
+
+
+def _split_state(state: OptimizerState, names: Iterable[str]) -> dict[str, OptimizerState]:
+    """One single-parameter state per name, in one pass (``select`` per name would be quadratic)."""
+    out = {
+        name: OptimizerState(
+            step_count=state.step_count, running_loss=state.running_loss, slots={slot: {} for slot in state.slots}
+        )
+        for name in names
+    }
+
+    def target(name: str) -> OptimizerState:
+        if name not in out:
+            raise ValueError(f"the update rule returned state for unknown parameter {name!r}; known: {sorted(out)}")
+        return out[name]
+
+    for field in _PER_PARAM_FIELDS:
+        for name, tensor in getattr(state, field).items():
+            getattr(target(name), field)[name] = tensor
+    for slot, values in state.slots.items():
+        for name, tensor in values.items():
+            target(name).slots[slot][name] = tensor
+    return out
+
+
+def _own_memory(state: OptimizerState, storages: set[int]) -> OptimizerState:
+    """Clone state tensors that share memory with ``storages`` (parameters and gradients).
+
+    The adapter updates parameters in place and autograd may accumulate into gradients in place;
+    a rule that keeps a reference to either in its state would see it change behind its back.
+    """
+    return state.map_tensors(lambda t: t.clone() if t.untyped_storage().data_ptr() in storages else t)
+
+
+def _nonfinite_names(tensors: Mapping[str, Tensor]) -> list[str]:
+    """Names of the tensors holding NaN or Inf, with a single device synchronisation."""
+    if not tensors:
+        return []
+    flags = [t.isfinite().all() for t in tensors.values()]
+    device = flags[0].device
+    finite = torch.stack([f.to(device) for f in flags])
+    if bool(finite.all()):
+        return []
+    return [name for name, ok in zip(tensors, finite.tolist(), strict=True) if not ok]
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    """Run ``rule`` as a ``torch.optim`` optimizer.
+
+    ``lr`` (per parameter group) multiplies the rule's updates: keep 1.0 to apply the rule as
+    trained, or let an LR scheduler vary it. ``maximize`` feeds the rule negated gradients.
+    ``nonfinite`` decides what a NaN/Inf gradient or closure loss does: ``"raise"`` a ValueError
+    naming the parameter, or ``"skip"`` the whole step and count it in ``skipped_steps``; either
+    way no parameter and no state changes. ``loss_decay`` is the decay of the exponential average
+    of closure losses kept in ``running_loss`` and passed to the rule in ``OptimizerState``.
+
+    The rule is not moved: its parameters and buffers must already be on the parameters' device
+    (a ValueError says so otherwise). ``state_dict()`` holds only tensors, numbers, strings and
+    containers, so ``torch.load(weights_only=True)`` reads it back; the rule's own weights are not
+    part of it (save them with the rule).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        rule: UpdateRule,
+        lr: float = 1.0,
+        *,
+        maximize: bool = False,
+        nonfinite: str = "raise",
+        loss_decay: float = 0.9,
+    ) -> None:
+        if not isinstance(rule, UpdateRule):
+            raise TypeError(f"rule must be a metaoptimizer UpdateRule, got {type(rule).__name__}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite={nonfinite!r} is not supported; accepted values: {NONFINITE_POLICIES}")
+        check_unit_interval("loss_decay", loss_decay)
+        self.rule = rule
+        self.nonfinite = nonfinite
+        self.loss_decay = float(loss_decay)
+        self.skipped_steps = 0
+        self.running_loss: float | None = None
+        super().__init__(params, {"lr": lr, "maximize": maximize})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (see ``torch.optim.Optimizer.add_param_group``); validates its ``lr``/``maximize``."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_positive("lr", group["lr"], allow_zero=True)
+        if not isinstance(group["maximize"], bool):
+            raise ValueError(f"maximize must be True or False, got {group['maximize']!r}")
+        for p in group["params"]:
+            if not p.is_floating_point():
+                raise TypeError(f"LearnedOptimizer optimizes floating-point tensors only, got dtype {p.dtype}")
+        self._check_rule_device({p.device for p in group["params"]})
+
+    def _check_rule_device(self, devices: set[torch.device]) -> None:
+        rule_devices = {t.device for t in [*self.rule.parameters(), *self.rule.buffers()]}
+        stray = devices - rule_devices
+        if rule_devices and stray:
+            raise ValueError(
+                f"the update rule {self.rule.name!r} is on {sorted(map(str, rule_devices))} but parameters are on "
+                f"{sorted(map(str, stray))}; move the rule with rule.to(device) before stepping"
+            )
+
+    def _named_params(self) -> list[tuple[str, Tensor, dict[str, Any]]]:
+        return [
+            (_param_name(gi, pi), p, group)
+            for gi, group in enumerate(self.param_groups)
+            for pi, p in enumerate(group["params"])
+        ]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor | float] | None = None) -> Tensor | float | None:
+        """Apply one update of the rule to every parameter that has a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        active = [(name, p, group) for name, p, group in self._named_params() if p.grad is not None]
+        grads: dict[str, Tensor] = {}
+        for name, p, group in active:
+            if p.grad.is_sparse:
+                raise TypeError(f"LearnedOptimizer does not support sparse gradients (parameter {name!r})")
+            grads[name] = -p.grad if group["maximize"] else p.grad
+        loss_value = None if loss is None else float(loss)
+        if not self._step_is_finite(grads, loss_value):
+            return loss
+        if loss_value is not None:
+            decay = self.loss_decay
+            previous = self.running_loss
+            self.running_loss = loss_value if previous is None else decay * previous + (1.0 - decay) * loss_value
+        if not active:
+            return loss
+        self._check_rule_device({p.device for _, p, _ in active})
+
+        params = {name: p for name, p, _ in active}
+        fresh = [name for name, p, _ in active if not isinstance(self.state.get(p), OptimizerState)]
+        if fresh:
+            started = self.rule.init({name: params[name] for name in fresh})
+            for name, state in _split_state(started, fresh).items():
+                self.state[params[name]] = state
+
+        cohorts: dict[int, list[str]] = {}
+        for name, p, _ in active:
+            cohorts.setdefault(self.state[p].step_count, []).append(name)
+        storages = {t.untyped_storage().data_ptr() for t in [*params.values(), *grads.values()]}
+        updates: dict[str, Tensor] = {}
+        for count, names in cohorts.items():
+            merged = OptimizerState.merge([self.state[params[n]] for n in names]).replace(running_loss=self.running_loss)
+            step = next_step(merged)
+            new_updates, new_state = self.rule.update(
+                {n: grads[n] for n in names}, merged, {n: params[n] for n in names}, step
+            )
+            if new_state.step_count != step:
+                raise ValueError(
+                    f"the update rule {self.rule.name!r} returned a state with step_count={new_state.step_count} "
+                    f"for step={step}; rules must set step_count=step"
+                )
+            updates.update(new_updates)
+            for name, state in _split_state(_own_memory(new_state, storages), names).items():
+                self.state[params[name]] = state
+
+        for group in self.param_groups:
+            targets = [(p, updates[name]) for name, p, g in active if g is group and name in updates]
+            if targets:
+                torch._foreach_add_([p for p, _ in targets], [u for _, u in targets], alpha=group["lr"])
+        return loss
+
+    def _step_is_finite(self, grads: Mapping[str, Tensor], loss_value: float | None) -> bool:
+        """False (after counting a skipped step) or ValueError when a gradient or the loss is NaN/Inf."""
+        bad = _nonfinite_names(grads)
+        loss_bad = loss_value is not None and not math.isfinite(loss_value)
+        if not bad and not loss_bad:
+            return True
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            return False
+        what = f"the gradient of parameter {bad[0]!r} (shape {tuple(grads[bad[0]].shape)})" if bad else "the loss"
+        others = f" (and of {bad[1:]})" if len(bad) > 1 else ""
+        raise ValueError(
+            f"{what}{others} contains NaN or Inf; no parameter was changed. "
+            "Pass nonfinite='skip' to LearnedOptimizer to skip such steps instead."
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's state dict with each parameter's ``OptimizerState`` as a plain dict, plus the
+        rule's name, ``skipped_steps`` and ``running_loss``; loadable with ``weights_only=True``."""
+        packed = super().state_dict()
+        packed["state"] = {
+            index: state.to_dict() for index, state in packed["state"].items() if isinstance(state, OptimizerState)
+        }
+        packed.update(rule=self.rule.name, skipped_steps=self.skipped_steps, running_loss=self.running_loss)
+        return packed
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` so the next steps continue the saved trajectory exactly.
+
+        State tensors move to their parameter's device and keep their dtype (rules may store state
+        in another precision than the parameters).
+        """
+        missing = sorted({"state", "param_groups", "rule", "skipped_steps", "running_loss"} - set(state_dict))
+        if missing:
+            raise ValueError(f"not a LearnedOptimizer state dict: missing keys {missing}")
+        if state_dict["rule"] != self.rule.name:
+            raise ValueError(
+                f"state dict was saved with update rule {state_dict['rule']!r}, this optimizer runs {self.rule.name!r}"
+            )
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        named = self._named_params()
+        for index, data in saved_state.items():
+            if not isinstance(index, int) or not 0 <= index < len(named):
+                raise ValueError(f"state dict has state for parameter id {index!r}; valid ids are 0..{len(named) - 1}")
+            name, p, _ = named[index]
+            state = OptimizerState.from_dict(data).to(device=p.device)
+            held = {n for field in _PER_PARAM_FIELDS for n in getattr(state, field)}
+            held.update(n for values in state.slots.values() for n in values)
+            if held - {name}:
+                raise ValueError(f"state for parameter id {index} ({name!r}) holds entries for {sorted(held - {name})}")
+            self.state[p] = state
+        self.skipped_steps = int(state_dict["skipped_steps"])
+        self.running_loss = state_dict["running_loss"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle/deepcopy support: torch's fields plus the rule and the adapter's counters."""
+        extra = ("rule", "nonfinite", "loss_decay", "skipped_steps", "running_loss")
+        return {**super().__getstate__(), **{key: self.__dict__[key] for key in extra}}

@@ -1,0 +1,312 @@
+"""Hand-designed update rules (SGD, momentum, RMSProp, Adam, AdamW) in the functional form.
+
+They implement the same ``init`` / ``update`` contract as the learned rules, so baselines and
+learned optimizers share every code path, and they reproduce ``torch.optim``'s trajectories.
+They have no meta-parameters. Each hyperparameter may be a Python number or a 0-dim
+floating-point tensor; a tensor that requires grad is differentiated through the update, which
+makes any of these rules a differentiable inner optimizer with learnable hyperparameters.
+
+Adam and RMSProp divide by ``sqrt(second_moment + eps_root) + eps``. ``eps_root`` (default
+:data:`EPS_ROOT` = 1e-16) keeps the derivative of the square root finite where the second moment
+is zero (a coordinate whose gradient is always zero), so meta-gradients through these rules never
+become ``inf * 0 = NaN``. Its value is small enough that the trajectories still match
+``torch.optim`` to 1e-6 over hundreds of steps, and ``sqrt(EPS_ROOT)`` equals the default ``eps``.
+Raise it (for example to 1e-12) for smoother meta-gradients near zero gradients; in float16 it
+underflows, so pass a larger value there.
+
+Rules check names and shapes of their inputs but not their values: a finiteness check reads the
+data (a device sync per tensor, and data-dependent control flow that ``torch.func.vmap`` and
+``torch.compile`` reject). The ``torch.optim`` adapter validates values with ``check_grads``.
+Parameters absent from ``grads`` get no update and keep their state, like ``torch.optim`` skips
+parameters whose ``.grad`` is ``None``.
+
+Example: three Adam steps on ``sum((w - 1)^2)`` with a learning rate that requires grad.
+
+>>> import torch
+>>> from metaoptimizer.rules.base import apply_updates
+>>> lr = torch.tensor(0.1, requires_grad=True)
+>>> rule = Adam(lr=lr)
+>>> params = {"w": torch.zeros(2)}
+>>> state = rule.init(params)
+>>> for step in (1, 2, 3):
+...     grads = {"w": 2 * (params["w"] - 1)}
+...     updates, state = rule.update(grads, state, params, step)
+...     params = apply_updates(params, updates)
+>>> [round(x, 3) for x in params["w"].tolist()]  # each Adam step moves w by about lr
+[0.298, 0.298]
+>>> loss = ((params["w"] - 1) ** 2).sum()
+>>> round(torch.autograd.grad(loss, lr)[0].item(), 2)  # d loss / d lr
+-8.31
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from metaoptimizer.config import OptimizerState, check_positive
+from metaoptimizer.rules.base import Params, UpdateRule, check_unit_interval, zeros_like_dict
+
+#: Default ``eps_root`` of Adam and RMSProp (see the module docstring for the choice).
+EPS_ROOT = 1e-16
+
+Hyper = float | Tensor
+
+
+def _hyper(name: str, value: Hyper, check: Callable[..., None], **kwargs) -> Hyper:
+    """Validate a hyperparameter given as a number or a 0-dim floating tensor; return it unchanged."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise ValueError(
+                f"{name} must be a number or a 0-dim floating-point tensor, "
+                f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
+        number = value.detach().item()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number or a 0-dim floating-point tensor, got {value!r}")
+    else:
+        number = value
+    check(name, number, **kwargs)
+    return value
+
+
+def _flag(name: str, value: bool) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _is_zero(value: Hyper) -> bool:
+    """True for the number 0; a tensor is never treated as zero, so it stays differentiable."""
+    return not isinstance(value, Tensor) and value == 0
+
+
+def _ema(average: Tensor, value: Tensor, decay: Hyper) -> Tensor:
+    return decay * average + (1 - decay) * value
+
+
+def _scaled(tensors: Mapping[str, Tensor], factor: Hyper) -> Params:
+    return {name: factor * t for name, t in tensors.items()}
+
+
+def _advance(state: OptimizerState, step: int, **slots: Params) -> OptimizerState:
+    """The state after ``step``, with the given slot entries replaced (other parameters kept)."""
+    merged = {slot: {**state.slots[slot], **values} for slot, values in slots.items()}
+    return state.replace(step_count=step, slots={**state.slots, **merged})
+
+
+class HandRule(UpdateRule):
+    """Shared plumbing: zero-initialised slots, input checks, coupled weight decay, hyperparameters."""
+
+    #: Slots (``state.slots`` keys) this rule keeps; set per instance when options add slots.
+    slot_names: tuple[str, ...] = ()
+
+    def init(self, params: Mapping[str, Tensor]) -> OptimizerState:
+        return OptimizerState(slots={slot: zeros_like_dict(params) for slot in self.slot_names})
+
+    def hyperparameters(self) -> dict[str, object]:
+        """The constructor arguments, read back from the attributes of the same names."""
+        return {name: getattr(self, name) for name in inspect.signature(type(self)).parameters}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self.hyperparameters().items())
+
+    def _gradients(
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int,
+        weight_decay: Hyper,
+    ) -> Params:
+        """Check names and shapes (not values, see the module docstring); add ``weight_decay * p``."""
+        if step < 1:
+            raise ValueError(f"step is the 1-based index of the update; got step={step}")
+        for name, g in grads.items():
+            if name not in params:
+                raise ValueError(f"gradient for unknown parameter {name!r}; known parameters: {sorted(params)}")
+            if g.shape != params[name].shape:
+                raise ValueError(
+                    f"gradient of {name!r} has shape {tuple(g.shape)} but the parameter has shape "
+                    f"{tuple(params[name].shape)}"
+                )
+            missing = [slot for slot in self.slot_names if name not in state.slots.get(slot, {})]
+            if missing:
+                raise ValueError(f"state has no {missing} entry for {name!r}; build the state with init(params)")
+        if _is_zero(weight_decay):
+            return dict(grads)
+        return {name: g + weight_decay * params[name] for name, g in grads.items()}
+
+
+class SGD(HandRule):
+    """Plain gradient descent: ``update = -lr * (g + weight_decay * p)``."""
+
+    name = "sgd"
+
+    def __init__(self, lr: Hyper, weight_decay: Hyper = 0.0) -> None:
+        super().__init__()
+        self.lr = _hyper("lr", lr, check_positive)
+        self.weight_decay = _hyper("weight_decay", weight_decay, check_positive, allow_zero=True)
+
+    def update(self, grads, state, params, step):
+        grads = self._gradients(grads, state, params, step, self.weight_decay)
+        return _scaled(grads, -self.lr), state.replace(step_count=step)
+
+
+class Momentum(HandRule):
+    """SGD with (heavy-ball or Nesterov) momentum, as ``torch.optim.SGD``.
+
+    ``buf = g`` on the first step, then ``buf = momentum * buf + (1 - dampening) * g``; the update
+    is ``-lr * buf``, or ``-lr * (g + momentum * buf)`` with ``nesterov``.
+    """
+
+    name = "momentum"
+    slot_names = ("momentum_buffer",)
+
+    def __init__(
+        self, lr: Hyper, momentum: Hyper = 0.9, nesterov: bool = False, dampening: Hyper = 0.0,
+        weight_decay: Hyper = 0.0,
+    ) -> None:
+        super().__init__()
+        self.lr = _hyper("lr", lr, check_positive)
+        self.momentum = _hyper("momentum", momentum, check_unit_interval)
+        self.nesterov = _flag("nesterov", nesterov)
+        self.dampening = _hyper("dampening", dampening, check_unit_interval)
+        self.weight_decay = _hyper("weight_decay", weight_decay, check_positive, allow_zero=True)
+        if nesterov and (float(momentum) == 0 or float(dampening) != 0):
+            raise ValueError(
+                f"nesterov=True needs momentum > 0 and dampening = 0, got momentum={momentum!r}, dampening={dampening!r}"
+            )
+
+    def update(self, grads, state, params, step):
+        grads = self._gradients(grads, state, params, step, self.weight_decay)
+        old = state.slots["momentum_buffer"]
+        buf = {
+            name: g.clone() if step == 1 else self.momentum * old[name] + (1 - self.dampening) * g
+            for name, g in grads.items()
+        }
+        direction = {name: g + self.momentum * buf[name] for name, g in grads.items()} if self.nesterov else buf
+        return _scaled(direction, -self.lr), _advance(state, step, momentum_buffer=buf)
+
+
+def _check_eps(eps: Hyper, eps_root: Hyper) -> None:
+    if float(eps) == 0 and float(eps_root) == 0:
+        raise ValueError("eps and eps_root cannot both be 0: the update would be 0/0 where the second moment is 0")
+
+
+class RMSProp(HandRule):
+    """RMSProp (Tieleman & Hinton 2012), as ``torch.optim.RMSprop``.
+
+    ``v = alpha * v + (1 - alpha) * g^2``; the direction is ``g / (sqrt(v + eps_root) + eps)``,
+    with ``v`` replaced by the variance ``v - mean(g)^2`` (clamped at 0 against rounding) when
+    ``centered``, and accumulated in a momentum buffer when ``momentum`` is not 0.
+    """
+
+    name = "rmsprop"
+
+    def __init__(
+        self, lr: Hyper = 1e-2, alpha: Hyper = 0.99, eps: Hyper = 1e-8, momentum: Hyper = 0.0,
+        centered: bool = False, weight_decay: Hyper = 0.0, eps_root: Hyper = EPS_ROOT,
+    ) -> None:
+        super().__init__()
+        self.lr = _hyper("lr", lr, check_positive)
+        self.alpha = _hyper("alpha", alpha, check_unit_interval)
+        self.eps = _hyper("eps", eps, check_positive, allow_zero=True)
+        self.momentum = _hyper("momentum", momentum, check_unit_interval)
+        self.centered = _flag("centered", centered)
+        self.weight_decay = _hyper("weight_decay", weight_decay, check_positive, allow_zero=True)
+        self.eps_root = _hyper("eps_root", eps_root, check_positive, allow_zero=True)
+        _check_eps(eps, eps_root)
+        self.slot_names = (
+            ("square_avg",) + ("grad_avg",) * centered + ("momentum_buffer",) * (not _is_zero(momentum))
+        )
+
+    def update(self, grads, state, params, step):
+        grads = self._gradients(grads, state, params, step, self.weight_decay)
+        slots = state.slots
+        square_avg = {name: _ema(slots["square_avg"][name], g * g, self.alpha) for name, g in grads.items()}
+        new_slots = {"square_avg": square_avg}
+        variance = square_avg
+        if self.centered:
+            grad_avg = {name: _ema(slots["grad_avg"][name], g, self.alpha) for name, g in grads.items()}
+            variance = {name: (square_avg[name] - grad_avg[name] ** 2).clamp_min(0) for name in grads}
+            new_slots["grad_avg"] = grad_avg
+        direction = {
+            name: g / (torch.sqrt(variance[name] + self.eps_root) + self.eps) for name, g in grads.items()
+        }
+        if "momentum_buffer" in self.slot_names:
+            direction = {name: self.momentum * slots["momentum_buffer"][name] + d for name, d in direction.items()}
+            new_slots["momentum_buffer"] = direction
+        return _scaled(direction, -self.lr), _advance(state, step, **new_slots)
+
+
+class Adam(HandRule):
+    """Adam (Kingma & Ba 2015), as ``torch.optim.Adam``.
+
+    The update is ``-lr * m_hat / (sqrt(v_hat + eps_root) + eps)`` with bias-corrected moments;
+    ``amsgrad`` uses the running maximum of ``v``. ``weight_decay`` is added to the gradient (L2)
+    unless ``decoupled_weight_decay``, where the update gets ``-lr * weight_decay * p`` (AdamW).
+    """
+
+    name = "adam"
+
+    def __init__(
+        self, lr: Hyper = 1e-3, betas: tuple[Hyper, Hyper] = (0.9, 0.999), eps: Hyper = 1e-8,
+        weight_decay: Hyper = 0.0, amsgrad: bool = False, decoupled_weight_decay: bool = False,
+        eps_root: Hyper = EPS_ROOT,
+    ) -> None:
+        super().__init__()
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        self.lr = _hyper("lr", lr, check_positive)
+        self.betas = tuple(_hyper(f"betas[{i}]", beta, check_unit_interval) for i, beta in enumerate(betas))
+        self.eps = _hyper("eps", eps, check_positive, allow_zero=True)
+        self.weight_decay = _hyper("weight_decay", weight_decay, check_positive, allow_zero=True)
+        self.amsgrad = _flag("amsgrad", amsgrad)
+        self.decoupled_weight_decay = _flag("decoupled_weight_decay", decoupled_weight_decay)
+        self.eps_root = _hyper("eps_root", eps_root, check_positive, allow_zero=True)
+        _check_eps(eps, eps_root)
+        self.slot_names = ("exp_avg", "exp_avg_sq") + ("max_exp_avg_sq",) * amsgrad
+
+    def update(self, grads, state, params, step):
+        decoupled = self.decoupled_weight_decay
+        grads = self._gradients(grads, state, params, step, 0.0 if decoupled else self.weight_decay)
+        beta1, beta2 = self.betas
+        slots = state.slots
+        exp_avg = {name: _ema(slots["exp_avg"][name], g, beta1) for name, g in grads.items()}
+        exp_avg_sq = {name: _ema(slots["exp_avg_sq"][name], g * g, beta2) for name, g in grads.items()}
+        new_slots = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        second = exp_avg_sq
+        if self.amsgrad:
+            second = {name: torch.maximum(slots["max_exp_avg_sq"][name], v) for name, v in exp_avg_sq.items()}
+            new_slots["max_exp_avg_sq"] = second
+        correction1, correction2 = 1 - beta1**step, 1 - beta2**step
+        updates = {
+            name: -self.lr * (m / correction1) / (torch.sqrt(second[name] / correction2 + self.eps_root) + self.eps)
+            for name, m in exp_avg.items()
+        }
+        if decoupled and not _is_zero(self.weight_decay):
+            updates = {name: u - self.lr * self.weight_decay * params[name] for name, u in updates.items()}
+        return updates, _advance(state, step, **new_slots)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter 2019), as ``torch.optim.AdamW``."""
+
+    name = "adamw"
+
+    def __init__(
+        self, lr: Hyper = 1e-3, betas: tuple[Hyper, Hyper] = (0.9, 0.999), eps: Hyper = 1e-8,
+        weight_decay: Hyper = 1e-2, amsgrad: bool = False, eps_root: Hyper = EPS_ROOT,
+    ) -> None:
+        super().__init__(lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=True, eps_root=eps_root)
+
+
+#: Hand-designed rules by their ``name``.
+HAND_RULES: dict[str, type[HandRule]] = {rule.name: rule for rule in (SGD, Momentum, RMSProp, Adam, AdamW)}
+
+
+def make_hand_rule(name: str, **hyperparameters) -> HandRule:
+    """Build the hand-designed rule called ``name`` (a key of :data:`HAND_RULES`)."""
+    if name not in HAND_RULES:
+        raise ValueError(f"unknown hand-designed rule {name!r}; accepted names: {', '.join(map(repr, HAND_RULES))}")
+    return HAND_RULES[name](**hyperparameters)
