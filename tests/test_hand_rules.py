@@ -134,7 +134,7 @@ TENSOR_HYPERS = {
 def test_gradient_through_tensor_hyperparameters_matches_finite_differences(name):
     names = sorted(TENSOR_HYPERS[name])
     values = tuple(torch.tensor(TENSOR_HYPERS[name][k], dtype=DTYPE, requires_grad=True) for k in names)
-    beta_values = (torch.tensor(0.8, dtype=DTYPE, requires_grad=True), torch.tensor(0.95, dtype=DTYPE, requires_grad=True))
+    beta_values = tuple(torch.tensor(b, dtype=DTYPE, requires_grad=True) for b in (0.8, 0.95))
     params, data = init_params(), batches(2)
     extra = {"centered": True} if name == "rmsprop" else {}
 
@@ -248,8 +248,8 @@ def test_partial_gradients_update_only_those_parameters_and_inputs_are_not_mutat
 
 
 def test_momentum_buffer_does_not_alias_the_gradient():
-    grad = torch.ones(2)
-    _, state = Momentum(lr=0.1).update({"w": grad}, Momentum(lr=0.1).init({"w": torch.zeros(2)}), {"w": torch.zeros(2)}, 1)
+    rule, grad, params = Momentum(lr=0.1), torch.ones(2), {"w": torch.zeros(2)}
+    _, state = rule.update({"w": grad}, rule.init(params), params, 1)
     grad.zero_()  # an adapter reusing .grad buffers must not corrupt the state
     assert torch.equal(state.slots["momentum_buffer"]["w"], torch.ones(2))
 

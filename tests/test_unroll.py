@@ -19,7 +19,7 @@ def _meta_loss(rule, task, steps, objective="train_loss", second_order=True):
     )
 
 
-@pytest.mark.parametrize("objective", ["train_loss", "valid_loss"])
+@pytest.mark.parametrize("objective", ["train_loss", "valid_loss", "log_train_loss", "log_valid_loss"])
 def test_meta_gradient_matches_finite_differences(objective):
     torch.manual_seed(0)
     rule = LSTMRule(hidden_size=5, num_layers=2, output_scale=0.05).double()

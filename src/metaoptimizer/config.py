@@ -12,7 +12,7 @@ from torch import Tensor
 
 METHODS = ("lstm", "meta_sgd", "warp_grad", "l2o")
 PREPROCESSING = ("log_sign", "none")
-META_OBJECTIVES = ("train_loss", "valid_loss")
+META_OBJECTIVES = ("train_loss", "valid_loss", "log_train_loss", "log_valid_loss")
 
 
 def _check_choice(name: str, value: Any, accepted: tuple) -> None:

@@ -8,7 +8,7 @@ diverged run never reaches a target and never looks good.
 The protocol (also written into every report):
 
 * **Smoothing.** Minibatch losses are noisy, so every comparison uses the trailing running mean
-  over the last ``window`` losses (fewer at the start): ``smooth(x, w)[k] = mean(x[max(0, k-w+1) :
+  over the last ``window`` losses (fewer at the start; by default ``window`` is 5% of the budget): ``smooth(x, w)[k] = mean(x[max(0, k-w+1) :
   k+1])``. A window containing a diverged step is ``+inf``.
 * **Seeds.** A configuration's curve is the mean over seeds of the smoothed per-seed curves
   (``+inf`` from the first step where any seed has diverged). Seeds are paired: every optimizer
@@ -41,10 +41,16 @@ def as_curve(values: Sequence[float] | np.ndarray, name: str = "curve") -> np.nd
     return np.where(np.isfinite(curve), curve, np.inf)
 
 
-def default_window(steps: int) -> int:
-    """The smoothing window used when none is given: 5% of the step budget, at least 1 step."""
+#: Default smoothing window as a fraction of the step budget.
+DEFAULT_WINDOW_FRACTION = 0.05
+
+
+def smoothing_window(steps: int, fraction: float = DEFAULT_WINDOW_FRACTION) -> int:
+    """The running-mean window for a budget of ``steps``: ``floor(fraction * steps)``, at least 1."""
     check_positive("steps", steps, integer=True)
-    return max(1, steps // 20)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"the window fraction must lie in (0, 1], got {fraction!r}")
+    return max(1, int(steps * fraction))
 
 
 def smooth(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:

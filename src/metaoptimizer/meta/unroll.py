@@ -48,6 +48,11 @@ def inner_gradients(loss: Tensor, params: Mapping[str, Tensor], second_order: bo
     return {n: g if second_order else g.detach() for n, g in zip(names, grads, strict=True)}
 
 
+def _log_loss(loss: Tensor) -> Tensor:
+    """``log(loss)``, floored so that an exactly-solved task gives a finite value."""
+    return torch.log(loss.clamp_min(1e-30))
+
+
 def unroll(
     rule: UpdateRule,
     task: Task,
@@ -65,14 +70,18 @@ def unroll(
     ``meta_objective='train_loss'``: mean training loss at the parameters produced by each of the
     ``steps`` updates (each measured on the next training batch, as in Andrychowicz et al.).
     ``meta_objective='valid_loss'``: validation loss after the last update, on one batch of
-    ``valid_batches``. ``params`` must require grad (use :func:`detach_params`).
+    ``valid_batches``. The ``log_`` variants average ``log(loss)`` instead, which weighs
+    progress from 0.1 to 0.01 like progress from 1 to 0.1 (and tasks of different loss scales
+    alike). ``params`` must require grad (use :func:`detach_params`).
     """
     if meta_objective not in META_OBJECTIVES:
         raise ValueError(f"meta_objective={meta_objective!r} is not supported; accepted values: {META_OBJECTIVES}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if meta_objective == "valid_loss" and valid_batches is None:
-        raise ValueError("meta_objective='valid_loss' needs valid_batches")
+    use_valid = meta_objective.endswith("valid_loss")
+    log_scale = meta_objective.startswith("log_")
+    if use_valid and valid_batches is None:
+        raise ValueError(f"meta_objective={meta_objective!r} needs valid_batches")
     params = dict(params)
     loss = task.loss(params, next(train_batches))
     losses = [float(loss.detach())]
@@ -87,9 +96,10 @@ def unroll(
         loss = task.loss(params, next(train_batches))
         losses.append(float(loss.detach()))
         finite = math.isfinite(losses[-1])
-        meta_terms.append(loss)
-    if meta_objective == "valid_loss" and finite:
-        meta_loss = task.loss(params, next(valid_batches))
+        meta_terms.append(_log_loss(loss) if log_scale else loss)
+    if use_valid and finite:
+        valid_loss = task.loss(params, next(valid_batches))
+        meta_loss = _log_loss(valid_loss) if log_scale else valid_loss
     else:
         meta_loss = torch.stack(meta_terms).mean() if meta_terms else loss
     finite = finite and bool(torch.isfinite(meta_loss))

@@ -147,7 +147,9 @@ class SGD(HandRule):
         self.lr = _hyper("lr", lr, check_positive)
         self.weight_decay = _hyper("weight_decay", weight_decay, check_positive, allow_zero=True)
 
-    def update(self, grads, state, params, step):
+    def update(
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
+    ) -> tuple[Params, OptimizerState]:
         grads = self._gradients(grads, state, params, step, self.weight_decay)
         return _scaled(grads, -self.lr), state.replace(step_count=step)
 
@@ -156,7 +158,9 @@ class Momentum(HandRule):
     """SGD with (heavy-ball or Nesterov) momentum, as ``torch.optim.SGD``.
 
     ``buf = g`` on the first step, then ``buf = momentum * buf + (1 - dampening) * g``; the update
-    is ``-lr * buf``, or ``-lr * (g + momentum * buf)`` with ``nesterov``.
+    is ``-lr * buf``, or ``-lr * (g + momentum * buf)`` with ``nesterov``. A parameter whose first
+    gradient comes after step 1 starts from a zero buffer (``torch.optim`` copies that gradient;
+    the two agree unless ``dampening`` is not 0).
     """
 
     name = "momentum"
@@ -174,10 +178,13 @@ class Momentum(HandRule):
         self.weight_decay = _hyper("weight_decay", weight_decay, check_positive, allow_zero=True)
         if nesterov and (float(momentum) == 0 or float(dampening) != 0):
             raise ValueError(
-                f"nesterov=True needs momentum > 0 and dampening = 0, got momentum={momentum!r}, dampening={dampening!r}"
+                "nesterov=True needs momentum > 0 and dampening = 0, "
+                f"got momentum={momentum!r}, dampening={dampening!r}"
             )
 
-    def update(self, grads, state, params, step):
+    def update(
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
+    ) -> tuple[Params, OptimizerState]:
         grads = self._gradients(grads, state, params, step, self.weight_decay)
         old = state.slots["momentum_buffer"]
         buf = {
@@ -216,11 +223,15 @@ class RMSProp(HandRule):
         self.weight_decay = _hyper("weight_decay", weight_decay, check_positive, allow_zero=True)
         self.eps_root = _hyper("eps_root", eps_root, check_positive, allow_zero=True)
         _check_eps(eps, eps_root)
-        self.slot_names = (
-            ("square_avg",) + ("grad_avg",) * centered + ("momentum_buffer",) * (not _is_zero(momentum))
-        )
+        self.slot_names = ("square_avg",)
+        if centered:
+            self.slot_names += ("grad_avg",)
+        if not _is_zero(momentum):
+            self.slot_names += ("momentum_buffer",)
 
-    def update(self, grads, state, params, step):
+    def update(
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
+    ) -> tuple[Params, OptimizerState]:
         grads = self._gradients(grads, state, params, step, self.weight_decay)
         slots = state.slots
         square_avg = {name: _ema(slots["square_avg"][name], g * g, self.alpha) for name, g in grads.items()}
@@ -265,9 +276,11 @@ class Adam(HandRule):
         self.decoupled_weight_decay = _flag("decoupled_weight_decay", decoupled_weight_decay)
         self.eps_root = _hyper("eps_root", eps_root, check_positive, allow_zero=True)
         _check_eps(eps, eps_root)
-        self.slot_names = ("exp_avg", "exp_avg_sq") + ("max_exp_avg_sq",) * amsgrad
+        self.slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
 
-    def update(self, grads, state, params, step):
+    def update(
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
+    ) -> tuple[Params, OptimizerState]:
         decoupled = self.decoupled_weight_decay
         grads = self._gradients(grads, state, params, step, 0.0 if decoupled else self.weight_decay)
         beta1, beta2 = self.betas

@@ -41,7 +41,10 @@ class LSTMRule(UpdateRule):
     Inputs per coordinate: the preprocessed gradient (``'log_sign'``: 2 features, ``'none'``: the raw
     gradient) and, with ``preconditioning``, the gradient divided by its running RMS (an
     Adam/RMSProp-like normalised direction the LSTM can learn to use). The top layer's hidden state
-    goes through a linear head; the update is ``output_scale`` times its output.
+    goes through a linear head, plus a learned linear skip path from the inputs; the update is
+    ``output_scale`` times the sum. ``init_lr > 0`` initialises the skip path so that the untrained
+    rule already descends (RMSProp-like with ``preconditioning``, sign descent without) and
+    meta-training learns a correction; ``init_lr=0`` is the paper's pure LSTM.
 
     ``chunk_size`` processes a tensor's coordinates in chunks of that many, bounding the size of
     temporaries on large models. ``state_dtype`` stores hidden/cell state in a narrower type
@@ -62,6 +65,7 @@ class LSTMRule(UpdateRule):
         forget_bias: float = 1.0,
         chunk_size: int | None = None,
         state_dtype: str | None = None,
+        init_lr: float = 0.0,
     ) -> None:
         super().__init__()
         check_positive("hidden_size", hidden_size, integer=True)
@@ -73,6 +77,7 @@ class LSTMRule(UpdateRule):
             raise ValueError(f"preprocessing={preprocessing!r} is not supported; accepted values: {PREPROCESSING}")
         if chunk_size is not None:
             check_positive("chunk_size", chunk_size, integer=True)
+        check_positive("init_lr", init_lr, allow_zero=True)
         if state_dtype is not None and state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype={state_dtype!r} is not supported; accepted values: {sorted(STATE_DTYPES)}")
         self.hidden_size = hidden_size
@@ -85,6 +90,7 @@ class LSTMRule(UpdateRule):
         self.forget_bias = float(forget_bias)
         self.chunk_size = chunk_size
         self.state_dtype = state_dtype
+        self.init_lr = float(init_lr)
 
         input_size = (2 if preprocessing == "log_sign" else 1) + (1 if preconditioning else 0)
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
@@ -94,6 +100,7 @@ class LSTMRule(UpdateRule):
         )
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(4 * hidden_size)) for _ in range(num_layers))
         self.head = nn.Linear(hidden_size, 1)
+        self.skip = nn.Parameter(torch.zeros(input_size))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -107,6 +114,10 @@ class LSTMRule(UpdateRule):
                 b[self.hidden_size : 2 * self.hidden_size] = self.forget_bias
             self.head.weight.uniform_(-0.1 * bound, 0.1 * bound)
             self.head.bias.zero_()
+            # The skip path starts the rule as a simple baseline: RMSProp-like with preconditioning,
+            # sign descent without, each with step size ``init_lr``; 0 gives the paper's pure LSTM.
+            self.skip.zero_()
+            self.skip[-1] = -self.init_lr / self.output_scale
 
     def hyperparameters(self) -> dict[str, object]:
         return {
@@ -120,6 +131,7 @@ class LSTMRule(UpdateRule):
             "forget_bias": self.forget_bias,
             "chunk_size": self.chunk_size,
             "state_dtype": self.state_dtype,
+            "init_lr": self.init_lr,
         }
 
     def _stored_dtype(self, param: Tensor) -> torch.dtype:
@@ -146,6 +158,7 @@ class LSTMRule(UpdateRule):
 
     def _cells(self, x: Tensor, hidden: Tensor, cell: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Run the stacked cells on a batch of coordinates; returns (output, new hidden, new cell)."""
+        inputs = x
         new_h, new_c = [], []
         for layer in range(self.num_layers):
             gates = x @ self.input_weights[layer] + hidden[layer] @ self.hidden_weights[layer] + self.biases[layer]
@@ -155,7 +168,7 @@ class LSTMRule(UpdateRule):
             new_h.append(h)
             new_c.append(c)
             x = h
-        return self.head(x).squeeze(-1), torch.stack(new_h), torch.stack(new_c)
+        return self.head(x).squeeze(-1) + inputs @ self.skip, torch.stack(new_h), torch.stack(new_c)
 
     def update(
         self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int

@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -186,5 +186,3 @@ class CharRNNFamily(TaskFamily):
             batch_size=self.batch_size,
         )
 
-
-__all__ = ["CharRNNFamily", "RecurrentLM", "SequenceTask", "markov_text", "next_token_windows"]

@@ -1,0 +1,128 @@
+"""Command-line adapter for evaluation: ``metaopt eval`` runs a suite and writes its report.
+
+:func:`make_eval_command` builds the typer-ready command around a rule loader, so the CLI can
+inject how an ``--optimizer`` string becomes an update rule; :data:`eval_command` uses
+:func:`load_optimizer` (hand-designed rules by spec, learned rules from checkpoint files).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from metaoptimizer.evaluate.baselines import TUNERS, default_baselines
+from metaoptimizer.evaluate.report import ReportFiles, write_report
+from metaoptimizer.evaluate.runner import RuleFactory, SuiteResult, run_suite
+from metaoptimizer.evaluate.suites import SUITES, Suite, make_suite
+from metaoptimizer.facade import MetaOptimizer
+from metaoptimizer.rules.base import UpdateRule
+from metaoptimizer.rules.hand import HAND_RULES, make_hand_rule
+
+RuleLoader = Callable[[str], UpdateRule]
+
+
+def parse_hand_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """``'name'`` or ``'name:key=value,key=value'`` (numeric values) as (name, hyperparameters)."""
+    name, _, options = spec.partition(":")
+    hyperparameters = {}
+    for item in filter(None, options.split(",")):
+        key, sep, value = item.partition("=")
+        try:
+            hyperparameters[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise ValueError(f"bad hyperparameter {item!r} in {spec!r}; write key=number, e.g. 'adam:lr=0.001'")
+    return name.strip(), hyperparameters
+
+
+def load_optimizer(spec: str) -> UpdateRule:
+    """The update rule named by ``spec``: a hand-designed rule (``'adam:lr=0.001'``, names as in
+    :data:`metaoptimizer.rules.hand.HAND_RULES`) or the path of a saved ``MetaOptimizer``."""
+    name, hyperparameters = parse_hand_spec(spec)
+    if name in HAND_RULES:
+        return make_hand_rule(name, **hyperparameters)
+    if Path(spec).is_file():
+        return MetaOptimizer.load(spec).rule
+    raise ValueError(
+        f"optimizer {spec!r} is neither a hand-designed rule ({', '.join(HAND_RULES)}, e.g. 'adam:lr=0.001') "
+        "nor an existing checkpoint file"
+    )
+
+
+def evaluate(
+    optimizers: Mapping[str, RuleFactory],
+    suite: Suite,
+    out_dir: str | Path,
+    *,
+    tuner: str = "grid",
+    trials: int = 12,
+    device: str | None = None,
+    progress: bool = True,
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[SuiteResult, ReportFiles]:
+    """Run ``suite`` with ``optimizers`` and the tuned default baselines, then write the report."""
+    result = run_suite(suite, optimizers, tuner=tuner, trials=trials, device=device, progress=progress)
+    return result, write_report(result, out_dir, extra=extra)
+
+
+def _summary_table(result: SuiteResult) -> Table:
+    table = Table(title=f"suite {result.suite.name}: speedup over tuned {result.reference}")
+    for column in ("optimizer", "speedup median", "speedup IQM", "accuracy ratio median"):
+        table.add_column(column)
+    fmt = lambda v: f"{v:.3g}" if not math.isnan(v) else "nan"  # noqa: E731
+    for name, figures in result.summary().items():
+        table.add_row(name, fmt(figures["speedup"].median), fmt(figures["speedup"].iqm),
+                      fmt(figures["accuracy_ratio"].median))
+    return table
+
+
+def make_eval_command(load_rule: RuleLoader = load_optimizer) -> Callable[..., ReportFiles]:
+    """The ``metaopt eval`` command, turning ``--optimizer`` into a rule with ``load_rule``."""
+
+    def eval_command(
+        optimizer: Annotated[str, typer.Option(help="Checkpoint path, pretrained name or hand rule (adam:lr=0.001).")],
+        suite: Annotated[str, typer.Option(help=f"Suite: {', '.join(SUITES)}.")] = "heldout",
+        out_dir: Annotated[Path, typer.Option(help="Folder for report.md, results.json and plots.")] = Path("eval"),
+        name: Annotated[str | None, typer.Option(help="Label of the optimizer in the report.")] = None,
+        num_tasks: Annotated[int | None, typer.Option(help="Tasks per suite entry (suite default if unset).")] = None,
+        steps: Annotated[int | None, typer.Option(help="Step budget (the meta-training horizon).")] = None,
+        seeds: Annotated[int | None, typer.Option(help="Seeds per task: 0 .. seeds-1.")] = None,
+        tuner: Annotated[str, typer.Option(help=f"Baseline learning-rate search: {', '.join(TUNERS)}.")] = "grid",
+        trials: Annotated[int, typer.Option(help="Optuna trials per baseline and task (tuner=optuna).")] = 12,
+        data_dir: Annotated[Path | None, typer.Option(help="Folder with tiny Shakespeare (architectures suite).")] = None,
+        device: Annotated[str | None, typer.Option(help="Torch device for the runs, e.g. cuda.")] = None,
+        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    ) -> ReportFiles:
+        """Evaluate an optimizer on a suite against learning-rate-tuned Adam, momentum and RMSProp."""
+        overrides = {"num_tasks": num_tasks, "steps": steps, "data_dir": data_dir}
+        overrides = {key: value for key, value in overrides.items() if value is not None}
+        if seeds is not None:
+            overrides["seeds"] = tuple(range(seeds))
+        label = name or (Path(optimizer).stem if Path(optimizer).is_file() else optimizer)
+        baseline_names = [b.name for b in default_baselines()]
+        if label in baseline_names:
+            raise typer.BadParameter(f"the label {label!r} is a baseline's name ({baseline_names}); pass --name")
+        try:
+            chosen = make_suite(suite, **overrides)
+            rule = load_rule(optimizer)
+        except (ValueError, FileNotFoundError) as error:
+            raise typer.BadParameter(str(error)) from error
+        extra = {"optimizer": optimizer, "label": label}
+        result, files = evaluate({label: lambda: rule}, chosen, out_dir, tuner=tuner, trials=trials, device=device,
+                                 progress=progress, extra=extra)
+        console = Console()
+        console.print(_summary_table(result))
+        console.print(f"report: {files.markdown}\nnumbers: {files.json}")
+        return files
+
+    return eval_command
+
+
+eval_command = make_eval_command()

@@ -1,0 +1,339 @@
+"""Run update rules on tasks for a fixed budget and record their curves; run whole suites.
+
+A run is the deployment loop: gradients from ``torch.autograd.grad`` on the task's loss, the
+rule's ``update`` under ``torch.no_grad``, additive updates. Every run records the training loss
+at every step and, every ``eval_every`` steps, the task's metrics (loss, accuracy) on a fixed set
+of validation batches. A run that produces a NaN/Inf loss is *diverged*: it stops there, its
+training loss is ``+inf`` from that step on, and later evaluations score it as useless
+(loss ``+inf``, accuracy 0, other metrics NaN). Nothing in a run raises because of divergence.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from metaoptimizer.config import check_positive
+from metaoptimizer.evaluate import metrics
+from metaoptimizer.evaluate.baselines import TUNERS, Baseline, TuningResult, default_baselines, tune_lr
+from metaoptimizer.evaluate.suites import Suite, SuiteEntry
+from metaoptimizer.rules.base import UpdateRule, apply_updates
+from metaoptimizer.tasks import make_family
+from metaoptimizer.tasks.base import Batch, Task, TaskFamily
+
+#: Builds a fresh (or shared, stateless) update rule; learned rules' factories return the loaded rule.
+RuleFactory = Callable[[], UpdateRule]
+#: ``(family name, keyword arguments) -> TaskFamily``; the default is ``metaoptimizer.tasks.make_family``.
+FamilyFactory = Callable[..., TaskFamily]
+
+
+@dataclass
+class Curve:
+    """One run's record.
+
+    ``train_loss[k - 1]`` is the minibatch loss at step ``k`` (before update ``k``), ``+inf`` from
+    ``diverged_at`` on. ``eval_steps`` are the numbers of updates applied at each evaluation and
+    ``eval_metrics[name]`` the metric there (mean over the validation batches).
+    """
+
+    train_loss: np.ndarray
+    eval_steps: np.ndarray
+    eval_metrics: dict[str, np.ndarray]
+    diverged_at: int | None
+    seconds: float
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_at is not None
+
+    def final(self, metric: str) -> float:
+        """The metric at the last evaluation (NaN when the task does not report it)."""
+        values = self.eval_metrics.get(metric)
+        return float(values[-1]) if values is not None else math.nan
+
+
+def _eval_schedule(steps: int, eval_every: int | None) -> list[int]:
+    """Evaluate before training, every ``eval_every`` updates, and after the last update."""
+    points = set(range(0, steps, eval_every)) if eval_every else {0}
+    return sorted(points | {steps})
+
+
+def _diverged_metrics(names: Sequence[str]) -> dict[str, float]:
+    scores = {"loss": math.inf, "accuracy": 0.0}
+    return {name: scores.get(name, math.nan) for name in names}
+
+
+def _evaluate(task: Task, params: Mapping[str, torch.Tensor], batches: Sequence[Batch]) -> dict[str, float]:
+    """Mean of the task's metrics over ``batches``; a non-finite loss reads as a diverged model."""
+    per_batch = [task.metrics(params, batch) for batch in batches]
+    result = {name: float(np.mean([m[name] for m in per_batch])) for name in per_batch[0]}
+    return result if math.isfinite(result["loss"]) else _diverged_metrics(list(result))
+
+
+def _to_device(batch: Batch, device: torch.device | str | None) -> Batch:
+    return batch if device is None else tuple(t.to(device) for t in batch)
+
+
+def run_rule(
+    rule: UpdateRule,
+    task: Task,
+    *,
+    steps: int,
+    seed: int,
+    eval_every: int | None = None,
+    eval_batches: int = 1,
+    device: torch.device | str | None = None,
+) -> Curve:
+    """Train ``task`` from ``init_params(seed)`` with ``rule`` for ``steps`` updates.
+
+    ``seed`` also seeds the training and validation batch streams, so two rules run with the same
+    seed see the same initialisation, the same batches and the same validation set (paired runs).
+    """
+    check_positive("steps", steps, integer=True)
+    check_positive("seed", seed, integer=True, allow_zero=True)
+    check_positive("eval_batches", eval_batches, integer=True)
+    if eval_every is not None:
+        check_positive("eval_every", eval_every, integer=True)
+    started = time.perf_counter()
+    if device is not None:
+        rule = rule.to(device)
+    params = {name: p.detach().to(device) for name, p in task.init_params(seed).items()}
+    names = list(params)
+    batches: Iterator[Batch] = task.train_batches(seed)
+    valid = [_to_device(b, device) for b in itertools.islice(task.valid_batches(seed), eval_batches)]
+    schedule = set(_eval_schedule(steps, eval_every))
+    train_loss = np.full(steps, np.inf)
+    evaluations: dict[int, dict[str, float]] = {}
+    diverged_at = None
+    with torch.no_grad():
+        state = rule.init(params)
+    for step in range(1, steps + 1):
+        if step - 1 in schedule:
+            evaluations[step - 1] = _evaluate(task, params, valid)
+        leaves = [params[name].requires_grad_(True) for name in names]
+        with torch.enable_grad():
+            loss = task.loss(params, _to_device(next(batches), device))
+            grads = torch.autograd.grad(loss, leaves)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            diverged_at = step
+            break
+        train_loss[step - 1] = value
+        with torch.no_grad():
+            detached = {name: p.detach() for name, p in params.items()}
+            updates, state = rule.update(dict(zip(names, grads, strict=True)), state, detached, step)
+            params = apply_updates(detached, updates)
+    if diverged_at is None:
+        evaluations[steps] = _evaluate(task, params, valid)
+    metric_names = list(next(iter(evaluations.values())))
+    eval_steps = np.array(sorted(schedule), dtype=np.int64)
+    eval_metrics = {
+        name: np.array([evaluations.get(s, _diverged_metrics(metric_names))[name] for s in eval_steps])
+        for name in metric_names
+    }
+    return Curve(train_loss, eval_steps, eval_metrics, diverged_at, time.perf_counter() - started)
+
+
+def run_seeds(
+    factory: RuleFactory,
+    task: Task,
+    *,
+    steps: int,
+    seeds: Sequence[int],
+    eval_every: int | None = None,
+    eval_batches: int = 1,
+    device: torch.device | str | None = None,
+    on_run: Callable[[], None] | None = None,
+) -> list[Curve]:
+    """One :func:`run_rule` per seed with a rule from ``factory``; ``on_run`` is called after each."""
+    if len(seeds) == 0:
+        raise ValueError("seeds must name at least one seed")
+    curves = []
+    for seed in seeds:
+        curves.append(
+            run_rule(factory(), task, steps=steps, seed=seed, eval_every=eval_every, eval_batches=eval_batches,
+                     device=device)
+        )
+        if on_run is not None:
+            on_run()
+    return curves
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One optimizer against the tuned reference baseline on one task.
+
+    Loss ratios are ``optimizer / reference`` (below 1 is better), the accuracy ratio likewise
+    (above 1 is better; NaN when the task reports no accuracy). Final values are the seed-mean
+    smoothed training loss at the last step and the seed-mean validation metrics at the last
+    evaluation.
+    """
+
+    speedup: metrics.Speedup
+    final_train_loss: float
+    final_valid_loss: float
+    final_accuracy: float
+    train_loss_ratio: float
+    valid_loss_ratio: float
+    accuracy_ratio: float
+    diverged_seeds: int
+
+
+def _final_eval(curves: Sequence[Curve], metric: str) -> float:
+    return float(np.mean([c.final(metric) for c in curves]))
+
+
+def compare(curves: Sequence[Curve], reference: TuningResult, window: int) -> Comparison:
+    """Compare an optimizer's per-seed ``curves`` with the tuned ``reference`` baseline."""
+    mean_curve = metrics.seed_mean([c.train_loss for c in curves], window)
+    best = reference.runs[reference.best_lr]
+    reference_train = float(reference.mean_curves[reference.best_lr][-1])
+    values = {metric: _final_eval(curves, metric) for metric in ("loss", "accuracy")}
+    reference_values = {metric: _final_eval(best, metric) for metric in ("loss", "accuracy")}
+    return Comparison(
+        speedup=metrics.speedup(reference.envelope(), mean_curve),
+        final_train_loss=float(mean_curve[-1]),
+        final_valid_loss=values["loss"],
+        final_accuracy=values["accuracy"],
+        train_loss_ratio=metrics.ratio(mean_curve[-1], reference_train),
+        valid_loss_ratio=metrics.ratio(values["loss"], reference_values["loss"]),
+        accuracy_ratio=metrics.ratio(values["accuracy"], reference_values["accuracy"]),
+        diverged_seeds=sum(c.diverged for c in curves),
+    )
+
+
+@dataclass
+class TaskResult:
+    """Everything measured on one task of a suite: the evaluated optimizers' curves, every
+    baseline's tuning runs, and each optimizer's (and non-reference baseline's) comparison."""
+
+    entry: SuiteEntry
+    index: int
+    task_name: str
+    window: int
+    optimizers: dict[str, list[Curve]]
+    baselines: dict[str, TuningResult]
+    comparisons: dict[str, Comparison]
+
+
+@dataclass
+class SuiteResult:
+    """A suite's per-task results and the median / IQM of every comparison over its tasks."""
+
+    suite: Suite
+    reference: str
+    window_fraction: float
+    tuner: str
+    tasks: list[TaskResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def compared(self) -> list[str]:
+        """Names of everything compared with the reference: optimizers first, then baselines."""
+        names: dict[str, None] = {}
+        for task in self.tasks:
+            names.update(dict.fromkeys(task.comparisons))
+        return list(names)
+
+    def labels(self) -> list[str]:
+        return [entry.label for entry in self.suite.entries]
+
+    def summary(self, label: str | None = None) -> dict[str, dict[str, metrics.Summary]]:
+        """Median and IQM over tasks (of entry ``label``, or of the whole suite) of every
+        comparison figure, per compared name."""
+        tasks = [t for t in self.tasks if label is None or t.entry.label == label]
+        table = {}
+        for name in self.compared():
+            rows = [task.comparisons[name] for task in tasks if name in task.comparisons]
+            table[name] = {
+                "speedup": metrics.summarize([r.speedup.value for r in rows]),
+                "train_loss_ratio": metrics.summarize([r.train_loss_ratio for r in rows]),
+                "valid_loss_ratio": metrics.summarize([r.valid_loss_ratio for r in rows]),
+                "accuracy_ratio": metrics.summarize([r.accuracy_ratio for r in rows]),
+            }
+        return table
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def run_suite(
+    suite: Suite,
+    optimizers: Mapping[str, RuleFactory],
+    *,
+    baselines: Sequence[Baseline] | None = None,
+    reference: str = "adam",
+    tuner: str = "grid",
+    trials: int = 12,
+    window_fraction: float = metrics.DEFAULT_WINDOW_FRACTION,
+    family_factory: FamilyFactory | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> SuiteResult:
+    """Run ``optimizers`` and the learning-rate-tuned ``baselines`` on every task of ``suite``.
+
+    Baselines are tuned on each evaluated task itself, with the suite's seeds (the protocol of
+    learned_optimization; it gives the baseline the advantage). ``reference`` names the baseline
+    that sets the target (tuned Adam by default); every optimizer and every other baseline (at
+    its tuned learning rate) is compared with it. The smoothing window is ``window_fraction`` of
+    each entry's step budget (at least one step). ``tuner`` is ``'grid'`` (each baseline's grid)
+    or ``'optuna'`` (``trials`` TPE trials in the grid's range). A rich progress bar counts runs.
+    """
+    baselines = list(default_baselines() if baselines is None else baselines)
+    names = [b.name for b in baselines]
+    if reference not in names:
+        raise ValueError(f"reference={reference!r} is not among the baselines {names}")
+    clash = sorted(set(optimizers) & set(names))
+    if clash:
+        raise ValueError(f"optimizer names {clash} clash with baseline names; rename them")
+    metrics.smoothing_window(1, window_fraction)  # rejects a bad fraction before any run
+    build_family = family_factory or make_family
+    if tuner not in TUNERS:
+        raise ValueError(f"tuner={tuner!r} is not supported; accepted values: {TUNERS}")
+    started = time.perf_counter()
+    result = SuiteResult(suite=suite, reference=reference, window_fraction=window_fraction, tuner=tuner)
+    configs_per_task = len(optimizers) + sum(len(b.lrs) if tuner == "grid" else trials for b in baselines)
+    total = sum(len(e.task_indices) * len(e.seeds) * configs_per_task for e in suite.entries)
+    with _progress(progress) as bar:
+        job = bar.add_task(f"suite {suite.name}", total=total)
+        advance = lambda: bar.advance(job)  # noqa: E731
+        for entry in suite.entries:
+            family = build_family(entry.family, **entry.kwargs)
+            window = metrics.smoothing_window(entry.steps, window_fraction)
+            for index in entry.task_indices:
+                task = family.task(index, entry.split)
+                bar.update(job, description=f"{suite.name}: {entry.label} #{index}")
+
+                def run(factory: RuleFactory, task: Task = task, entry: SuiteEntry = entry) -> list[Curve]:
+                    return run_seeds(
+                        factory, task, steps=entry.steps, seeds=entry.seeds, eval_every=entry.eval_every,
+                        eval_batches=entry.eval_batches, device=device, on_run=advance,
+                    )
+
+                tuned = {
+                    b.name: tune_lr(b, run, window=window, method=tuner, trials=trials) for b in baselines
+                }
+                curves = {name: run(factory) for name, factory in optimizers.items()}
+                ref = tuned[reference]
+                comparisons = {name: compare(c, ref, window) for name, c in curves.items()}
+                comparisons.update(
+                    {name: compare(t.runs[t.best_lr], ref, window) for name, t in tuned.items() if name != reference}
+                )
+                result.tasks.append(TaskResult(entry, index, task.name, window, curves, tuned, comparisons))
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,323 @@
+"""Input features of per-parameter learned optimizers (the vocabulary of Metz et al. 2022).
+
+A learned rule such as :class:`~metaoptimizer.rules.mlp.MLPRule` sees, for every coordinate, the
+gradient, the parameter value, momenta at several decays, RMS and Adafactor-style factored
+second moments, and ratios of momentum (or gradient) to the square root of the second moment;
+and, shared by all coordinates, step-count embeddings and optionally the fraction of training
+done. Each per-coordinate feature is normalised per tensor to unit root mean square, so the
+learned rule sees the same scale whatever the tensor's gradient scale is.
+
+Every computation works on a 2-D *matrix view* of a tensor (:func:`as_matrix`): rows x columns
+for matrices and higher-rank tensors, one row for vectors and scalars. One code path, and so one
+compiled kernel, serves every shape, and the factored statistics of a matrix cost O(rows + cols)
+memory (for a vector they degenerate to a full second moment, as in Adafactor).
+
+Accumulators live in ``OptimizerState.slots`` under :meth:`FeatureConfig.slot_names`. They are
+not bias-corrected: a correction is one factor per tensor, which the per-tensor normalisation of
+every feature (and of every ratio) cancels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaoptimizer.config import OptimizerState, check_positive
+from metaoptimizer.rules.base import check_unit_interval
+
+#: Per-coordinate features a rule may read, in the order they are produced.
+FEATURE_KINDS = ("grad", "param", "momentum", "rms", "factored", "mom_ratio", "grad_ratio")
+#: Accepted ``state_dtype`` names.
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+#: Scale applied to logarithms of tensor statistics so that they enter networks at O(1).
+LOG_SCALE = 0.1
+
+Accumulators = dict[str, Tensor]
+
+
+def _decays(name: str, value: Any) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a sequence of decays in [0, 1), got {value!r}")
+    for i, decay in enumerate(value):
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+            raise ValueError(f"{name}[{i}] must be a number in [0, 1), got {decay!r}")
+        check_unit_interval(f"{name}[{i}]", float(decay))
+    if len(set(value)) != len(value):
+        raise ValueError(f"{name} has repeated decays: {tuple(value)!r}")
+    return tuple(float(d) for d in value)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Which accumulators a rule keeps and which features it reads.
+
+    ``momentum_decays``, ``rms_decays`` and ``factored_decays`` each keep one accumulator per
+    decay (momentum and RMS: one float per coordinate; factored: rows + cols floats per matrix).
+    ``features`` picks from :data:`FEATURE_KINDS`: ``'momentum'``, ``'rms'`` and ``'factored'``
+    give one feature per decay (the RMS ones as square roots); ``'mom_ratio'`` gives
+    ``m / sqrt(v)`` per momentum decay and ``'grad_ratio'`` gives ``g / sqrt(v)``, where ``v`` is
+    the first factored second moment, or the first RMS one when no factored decay is kept.
+    ``step_timescales`` give the shared features ``tanh(step / timescale)``; ``num_steps`` adds
+    the fraction of training done, ``min(step / num_steps, 1)``. ``eps`` is added to squared
+    gradients and under every square root and normalisation. ``state_dtype`` stores the
+    accumulators in a narrower type (``'bfloat16'`` halves their memory); features are computed
+    in the parameters' dtype.
+
+    The default keeps 2 floats per coordinate (two momenta, as Adam's two moments) plus factored
+    second moments.
+    """
+
+    momentum_decays: tuple[float, ...] = (0.9, 0.99)
+    rms_decays: tuple[float, ...] = ()
+    factored_decays: tuple[float, ...] = (0.999,)
+    features: tuple[str, ...] = ("grad", "param", "momentum", "factored", "mom_ratio", "grad_ratio")
+    step_timescales: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+    num_steps: int | None = None
+    eps: float = 1e-12
+    state_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("momentum_decays", "rms_decays", "factored_decays"):
+            object.__setattr__(self, name, _decays(name, getattr(self, name)))
+        if isinstance(self.features, str) or not isinstance(self.features, Sequence) or not self.features:
+            raise ValueError(f"features must be a non-empty sequence of names from {FEATURE_KINDS}, got {self.features!r}")
+        unknown = [f for f in self.features if f not in FEATURE_KINDS]
+        if unknown:
+            raise ValueError(f"unknown features {unknown}; accepted values: {', '.join(map(repr, FEATURE_KINDS))}")
+        if len(set(self.features)) != len(self.features):
+            raise ValueError(f"features has repeated names: {tuple(self.features)!r}")
+        object.__setattr__(self, "features", tuple(self.features))
+        if isinstance(self.step_timescales, str) or not isinstance(self.step_timescales, Sequence):
+            raise ValueError(f"step_timescales must be a sequence of positive numbers, got {self.step_timescales!r}")
+        for i, scale in enumerate(self.step_timescales):
+            check_positive(f"step_timescales[{i}]", scale)
+        object.__setattr__(self, "step_timescales", tuple(float(s) for s in self.step_timescales))
+        if self.num_steps is not None:
+            check_positive("num_steps", self.num_steps, integer=True)
+        check_positive("eps", self.eps)
+        if self.state_dtype is not None and self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype={self.state_dtype!r} is not supported; accepted values: {sorted(STATE_DTYPES)} or None")
+        self._check_consistent()
+
+    def _check_consistent(self) -> None:
+        """Every feature has the accumulator it reads, and every kept accumulator is read."""
+        wants = set(self.features)
+        ratios = wants & {"mom_ratio", "grad_ratio"}
+        needs = {
+            "momentum_decays": wants & {"momentum", "mom_ratio"},
+            "rms_decays": wants & {"rms"},
+            "factored_decays": wants & {"factored"},
+        }
+        if ratios:
+            needs["factored_decays" if self.factored_decays else "rms_decays"] |= ratios
+            if not self.factored_decays and not self.rms_decays:
+                raise ValueError(f"features {sorted(ratios)} divide by a second moment: keep rms_decays or factored_decays")
+        for kind, readers in needs.items():
+            kept = getattr(self, kind)
+            if readers and not kept:
+                raise ValueError(f"features {sorted(readers)} need at least one decay in {kind}")
+            if kept and not readers:
+                raise ValueError(f"{kind}={kept!r} are kept but no feature reads them; add a feature or drop the decays")
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """One name per per-coordinate feature, in the order :func:`tensor_features` returns them."""
+        per_kind = {
+            "grad": ["grad"],
+            "param": ["param"],
+            "momentum": [f"momentum_{d}" for d in self.momentum_decays],
+            "rms": [f"rms_{d}" for d in self.rms_decays],
+            "factored": [f"factored_{d}" for d in self.factored_decays],
+            "mom_ratio": [f"mom_ratio_{d}" for d in self.momentum_decays],
+            "grad_ratio": ["grad_ratio"],
+        }
+        return tuple(name for kind in self.features for name in per_kind[kind])
+
+    @property
+    def num_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def num_global(self) -> int:
+        """Number of features shared by all coordinates (step embeddings, fraction of training)."""
+        return len(self.step_timescales) + (self.num_steps is not None)
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        return (
+            tuple(f"momentum_{d}" for d in self.momentum_decays)
+            + tuple(f"rms_{d}" for d in self.rms_decays)
+            + tuple(f"factored_{axis}_{d}" for d in self.factored_decays for axis in ("row", "col"))
+        )
+
+    @property
+    def floats_per_coordinate(self) -> int:
+        """Accumulator floats kept per parameter coordinate, factored statistics aside."""
+        return len(self.momentum_decays) + len(self.rms_decays)
+
+    def storage_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        return STATE_DTYPES[self.state_dtype] if self.state_dtype else param_dtype
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def coerce(cls, value: FeatureConfig | Mapping[str, Any] | None) -> FeatureConfig:
+        """A config from a config, a dict of its fields (as :meth:`to_dict` writes) or None (default)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"unknown feature options {unknown}; accepted: {sorted(known)}")
+            return cls(**value)
+        raise TypeError(f"features must be a FeatureConfig, a dict of its fields or None, got {type(value).__name__}")
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """(rows, cols) of the matrix view: ``(shape[0], rest)`` for rank >= 2, ``(1, numel)`` below."""
+    numel = math.prod(shape)
+    if len(shape) >= 2:
+        return shape[0], numel // shape[0] if shape[0] else 0
+    return 1, numel
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    return t.reshape(matrix_shape(t.shape))
+
+
+def init_slots(params: Mapping[str, Tensor], config: FeatureConfig) -> dict[str, dict[str, Tensor]]:
+    """Zero accumulators for every parameter, keyed ``slots[slot][name]``."""
+    slots: dict[str, dict[str, Tensor]] = {slot: {} for slot in config.slot_names}
+    for name, p in params.items():
+        dtype = config.storage_dtype(p.dtype)
+        rows, cols = matrix_shape(p.shape)
+        for slot in config.slot_names:
+            shape = (rows,) if slot.startswith("factored_row") else (cols,) if slot.startswith("factored_col") else p.shape
+            slots[slot][name] = torch.zeros(shape, dtype=dtype, device=p.device)
+    return slots
+
+
+def tensor_accumulators(slots: Mapping[str, Mapping[str, Tensor]], name: str, config: FeatureConfig) -> Accumulators:
+    """The accumulators of parameter ``name``, keyed by slot."""
+    missing = [slot for slot in config.slot_names if name not in slots.get(slot, {})]
+    if missing:
+        raise ValueError(f"state has no {missing} entry for {name!r}; build the state with init(params)")
+    return {slot: slots[slot][name] for slot in config.slot_names}
+
+
+def advance_accumulators(grad: Tensor, acc: Accumulators, config: FeatureConfig) -> Accumulators:
+    """The accumulators after seeing ``grad`` (exponential moving averages, not bias-corrected)."""
+    out: Accumulators = {}
+    stored = config.storage_dtype(grad.dtype)
+    for d in config.momentum_decays:
+        out[f"momentum_{d}"] = torch.lerp(acc[f"momentum_{d}"].to(grad.dtype), grad, 1.0 - d).to(stored)
+    if config.rms_decays or config.factored_decays:
+        square = grad.square() + config.eps
+    for d in config.rms_decays:
+        out[f"rms_{d}"] = torch.lerp(acc[f"rms_{d}"].to(grad.dtype), square, 1.0 - d).to(stored)
+    if config.factored_decays:
+        square = as_matrix(square)
+        row_mean, col_mean = square.mean(dim=1), square.mean(dim=0)
+        for d in config.factored_decays:
+            out[f"factored_row_{d}"] = torch.lerp(acc[f"factored_row_{d}"].to(grad.dtype), row_mean, 1.0 - d).to(stored)
+            out[f"factored_col_{d}"] = torch.lerp(acc[f"factored_col_{d}"].to(grad.dtype), col_mean, 1.0 - d).to(stored)
+    return out
+
+
+def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:
+    """Adafactor's rank-1 estimate ``row col^T / mean(row)`` of the second moment (a matrix view)."""
+    return row[:, None] * col[None, :] / row.mean()
+
+
+def tensor_features(grad: Tensor, param: Tensor, acc: Accumulators, config: FeatureConfig) -> list[Tensor]:
+    """The per-coordinate features of one tensor, each a matrix view, from its *updated* accumulators."""
+    dtype = grad.dtype
+    g, p = as_matrix(grad), as_matrix(param)
+    momenta = [as_matrix(acc[f"momentum_{d}"]).to(dtype) for d in config.momentum_decays]
+    rms = [as_matrix(acc[f"rms_{d}"]).to(dtype) for d in config.rms_decays]
+    factored = [
+        factored_second_moment(acc[f"factored_row_{d}"].to(dtype), acc[f"factored_col_{d}"].to(dtype))
+        for d in config.factored_decays
+    ]
+    second = (factored or rms)[:1]
+    inv_root = torch.rsqrt(second[0] + config.eps) if second else None
+    per_kind = {
+        "grad": lambda: [g],
+        "param": lambda: [p],
+        "momentum": lambda: momenta,
+        "rms": lambda: [torch.sqrt(v) for v in rms],
+        "factored": lambda: [torch.sqrt(v) for v in factored],
+        "mom_ratio": lambda: [m * inv_root for m in momenta],
+        "grad_ratio": lambda: [g * inv_root],
+    }
+    return [f for kind in config.features for f in per_kind[kind]()]
+
+
+def feature_moments(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and mean square over the tensor, each of shape (num_features,)."""
+    return torch.stack([f.mean() for f in features]), torch.stack([f.square().mean() for f in features])
+
+
+def normalisation_scales(mean_square: Tensor, eps: float) -> Tensor:
+    """Factors that bring each feature to unit root mean square over its tensor."""
+    return torch.rsqrt(mean_square + eps)
+
+
+def tensor_statistics(
+    grad: Tensor, param: Tensor, acc: Accumulators, config: FeatureConfig
+) -> tuple[Accumulators, Tensor, Tensor, Tensor]:
+    """One tensor's reduction pass: new accumulators, feature means, feature mean squares, mean(p^2).
+
+    The features themselves are not returned: the pointwise pass recomputes them from the new
+    accumulators, which costs less memory traffic than storing them.
+    """
+    new_acc = advance_accumulators(grad, acc, config)
+    mean, mean_square = feature_moments(tensor_features(grad, param, new_acc, config))
+    return new_acc, mean, mean_square, param.square().mean()
+
+
+def global_features(step: int, config: FeatureConfig, *, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Features shared by every coordinate: ``tanh(step / timescale)`` and the fraction of training."""
+    values = [math.tanh(step / scale) for scale in config.step_timescales]
+    if config.num_steps is not None:
+        values.append(min(step / config.num_steps, 1.0))
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def check_update_inputs(
+    grads: Mapping[str, Tensor], params: Mapping[str, Tensor], step: int, slots: Mapping[str, Mapping[str, Tensor]],
+    config: FeatureConfig,
+) -> None:
+    """Names, shapes and step of an ``update`` call (not values: a finiteness check would sync)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step is the 1-based index of the update (an int >= 1); got step={step!r}")
+    for name, g in grads.items():
+        if name not in params:
+            raise ValueError(f"gradient for unknown parameter {name!r}; known parameters: {sorted(params)}")
+        if g.shape != params[name].shape:
+            raise ValueError(
+                f"gradient of {name!r} has shape {tuple(g.shape)} but the parameter has shape {tuple(params[name].shape)}"
+            )
+        if not g.is_floating_point():
+            raise TypeError(f"gradient of {name!r} must be a floating-point tensor, got dtype {g.dtype}")
+        tensor_accumulators(slots, name, config)
+
+
+def state_numel(state: OptimizerState) -> dict[str, int]:
+    """Number of state elements by kind: per-coordinate accumulators, factored ones, recurrent state."""
+    counts = {"per_coordinate": 0, "factored": 0, "recurrent": 0}
+    for slot, values in state.slots.items():
+        kind = "factored" if slot.startswith("factored_") else "per_coordinate"
+        counts[kind] += sum(t.numel() for t in values.values())
+    counts["recurrent"] = sum(t.numel() for t in [*state.hidden.values(), *state.cell.values()])
+    return counts

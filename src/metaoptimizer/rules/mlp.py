@@ -1,0 +1,273 @@
+"""``method='l2o'``: a per-parameter MLP over optimizer features (Metz et al. 2022, small_fc_lopt).
+
+For every coordinate a tiny MLP reads the normalised features of
+:mod:`metaoptimizer.rules.features` (plus the shared step embeddings, folded into its first
+bias) and emits a direction ``d`` and a log-magnitude ``s``. The update is
+
+    update = d * exp(magnitude_scale * s) * step_mult * sqrt(mean(p^2) + param_scale_floor^2)
+
+i.e. relative to the root mean square of the parameter tensor (LARS/VeLO-style), with a floor so
+that zero-initialised tensors still move; with ``param_relative=False`` the last factor is 1.
+
+Initialisation makes the untrained rule a sensible optimizer: a linear skip path maps the
+normalised ``m / sqrt(v)`` feature (or ``g / sqrt(v)``, or the gradient: the first available)
+to the direction with weight -1, and the MLP's output layer starts small, so the first updates
+are Adam-like steps of relative size ``step_mult``.
+
+The step runs per tensor in two passes: a reduction pass (accumulators, feature statistics, see
+:func:`~metaoptimizer.rules.features.tensor_statistics`) and a pointwise pass
+(:func:`tensor_update`). ``backend`` picks how the MLP is evaluated: ``'matmul'`` (eager matrix
+products, the reference and the fastest eager path on small tasks), ``'pointwise'`` (eager,
+unrolled into pointwise arithmetic) or ``'compiled'`` (the pointwise form through
+``torch.compile``, for large models; used only when no autograd graph is recorded, the matmul
+path otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metaoptimizer.config import MetaOptimizerConfig, OptimizerState, check_positive
+from metaoptimizer.rules.base import Params, UpdateRule
+from metaoptimizer.rules.features import (
+    Accumulators,
+    FeatureConfig,
+    check_update_inputs,
+    global_features,
+    init_slots,
+    normalisation_scales,
+    tensor_accumulators,
+    tensor_features,
+    tensor_statistics,
+)
+from metaoptimizer.rules.fused import Layers, compiled, mlp_pointwise
+
+BACKENDS = ("matmul", "pointwise", "compiled")
+#: Bound on ``magnitude_scale * s`` before the exponential, so an untrained or diverging rule
+#: cannot overflow to ``inf`` (e^10 is a 22026-fold step).
+MAX_LOG_MAGNITUDE = 10.0
+#: Features the skip path reads at initialisation, in order of preference.
+PRIOR_FEATURES = ("mom_ratio", "grad_ratio", "momentum", "grad")
+
+
+def prior_index(config: FeatureConfig) -> int:
+    """Index of the feature the skip path follows at initialisation (see :data:`PRIOR_FEATURES`)."""
+    names = config.feature_names
+    for prefix in PRIOR_FEATURES:
+        for i, name in enumerate(names):
+            if name.startswith(prefix):
+                return i
+    return 0
+
+
+class PerCoordinateMLP(nn.Module):
+    """Weights of a tiny per-coordinate MLP, or of a bank of ``bank_size`` of them.
+
+    Layer weights have shape ``(bank_size, in, out)``; the first layer's inputs are the
+    per-coordinate features followed by the global ones, the last layer has 2 outputs (direction,
+    log-magnitude), and ``skip`` (``(bank_size, num_features)``) maps the normalised features
+    linearly to the direction.
+    """
+
+    def __init__(
+        self, num_features: int, num_global: int, hidden_size: int, num_layers: int, prior: int,
+        bank_size: int = 1, output_init: float = 1e-2, seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        generator = torch.Generator().manual_seed(seed)
+        sizes = [num_features + num_global] + [hidden_size] * num_layers + [2]
+        weights, biases = [], []
+        for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            gain = output_init if index == len(sizes) - 2 else 1.0
+            w = torch.randn(bank_size, fan_in, fan_out, generator=generator) * (gain / math.sqrt(fan_in))
+            weights.append(nn.Parameter(w))
+            biases.append(nn.Parameter(torch.zeros(bank_size, fan_out)))
+        self.weights = nn.ParameterList(weights)
+        self.biases = nn.ParameterList(biases)
+        skip = torch.zeros(bank_size, num_features)
+        skip[:, prior] = -1.0
+        self.skip = nn.Parameter(skip)
+
+    def layers(self, global_feats: Tensor, mixture: Tensor | None = None) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        """The (weight, bias) layers and skip vector to evaluate, global features folded into the first bias.
+
+        Without ``mixture`` the bank must hold one network and the result has no bank dimension;
+        with ``mixture`` of shape ``(T, bank_size)`` each tensor gets its mixture of the bank and
+        the results have a leading dimension T.
+        """
+        if mixture is None:
+            if self.skip.shape[0] != 1:
+                raise ValueError(f"a bank of {self.skip.shape[0]} networks needs mixture coefficients")
+            mix = lambda t: t[0]  # noqa: E731
+        else:
+            mix = lambda t: torch.tensordot(mixture, t, dims=1)  # noqa: E731
+        first = mix(self.weights[0])
+        n = self.num_features
+        first_bias = mix(self.biases[0]) + global_feats.to(first.dtype) @ first[..., n:, :]
+        layers = [(first[..., :n, :], first_bias)]
+        layers += [(mix(w), mix(b)) for w, b in zip(self.weights[1:], self.biases[1:], strict=True)]
+        return layers, mix(self.skip)
+
+
+def mlp_matmul(features: list[Tensor], scales: Tensor, layers: Layers, skip: Tensor) -> tuple[Tensor, Tensor]:
+    """Direction and log-magnitude of the per-coordinate MLP with matrix products (the reference)."""
+    x = torch.stack(features, dim=-1)
+    first_weight, first_bias = layers[0]
+    h = x @ (first_weight * scales[:, None]) + first_bias
+    for weight, bias in layers[1:]:
+        h = torch.relu(h) @ weight + bias
+    return h[..., 0] + x @ (skip * scales), h[..., 1]
+
+
+def tensor_update(
+    grad: Tensor, param: Tensor, acc: Accumulators, scales: Tensor, layers: Layers, skip: Tensor,
+    step_size: Tensor, magnitude_scale: float, config: FeatureConfig, pointwise: bool,
+) -> Tensor:
+    """One tensor's pointwise pass: features, MLP and scaled update, in the parameter's shape."""
+    dtype = grad.dtype
+    layers = [(w.to(dtype), b.to(dtype)) for w, b in layers]
+    features = tensor_features(grad, param, acc, config)
+    evaluate = mlp_pointwise if pointwise else mlp_matmul
+    direction, magnitude = evaluate(features, scales.to(dtype), layers, skip.to(dtype))
+    log_size = torch.clamp(magnitude * magnitude_scale, -MAX_LOG_MAGNITUDE, MAX_LOG_MAGNITUDE)
+    return (direction * torch.exp(log_size) * step_size.to(dtype)).reshape(grad.shape)
+
+
+def step_functions(backend: str, autograd: bool) -> tuple[Callable, Callable, bool]:
+    """(statistics pass, update pass, pointwise?) for ``backend``; compiled only without ``autograd``."""
+    if backend == "compiled" and not autograd:
+        return compiled(tensor_statistics), compiled(tensor_update), True
+    if backend == "pointwise":
+        return tensor_statistics, tensor_update, True
+    return tensor_statistics, tensor_update, False
+
+
+def autograd_needed(rule: nn.Module, *tensor_dicts: Mapping[str, Tensor]) -> bool:
+    """Whether this call records an autograd graph (then compiled steps are not used)."""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [*rule.parameters(), *(t for d in tensor_dicts for t in d.values())]
+    return any(t.requires_grad for t in tensors)
+
+
+@dataclass(frozen=True)
+class StepScale:
+    """How a direction and a log-magnitude become an update's size (see the module docstring)."""
+
+    step_mult: float = 1e-2
+    magnitude_scale: float = 1.0
+    param_relative: bool = True
+    param_scale_floor: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_positive("step_mult", self.step_mult)
+        check_positive("magnitude_scale", self.magnitude_scale, allow_zero=True)
+        check_positive("param_scale_floor", self.param_scale_floor, allow_zero=True)
+        if not isinstance(self.param_relative, bool):
+            raise ValueError(f"param_relative must be True or False, got {self.param_relative!r}")
+        if self.param_relative and self.param_scale_floor == 0:
+            raise ValueError("param_relative=True needs param_scale_floor > 0, or zero tensors would never move")
+
+    def step_size(self, param_mean_square: Tensor) -> Tensor:
+        """Per-tensor step size: ``step_mult`` times the parameter RMS (floored), or ``step_mult``."""
+        if not self.param_relative:
+            return torch.full_like(param_mean_square, self.step_mult)
+        return self.step_mult * torch.sqrt(param_mean_square + self.param_scale_floor**2)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; accepted values: {', '.join(map(repr, BACKENDS))}")
+    return backend
+
+
+class MLPRule(UpdateRule):
+    """Per-parameter MLP learned optimizer (``method='l2o'``); see the module docstring.
+
+    ``hidden_size`` x ``num_layers`` ReLU hidden units (``num_layers=0``: a linear rule),
+    ``features`` a :class:`FeatureConfig` (or a dict of its fields), ``output_init`` the scale of
+    the output layer's initial weights relative to 1/sqrt(fan_in), ``seed`` the seed of the
+    initial meta-parameters.
+    """
+
+    name = "l2o"
+
+    def __init__(
+        self,
+        hidden_size: int = 4,
+        num_layers: int = 2,
+        features: FeatureConfig | Mapping[str, Any] | None = None,
+        step_mult: float = 1e-2,
+        magnitude_scale: float = 1.0,
+        param_relative: bool = True,
+        param_scale_floor: float = 1e-3,
+        output_init: float = 1e-2,
+        backend: str = "matmul",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_positive("hidden_size", hidden_size, integer=True)
+        check_positive("num_layers", num_layers, integer=True, allow_zero=True)
+        check_positive("output_init", output_init)
+        self.scale = StepScale(step_mult, magnitude_scale, param_relative, param_scale_floor)
+        self.backend = check_backend(backend)
+        self.features = FeatureConfig.coerce(features)
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.output_init = float(output_init)
+        self.seed = seed
+        self.mlp = PerCoordinateMLP(
+            self.features.num_features, self.features.num_global, hidden_size, num_layers,
+            prior_index(self.features), output_init=output_init, seed=seed,
+        )
+
+    @classmethod
+    def from_config(cls, config: MetaOptimizerConfig) -> MLPRule:
+        """The rule for ``config`` (``hidden_size``, ``num_layers``, ``seed`` and ``rule_options``)."""
+        options = {"hidden_size": config.hidden_size, "num_layers": config.num_layers, "seed": config.seed}
+        return cls(**{**options, **config.rule_options})
+
+    def hyperparameters(self) -> dict[str, object]:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "features": self.features.to_dict(),
+            **dataclasses.asdict(self.scale),
+            "output_init": self.output_init,
+            "backend": self.backend,
+            "seed": self.seed,
+        }
+
+    def init(self, params: Mapping[str, Tensor]) -> OptimizerState:
+        return OptimizerState(slots=init_slots(params, self.features))
+
+    def update(
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
+    ) -> tuple[Params, OptimizerState]:
+        config = self.features
+        check_update_inputs(grads, params, step, state.slots, config)
+        if not grads:
+            return {}, state.replace(step_count=step)
+        device = next(iter(grads.values())).device
+        layers, skip = self.mlp.layers(global_features(step, config, device=device, dtype=self.mlp.skip.dtype))
+        statistics, pointwise_pass, pointwise = step_functions(self.backend, autograd_needed(self, grads, params))
+        slots = {slot: dict(values) for slot, values in state.slots.items()}
+        updates: Params = {}
+        for name, grad in grads.items():
+            param = params[name]
+            acc, _, mean_square, param_ms = statistics(grad, param, tensor_accumulators(state.slots, name, config), config)
+            updates[name] = pointwise_pass(
+                grad, param, acc, normalisation_scales(mean_square, config.eps), layers, skip,
+                self.scale.step_size(param_ms), self.scale.magnitude_scale, config, pointwise,
+            )
+            for slot, value in acc.items():
+                slots[slot][name] = value
+        return updates, state.replace(step_count=step, slots=slots)

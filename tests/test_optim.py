@@ -1,0 +1,564 @@
+"""LearnedOptimizer: torch.optim semantics over any update rule."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from metaoptimizer import optim
+from metaoptimizer.config import OptimizerState
+from metaoptimizer.optim import LearnedOptimizer
+from metaoptimizer.rules import hand
+from metaoptimizer.rules.base import UpdateRule
+from metaoptimizer.rules.lstm import LSTMRule
+
+X = torch.randn(32, 5, generator=torch.Generator().manual_seed(1))
+Y = torch.randn(32, 2, generator=torch.Generator().manual_seed(2))
+
+
+def make_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2)).to(dtype)
+
+
+def loss_of(model):
+    like = next(model.parameters())
+    return nn.functional.mse_loss(model(X.to(like)), Y.to(like))
+
+
+def run(model, opt, steps, scheduler=None, drop=None):
+    """``steps`` optimizer steps; ``drop(step)`` names parameter indices whose grad is set to None."""
+    params = list(model.parameters())
+    for step in range(steps):
+        opt.zero_grad()
+        loss_of(model).backward()
+        for index in drop(step) if drop else ():
+            params[index].grad = None
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_close_lists(actual, expected, atol=1e-6):
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, atol=atol, rtol=0)
+
+
+def assert_bitwise(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
+        assert torch.equal(a, e)
+
+
+class Recorder(UpdateRule):
+    """Test rule: SGD with lr 0.1 that records every call's names, step and running loss."""
+
+    name = "recorder"
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def init(self, params):
+        return OptimizerState(slots={"seen": {n: torch.zeros((), device=p.device) for n, p in params.items()}})
+
+    def update(self, grads, state, params, step):
+        self.calls.append((sorted(grads), step, state.running_loss))
+        seen = {n: state.slots["seen"][n] + 1 for n in grads}
+        return {n: -0.1 * g for n, g in grads.items()}, state.replace(step_count=step, slots={"seen": seen})
+
+
+# --- agreement with torch.optim ---------------------------------------------------------------
+
+
+PAIRS = {
+    "sgd": (lambda: hand.SGD(lr=0.1, weight_decay=0.01), lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.01)),
+    "nesterov": (
+        lambda: hand.Momentum(lr=0.05, momentum=0.9, nesterov=True),
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True),
+    ),
+    # eps_root=0: the rule's default eps_root deliberately departs from torch where the variance is ~0.
+    "rmsprop": (
+        lambda: hand.RMSProp(lr=1e-2, centered=True, momentum=0.5, eps_root=0.0),
+        lambda ps: torch.optim.RMSprop(ps, lr=1e-2, centered=True, momentum=0.5),
+    ),
+    "adam": (lambda: hand.Adam(lr=1e-3), lambda ps: torch.optim.Adam(ps, lr=1e-3)),
+    "adamw_amsgrad": (
+        lambda: hand.AdamW(lr=1e-2, weight_decay=0.1, amsgrad=True),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_matches_torch_optim_trajectory_in_float64(name):
+    make_rule, make_reference = PAIRS[name]
+    ours, reference = make_model(dtype=torch.float64), make_model(dtype=torch.float64)
+    got = run(ours, LearnedOptimizer(ours.parameters(), make_rule()), 60)
+    want = run(reference, make_reference(reference.parameters()), 60)
+    assert_close_lists(got, want, atol=1e-9)
+    assert not torch.equal(got[0], make_model(dtype=torch.float64)[0].weight.detach())
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_equals_the_functional_rule_bitwise(name):
+    """The adapter adds nothing to the rule's arithmetic: same bits as init/update/apply_updates."""
+    model = make_model()
+    got = run(model, LearnedOptimizer(model.parameters(), PAIRS[name][0]()), 30)
+    rule, reference = PAIRS[name][0](), make_model()
+    params = dict(reference.named_parameters())
+    state = rule.init(params)
+    for step in range(1, 31):
+        loss = nn.functional.mse_loss(torch.func.functional_call(reference, params, (X,)), Y)
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+        with torch.no_grad():
+            updates, state = rule.update(grads, state, params, step)
+        params = {n: p.detach().add(updates[n]).requires_grad_() for n, p in params.items()}
+    assert_bitwise(got, list(params.values()))
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_float32_adam_matches_torch_adam(maximize):
+    ours, reference = make_model(), make_model()
+    got = run(ours, LearnedOptimizer(ours.parameters(), hand.Adam(lr=1e-3), maximize=maximize), 100)
+    want = run(reference, torch.optim.Adam(reference.parameters(), lr=1e-3, maximize=maximize), 100)
+    assert_close_lists(got, want)
+
+
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [
+        lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.3),
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: min(1.0, (epoch + 1) / 8)),
+    ],
+    ids=["StepLR", "LambdaLR"],
+)
+def test_lr_schedulers_scale_the_rule_like_torch(make_scheduler):
+    """The group lr multiplies the rule's updates: rule lr 1e-2 x scheduled multiplier == torch lr."""
+    ours, reference = make_model(), make_model()
+    opt = LearnedOptimizer(ours.parameters(), hand.Adam(lr=1e-2), lr=1.0)
+    ref = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    got = run(ours, opt, 20, scheduler=make_scheduler(opt))
+    want = run(reference, ref, 20, scheduler=make_scheduler(ref))
+    assert_close_lists(got, want)
+    assert opt.param_groups[0]["lr"] == pytest.approx(ref.param_groups[0]["lr"] / 1e-2)
+
+
+def test_lr_is_a_multiplier_on_the_updates():
+    ours, reference = make_model(), make_model()
+    got = run(ours, LearnedOptimizer(ours.parameters(), hand.SGD(lr=0.1), lr=0.5), 10)
+    want = run(reference, torch.optim.SGD(reference.parameters(), lr=0.05), 10)
+    assert_close_lists(got, want)
+
+
+def test_zero_lr_keeps_parameters_but_advances_state():
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = LearnedOptimizer(model.parameters(), hand.Adam(), lr=0.0)
+    after = run(model, opt, 3)
+    assert_bitwise(after, before)
+    assert all(opt.state[p].step_count == 3 for p in model.parameters())
+
+
+def test_missing_gradients_skip_parameters_like_torch_adam():
+    """Parameters without grad keep their state; each parameter counts its own Adam steps."""
+    drop = lambda step: [1] if step % 3 == 0 else ([3] if step % 4 == 1 else [])  # noqa: E731
+    ours, reference = make_model(), make_model()
+    got = run(ours, LearnedOptimizer(ours.parameters(), hand.Adam(lr=1e-2)), 25, drop=drop)
+    want = run(reference, torch.optim.Adam(reference.parameters(), lr=1e-2), 25, drop=drop)
+    assert_close_lists(got, want)
+
+
+def test_one_rule_call_per_step_count_and_untouched_state_without_grad():
+    model = make_model()
+    rule = Recorder()
+    opt = LearnedOptimizer(model.parameters(), rule)
+    params = list(model.parameters())
+    run(model, opt, 1, drop=lambda step: [2])
+    assert params[2] not in opt.state
+    state_1 = opt.state[params[1]]
+    run(model, opt, 1, drop=lambda step: [1])
+    assert opt.state[params[1]] is state_1
+    assert rule.calls == [
+        (["g0.p0", "g0.p1", "g0.p3"], 1, None),
+        (["g0.p0", "g0.p3"], 2, None),
+        (["g0.p2"], 1, None),
+    ]
+    assert {p: opt.state[p].step_count for p in params} == {params[0]: 2, params[1]: 1, params[2]: 1, params[3]: 2}
+    assert set(opt.state[params[0]].slots["seen"]) == {"g0.p0"}
+    assert opt.state[params[0]].slots["seen"]["g0.p0"].item() == 2
+
+
+def test_no_gradients_at_all_is_a_no_op():
+    model = make_model()
+    opt = LearnedOptimizer(model.parameters(), Recorder())
+    before = [p.detach().clone() for p in model.parameters()]
+    assert opt.step() is None
+    assert_bitwise([p.detach() for p in model.parameters()], before)
+    assert len(opt.state) == 0
+
+
+def test_add_param_group_matches_torch():
+    """A group added mid-run starts its own step count and uses its own lr, as in torch.optim.Adam."""
+
+    def scenario(make_opt):
+        model = make_model()
+        first, second = model[0], model[2]
+        opt = make_opt([{"params": first.parameters()}])
+        for step in range(12):
+            if step == 5:
+                opt.add_param_group({"params": second.parameters(), "lr": opt.param_groups[0]["lr"] * 0.5})
+            opt.zero_grad()
+            loss_of(model).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    got, opt = scenario(lambda groups: LearnedOptimizer(groups, hand.Adam(lr=1e-2)))
+    want, _ = scenario(lambda groups: torch.optim.Adam(groups, lr=1e-2))
+    assert_close_lists(got, want)
+    assert [opt.state[p].step_count for p in opt.param_groups[1]["params"]] == [7, 7]
+    assert list(opt.state[opt.param_groups[1]["params"][0]].slots["exp_avg"]) == ["g1.p0"]
+
+
+# --- closures and the running loss ------------------------------------------------------------
+
+
+def test_closure_returns_loss_and_feeds_an_exponential_average():
+    model = make_model()
+    rule = Recorder()
+    opt = LearnedOptimizer(model.parameters(), rule, loss_decay=0.5)
+    losses = []
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model)
+        loss.backward()
+        losses.append(loss.item())
+        return loss
+
+    returned = [opt.step(closure) for _ in range(3)]
+    assert [r.item() for r in returned] == losses
+    expected = [losses[0], 0.5 * losses[0] + 0.5 * losses[1]]
+    expected.append(0.5 * expected[1] + 0.5 * losses[2])
+    assert [call[2] for call in rule.calls] == pytest.approx(expected)
+    assert opt.running_loss == pytest.approx(expected[-1])
+    assert opt.state[next(model.parameters())].running_loss == pytest.approx(expected[-1])
+
+
+# --- non-finite values --------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    index=st.integers(0, 3),
+    position=st.integers(0, 1000),
+    value=st.sampled_from([math.nan, math.inf, -math.inf]),
+)
+def test_nonfinite_gradient_raises_naming_parameter_and_changes_nothing(index, position, value):
+    model = make_model()
+    opt = LearnedOptimizer(model.parameters(), hand.Adam(lr=1e-2))
+    run(model, opt, 2)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    states = {p: opt.state[p] for p in params}
+    opt.zero_grad()
+    loss_of(model).backward()
+    params[index].grad.view(-1)[position % params[index].numel()] = value
+    with pytest.raises(ValueError, match=rf"'g0\.p{index}'.*NaN or Inf.*nonfinite='skip'"):
+        opt.step()
+    assert_bitwise([p.detach() for p in params], before)
+    assert all(opt.state[p] is states[p] for p in params)
+
+
+def test_nonfinite_skip_counts_and_changes_nothing():
+    model = make_model()
+    opt = LearnedOptimizer(model.parameters(), hand.Adam(lr=1e-2), nonfinite="skip")
+    run(model, opt, 2)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    states = {p: opt.state[p] for p in params}
+    opt.zero_grad()
+    loss_of(model).backward()
+    params[1].grad[0] = math.inf
+    params[3].grad[1] = math.nan
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert_bitwise([p.detach() for p in params], before)
+    assert all(opt.state[p] is states[p] for p in params)
+    run(model, opt, 1)
+    assert opt.skipped_steps == 1
+    assert all(opt.state[p].step_count == 3 for p in params)
+
+
+def test_nonfinite_on_first_step_creates_no_state():
+    model = make_model()
+    opt = LearnedOptimizer(model.parameters(), hand.Adam(), nonfinite="skip")
+    loss_of(model).backward()
+    model[0].bias.grad[0] = math.nan
+    opt.step()
+    assert len(opt.state) == 0 and opt.skipped_steps == 1
+
+
+def test_several_nonfinite_gradients_are_all_named():
+    model = make_model()
+    opt = LearnedOptimizer(model.parameters(), hand.SGD(lr=0.1))
+    loss_of(model).backward()
+    model[0].bias.grad[0] = math.nan
+    model[2].bias.grad[0] = math.inf
+    with pytest.raises(ValueError, match=r"'g0\.p1'.*\['g0\.p3'\]"):
+        opt.step()
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_nonfinite_closure_loss(policy):
+    model = make_model()
+    opt = LearnedOptimizer(model.parameters(), Recorder(), nonfinite=policy)
+
+    def closure():
+        opt.zero_grad()
+        loss_of(model).backward()
+        return torch.tensor(math.nan)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    if policy == "raise":
+        with pytest.raises(ValueError, match="the loss contains NaN or Inf"):
+            opt.step(closure)
+    else:
+        assert math.isnan(opt.step(closure).item())
+        assert opt.skipped_steps == 1 and opt.running_loss is None
+    assert_bitwise([p.detach() for p in model.parameters()], before)
+
+
+# --- state dicts --------------------------------------------------------------------------------
+
+
+def through_disk(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def closure_for(model, opt):
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize(
+    "make_rule",
+    [lambda: hand.Adam(lr=1e-2), lambda: LSTMRule(hidden_size=4, state_dtype="bfloat16")],
+    ids=["adam", "lstm-bf16-state"],
+)
+def test_resume_from_state_dict_gives_identical_trajectory(make_rule):
+    torch.manual_seed(3)
+    rule = make_rule()
+
+    def build(model):
+        groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.5}]
+        opt = LearnedOptimizer(groups, rule, nonfinite="skip")
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+
+    model = make_model()
+    opt, scheduler = build(model)
+    for _ in range(10):
+        opt.step(closure_for(model, opt))
+        scheduler.step()
+    saved_opt, saved_sched = through_disk(opt.state_dict()), copy.deepcopy(scheduler.state_dict())
+    saved_params = copy.deepcopy(model.state_dict())
+    for _ in range(10):
+        opt.step(closure_for(model, opt))
+        scheduler.step()
+
+    fresh = make_model(seed=99)
+    fresh.load_state_dict(saved_params)
+    fresh_opt, fresh_sched = build(fresh)
+    fresh_opt.load_state_dict(saved_opt)
+    fresh_sched.load_state_dict(saved_sched)
+    for _ in range(10):
+        fresh_opt.step(closure_for(fresh, fresh_opt))
+        fresh_sched.step()
+
+    assert_bitwise(list(fresh.parameters()), list(model.parameters()))
+    assert fresh_opt.running_loss == opt.running_loss
+    assert fresh_opt.param_groups[1]["lr"] == opt.param_groups[1]["lr"]
+    for p, q in zip(fresh.parameters(), model.parameters(), strict=True):
+        ours, theirs = fresh_opt.state[p], opt.state[q]
+        assert ours.step_count == theirs.step_count == 20
+        for a, b in zip(ours.tensors(), theirs.tensors(), strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_state_dict_is_plain_and_keeps_counters():
+    model = make_model()
+    opt = LearnedOptimizer(model.parameters(), hand.Adam(), nonfinite="skip")
+    run(model, opt, 2)
+    loss_of(model).backward()
+    model[0].bias.grad[0] = math.nan
+    opt.step()
+    state_dict = through_disk(opt.state_dict())
+    assert state_dict["rule"] == "adam" and state_dict["skipped_steps"] == 1
+    assert state_dict["state"][0]["step_count"] == 2
+    assert set(state_dict["state"][0]["slots"]["exp_avg"]) == {"g0.p0"}
+    fresh = LearnedOptimizer(make_model().parameters(), hand.Adam())
+    fresh.load_state_dict(state_dict)
+    assert fresh.skipped_steps == 1
+
+
+def test_load_state_dict_rejects_mismatches():
+    model = make_model()
+    opt = LearnedOptimizer(model.parameters(), hand.Adam())
+    run(model, opt, 1)
+    good = opt.state_dict()
+    with pytest.raises(ValueError, match="saved with update rule 'adam'.*runs 'sgd'"):
+        LearnedOptimizer(model.parameters(), hand.SGD(lr=0.1)).load_state_dict(good)
+    with pytest.raises(ValueError, match="missing keys"):
+        LearnedOptimizer(model.parameters(), hand.Adam()).load_state_dict(torch.optim.Adam(model.parameters()).state_dict())
+    with pytest.raises(ValueError, match="doesn't match the size"):
+        LearnedOptimizer(model[0].parameters(), hand.Adam()).load_state_dict(good)
+    with pytest.raises(ValueError, match="parameter id 7"):
+        LearnedOptimizer(model.parameters(), hand.Adam()).load_state_dict({**good, "state": {7: good["state"][0]}})
+    with pytest.raises(ValueError, match=r"\(\'g0\.p1\'\) holds entries for \['g0\.p0'\]"):
+        LearnedOptimizer(model.parameters(), hand.Adam()).load_state_dict({**good, "state": {1: good["state"][0]}})
+
+
+def test_deepcopy_continues_identically():
+    model = make_model()
+    opt = LearnedOptimizer(model.parameters(), hand.Momentum(lr=0.05), nonfinite="skip")
+    run(model, opt, 3)
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    assert twin_opt.rule is not opt.rule and twin_opt.nonfinite == "skip"
+    assert_bitwise(run(twin_model, twin_opt, 4), run(model, opt, 4))
+
+
+# --- learned rules, devices, memory ownership ---------------------------------------------------
+
+
+def test_rule_with_meta_parameters_runs_without_building_a_graph():
+    model = make_model()
+    rule = LSTMRule(hidden_size=6)
+    opt = LearnedOptimizer(model.parameters(), rule)
+    before = [p.detach().clone() for p in model.parameters()]
+    run(model, opt, 3)
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert all(w.grad is None for w in rule.parameters())
+    state = opt.state[model[0].weight]
+    assert state.hidden["g0.p0"].shape == (2, model[0].weight.numel(), 6)
+    assert all(not t.requires_grad for t in state.tensors())
+
+
+def test_rule_on_another_device_is_a_clear_error():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"rule 'lstm' is on \['meta'\] but parameters are on \['cpu'\].*rule\.to"):
+        LearnedOptimizer(model.parameters(), LSTMRule(hidden_size=4).to("meta"))
+    rule = LSTMRule(hidden_size=4)
+    opt = LearnedOptimizer(model.parameters(), rule)
+    rule.to("meta")
+    loss_of(model).backward()
+    with pytest.raises(ValueError, match="rule.to"):
+        opt.step()
+
+
+class Hoarder(UpdateRule):
+    """Test rule that keeps a reference to the incoming gradient as its state (allowed: pure)."""
+
+    name = "hoarder"
+
+    def init(self, params):
+        return OptimizerState(slots={"last_grad": {n: torch.zeros_like(p) for n, p in params.items()}})
+
+    def update(self, grads, state, params, step):
+        return {n: -0.1 * g for n, g in grads.items()}, state.replace(step_count=step, slots={"last_grad": dict(grads)})
+
+
+def test_state_does_not_alias_gradients_mutated_in_place():
+    model = make_model()
+    opt = LearnedOptimizer(model.parameters(), Hoarder())
+    loss_of(model).backward()
+    grad = model[0].weight.grad.clone()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    torch.testing.assert_close(opt.state[model[0].weight].slots["last_grad"]["g0.p0"], grad)
+
+
+class WrongStep(Recorder):
+    def update(self, grads, state, params, step):
+        updates, new = super().update(grads, state, params, step)
+        return updates, new.replace(step_count=0)
+
+
+class Stranger(Recorder):
+    def update(self, grads, state, params, step):
+        updates, new = super().update(grads, state, params, step)
+        return updates, new.replace(hidden={"elsewhere": torch.zeros(1)})
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [(WrongStep(), "step_count=0 for step=1"), (Stranger(), "unknown parameter 'elsewhere'")],
+)
+def test_rules_breaking_the_contract_are_reported(rule, message):
+    model = make_model()
+    loss_of(model).backward()
+    with pytest.raises(ValueError, match=message):
+        LearnedOptimizer(model.parameters(), rule).step()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_parameters_match_torch_adam_and_check_the_rule_device():
+    ours, reference = make_model().cuda(), make_model().cuda()
+    got = run(ours, LearnedOptimizer(ours.parameters(), hand.Adam(lr=1e-3)), 30)
+    want = run(reference, torch.optim.Adam(reference.parameters(), lr=1e-3), 30)
+    assert_close_lists(got, want)
+    lstm_opt = LearnedOptimizer(ours.parameters(), LSTMRule(hidden_size=4).cuda())
+    assert all(p.is_cuda for p in run(ours, lstm_opt, 2))
+    with pytest.raises(ValueError, match=r"\['cpu'\] but parameters are on \['cuda:0'\]"):
+        LearnedOptimizer(ours.parameters(), LSTMRule(hidden_size=4))
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def test_bad_constructor_arguments():
+    params = list(make_model().parameters())
+    with pytest.raises(TypeError, match="UpdateRule"):
+        LearnedOptimizer(params, torch.optim.SGD)
+    with pytest.raises(ValueError, match=r"nonfinite='ignore'.*'raise', 'skip'"):
+        LearnedOptimizer(params, hand.SGD(lr=0.1), nonfinite="ignore")
+    with pytest.raises(ValueError, match="loss_decay"):
+        LearnedOptimizer(params, hand.SGD(lr=0.1), loss_decay=1.0)
+    with pytest.raises(ValueError, match="maximize must be True or False"):
+        LearnedOptimizer(params, hand.SGD(lr=0.1), maximize=1)
+    with pytest.raises(TypeError, match="floating-point tensors only"):
+        LearnedOptimizer([torch.zeros(3, dtype=torch.long)], hand.SGD(lr=0.1))
+    with pytest.raises(ValueError, match="empty parameter list"):
+        LearnedOptimizer([], hand.SGD(lr=0.1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(lr=st.one_of(st.floats(max_value=-1e-30), st.just(math.nan), st.just(math.inf), st.text(max_size=3)))
+def test_bad_lr_is_rejected(lr):
+    with pytest.raises(ValueError, match="lr must be a number"):
+        LearnedOptimizer([nn.Parameter(torch.zeros(2))], hand.SGD(lr=0.1), lr=lr)
+
+
+def test_sparse_gradients_are_rejected():
+    embedding = nn.Embedding(10, 3, sparse=True)
+    opt = LearnedOptimizer(embedding.parameters(), hand.SGD(lr=0.1))
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match="sparse gradients.*'g0.p0'"):
+        opt.step()
+
+
+def test_public_names():
+    assert "LearnedOptimizer" in optim.__all__
+    assert issubclass(LearnedOptimizer, torch.optim.Optimizer)
