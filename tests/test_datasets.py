@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from metaoptimizer.tasks import make_family
 from metaoptimizer.tasks.datasets import (
     DATA_DIR_ENV,
+    area_weights,
     data_dir,
     load_mnist,
     load_omniglot,
@@ -285,7 +286,15 @@ def test_resize_images_averages_areas():
     small = resize_images(ink, 28)
     assert small.dtype == torch.float32 and small.shape == (1, 28, 28)
     assert small.sum().item() == pytest.approx(ink.sum().item() * (28 / 105) ** 2, rel=1e-5)
+    expected_row = torch.cat([torch.ones(13), torch.tensor([(50 - 13 * 3.75) / 3.75]), torch.zeros(14)])
+    torch.testing.assert_close(small[0], expected_row.expand(28, 28))
     assert resize_images(torch.zeros(0, 5, 5), 2).shape == (0, 2, 2)
+
+
+def test_area_weights_rows_average_the_covered_pixels():
+    weights = area_weights(5, 2)
+    torch.testing.assert_close(weights, torch.tensor([[0.4, 0.4, 0.2, 0, 0], [0, 0, 0.2, 0.4, 0.4]]))
+    torch.testing.assert_close(area_weights(3, 6).sum(1), torch.ones(6))
 
 
 @settings(max_examples=20, deadline=None)

@@ -1,7 +1,20 @@
-"""metaoptimizer: learned optimizers for PyTorch."""
+"""metaoptimizer: learned optimizers for PyTorch.
 
-from metaoptimizer.config import MetaOptimizerConfig, OptimizerState
+The spec's API: :class:`MetaOptimizer` over a :class:`MetaOptimizerConfig`, with rule state in
+:class:`OptimizerState`; :class:`~metaoptimizer.optim.LearnedOptimizer` is the ``torch.optim`` adapter.
+"""
+
+from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, OptimizerState
+from metaoptimizer.facade import MetaOptimizer
+from metaoptimizer.optim import LearnedOptimizer
 
 __version__ = "0.1.0"
 
-__all__ = ["MetaOptimizerConfig", "OptimizerState", "__version__"]
+__all__ = [
+    "LearnedOptimizer",
+    "MetaOptimizer",
+    "MetaOptimizerConfig",
+    "MetaOptTrainResult",
+    "OptimizerState",
+    "__version__",
+]

@@ -128,8 +128,8 @@ class OptimizerState:
         return [x for x in pytree.tree_leaves(self) if isinstance(x, Tensor)]
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain nested dict (safe for ``torch.save`` and ``weights_only`` loading)."""
-        return dataclasses.asdict(self)
+        """A plain nested dict (safe for ``torch.save`` and ``weights_only`` loading); tensors are shared."""
+        return pytree.tree_map(lambda x: x, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     def select(self, names) -> OptimizerState:
         """The state of the parameters in ``names`` only (same step count and running loss)."""

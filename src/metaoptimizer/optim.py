@@ -30,8 +30,15 @@ def _param_name(group_index: int, param_index: int) -> str:
     return f"g{group_index}.p{param_index}"
 
 
-def _split_state(state: OptimizerState, names: Iterable[str]) -> dict[str, OptimizerState]:
-    """One single-parameter state per name, in one pass (``select`` per name would be quadratic)."""
+def _split_state(
+    state: OptimizerState, names: Iterable[str], shared: frozenset[int] = frozenset()
+) -> dict[str, OptimizerState]:
+    """One single-parameter state per name, in one pass (``select`` per name would be quadratic).
+
+    Tensors whose storage is in ``shared`` (the data pointers of the parameters and gradients) are
+    cloned: the adapter updates parameters in place and autograd may accumulate into gradients in
+    place, so a rule that keeps a reference to either would see it change behind its back.
+    """
     out = {
         name: OptimizerState(
             step_count=state.step_count, running_loss=state.running_loss, slots={slot: {} for slot in state.slots}
@@ -39,27 +46,20 @@ def _split_state(state: OptimizerState, names: Iterable[str]) -> dict[str, Optim
         for name in names
     }
 
-    def target(name: str) -> OptimizerState:
+    def own(name: str, tensor: Tensor) -> tuple[OptimizerState, Tensor]:
         if name not in out:
             raise ValueError(f"the update rule returned state for unknown parameter {name!r}; known: {sorted(out)}")
-        return out[name]
+        return out[name], tensor.clone() if tensor.untyped_storage().data_ptr() in shared else tensor
 
     for field in _PER_PARAM_FIELDS:
         for name, tensor in getattr(state, field).items():
-            getattr(target(name), field)[name] = tensor
+            target, tensor = own(name, tensor)
+            getattr(target, field)[name] = tensor
     for slot, values in state.slots.items():
         for name, tensor in values.items():
-            target(name).slots[slot][name] = tensor
+            target, tensor = own(name, tensor)
+            target.slots[slot][name] = tensor
     return out
-
-
-def _own_memory(state: OptimizerState, storages: set[int]) -> OptimizerState:
-    """Clone state tensors that share memory with ``storages`` (parameters and gradients).
-
-    The adapter updates parameters in place and autograd may accumulate into gradients in place;
-    a rule that keeps a reference to either in its state would see it change behind its back.
-    """
-    return state.map_tensors(lambda t: t.clone() if t.untyped_storage().data_ptr() in storages else t)
 
 
 def _nonfinite_names(tensors: Mapping[str, Tensor]) -> list[str]:
@@ -157,27 +157,32 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if not self._step_is_finite(grads, loss_value):
             return loss
         if loss_value is not None:
-            decay = self.loss_decay
-            previous = self.running_loss
+            previous, decay = self.running_loss, self.loss_decay
             self.running_loss = loss_value if previous is None else decay * previous + (1.0 - decay) * loss_value
-        if not active:
-            return loss
-        self._check_rule_device({p.device for _, p, _ in active})
-
-        params = {name: p for name, p, _ in active}
-        fresh = [name for name, p, _ in active if not isinstance(self.state.get(p), OptimizerState)]
-        if fresh:
-            started = self.rule.init({name: params[name] for name in fresh})
-            for name, state in _split_state(started, fresh).items():
+        if active:
+            self._check_rule_device({p.device for _, p, _ in active})
+            params = {name: p for name, p, _ in active}
+            updates, states = self._run_rule(grads, params)
+            for name, state in states.items():  # committed only once every rule call succeeded
                 self.state[params[name]] = state
+            self._apply(active, updates)
+        return loss
 
+    def _run_rule(
+        self, grads: dict[str, Tensor], params: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, OptimizerState]]:
+        """Updates and new per-parameter states: one ``rule.update`` call per step count."""
+        shared = frozenset(t.untyped_storage().data_ptr() for t in [*params.values(), *grads.values()])
+        states = {name: self.state.get(p) for name, p in params.items()}
+        fresh = [name for name, state in states.items() if not isinstance(state, OptimizerState)]
+        if fresh:
+            states.update(_split_state(self.rule.init({name: params[name] for name in fresh}), fresh, shared))
         cohorts: dict[int, list[str]] = {}
-        for name, p, _ in active:
-            cohorts.setdefault(self.state[p].step_count, []).append(name)
-        storages = {t.untyped_storage().data_ptr() for t in [*params.values(), *grads.values()]}
+        for name, state in states.items():
+            cohorts.setdefault(state.step_count, []).append(name)
         updates: dict[str, Tensor] = {}
-        for count, names in cohorts.items():
-            merged = OptimizerState.merge([self.state[params[n]] for n in names]).replace(running_loss=self.running_loss)
+        for names in cohorts.values():
+            merged = OptimizerState.merge([states[n] for n in names]).replace(running_loss=self.running_loss)
             step = next_step(merged)
             new_updates, new_state = self.rule.update(
                 {n: grads[n] for n in names}, merged, {n: params[n] for n in names}, step
@@ -188,14 +193,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     f"for step={step}; rules must set step_count=step"
                 )
             updates.update(new_updates)
-            for name, state in _split_state(_own_memory(new_state, storages), names).items():
-                self.state[params[name]] = state
+            states.update(_split_state(new_state, names, shared))
+        return updates, states
 
-        for group in self.param_groups:
-            targets = [(p, updates[name]) for name, p, g in active if g is group and name in updates]
-            if targets:
-                torch._foreach_add_([p for p, _ in targets], [u for _, u in targets], alpha=group["lr"])
-        return loss
+    @staticmethod
+    def _apply(active: list[tuple[str, Tensor, dict[str, Any]]], updates: Mapping[str, Tensor]) -> None:
+        """``p += group lr * update`` in place, one foreach call per parameter group."""
+        by_group: dict[int, tuple[float, list[Tensor], list[Tensor]]] = {}
+        for name, p, group in active:
+            if name in updates:
+                _, targets, deltas = by_group.setdefault(id(group), (group["lr"], [], []))
+                targets.append(p)
+                deltas.append(updates[name])
+        for lr, targets, deltas in by_group.values():
+            torch._foreach_add_(targets, deltas, alpha=lr)
 
     def _step_is_finite(self, grads: Mapping[str, Tensor], loss_value: float | None) -> bool:
         """False (after counting a skipped step) or ValueError when a gradient or the loss is NaN/Inf."""

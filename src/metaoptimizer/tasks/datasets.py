@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from metaoptimizer.config import check_positive
@@ -184,17 +183,31 @@ def load_omniglot(root: str | os.PathLike | None = None, split: str = "backgroun
     return OmniglotSet(split=split, images=torch.from_numpy(images), alphabets=alphabets)
 
 
-def resize_images(images: Tensor, size: int, chunk: int = 1024) -> Tensor:
-    """Area-average ``images (..., H, W)`` to ``float32 (..., size, size)`` (e.g. Omniglot 105 -> 28).
+def area_weights(n_in: int, n_out: int, device: torch.device | str | None = None) -> Tensor:
+    """``(n_out, n_in)`` weights of exact area resampling along one axis: output cell ``i``
+    averages the input pixels it covers, each weighted by its overlap (rows sum to 1)."""
+    edges = torch.arange(n_out + 1, dtype=torch.float64) * (n_in / n_out)
+    pixels = torch.arange(n_in, dtype=torch.float64)
+    low = torch.maximum(edges[:-1, None], pixels[None, :])
+    high = torch.minimum(edges[1:, None], pixels[None, :] + 1)
+    return ((high - low).clamp_min(0) * (n_out / n_in)).to(device=device, dtype=torch.float32)
 
-    Works in chunks of ``chunk`` images to bound memory; bool images become ink fractions in [0, 1].
+
+def resize_images(images: Tensor, size: int, chunk: int = 1024) -> Tensor:
+    """Area-resample ``images (..., H, W)`` to ``float32 (..., size, size)`` (e.g. Omniglot 105 -> 28).
+
+    Every output pixel is the exact mean of the input area it covers, so the ink total scales by
+    the area ratio; bool images become ink fractions in [0, 1]. Works through ``chunk`` images
+    at a time to bound memory.
     """
     check_positive("size", size, integer=True)
     check_positive("chunk", chunk, integer=True)
     if images.ndim < 2:
         raise ValueError(f"images must have shape (..., H, W), got {tuple(images.shape)}")
-    flat = images.reshape(-1, 1, *images.shape[-2:])
-    out = [F.interpolate(part.float(), size=(size, size), mode="area") for part in flat.split(chunk)]
+    rows = area_weights(images.shape[-2], size, images.device)
+    cols = area_weights(images.shape[-1], size, images.device)
+    flat = images.reshape(-1, *images.shape[-2:])
+    out = [rows @ part.float() @ cols.T for part in flat.split(chunk)]
     return torch.cat(out).reshape(*images.shape[:-2], size, size)
 
 

@@ -1,0 +1,132 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from metaoptimizer import MetaOptimizer, MetaOptimizerConfig
+from metaoptimizer.checkpoint import CheckpointError
+from metaoptimizer.optim import LearnedOptimizer
+from metaoptimizer.tasks.quadratic import QuadraticTask
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def _grads(model):
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    loss = nn.functional.cross_entropy(model(x), y)
+    return dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters())), strict=True))
+
+
+def test_compute_update_advances_state_and_reports_effective_lr():
+    model = _model()
+    meta = MetaOptimizer(model, MetaOptimizerConfig(hidden_size=6))
+    with pytest.raises(RuntimeError, match="compute_update"):
+        meta.get_learned_lr()
+    grads = _grads(model)
+    updates, state = meta.compute_update(grads)
+    assert state.step_count == 1 and meta.state is state
+    assert {n: u.shape for n, u in updates.items()} == {n: p.shape for n, p in model.named_parameters()}
+    lrs = meta.get_learned_lr()
+    assert set(lrs) == set(grads) and all(v >= 0 for v in lrs.values())
+    _, explicit = meta.compute_update(grads, state)
+    assert explicit.step_count == 2 and meta.state.step_count == 1  # an explicit state is not stored
+    meta.reset_optimizer_state()
+    assert meta.state.step_count == 0
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda g: g.update({"0.weight": g["0.weight"] * float("nan")}), "NaN"),
+        (lambda g: g.update({"0.weight": torch.zeros(2, 2)}), "shape"),
+        (lambda g: g.update({"missing": torch.zeros(1)}), "unknown"),
+    ],
+)
+def test_compute_update_rejects_bad_gradients(mutate, match):
+    model = _model()
+    meta = MetaOptimizer(model, MetaOptimizerConfig(hidden_size=6))
+    grads = _grads(model)
+    mutate(grads)
+    with pytest.raises(ValueError, match=match):
+        meta.compute_update(grads)
+
+
+def test_meta_train_step_on_tasks_and_on_support_query_episodes():
+    model = _model()
+    meta = MetaOptimizer(model, MetaOptimizerConfig(hidden_size=6, unroll_steps=3, meta_lr=1e-2))
+    before = [p.clone() for p in meta.rule.parameters()]
+    result = meta.meta_train_step([QuadraticTask(seed=0, dim=3), QuadraticTask(seed=2, dim=3)])
+    assert not result.skipped and result.steps == 1 and result.inner_steps == 6
+    assert any(not torch.equal(a, b) for a, b in zip(before, meta.rule.parameters(), strict=True))
+    episode = SimpleNamespace(
+        support_x=torch.randn(5, 4), support_y=torch.randint(0, 3, (5,)),
+        query_x=torch.randn(5, 4), query_y=torch.randint(0, 3, (5,)),
+    )
+    result = meta.meta_train_step([episode])
+    assert result.steps == 2 and result.meta_grad_norm > 0
+    with pytest.raises(ValueError, match="at least one"):
+        meta.meta_train_step([])
+    with pytest.raises(TypeError, match="episodes must be"):
+        meta.meta_train_step([object()])
+    with pytest.raises(ValueError, match="base_model"):
+        MetaOptimizer(None, MetaOptimizerConfig(hidden_size=6)).meta_train_step([episode])
+
+
+def test_non_finite_meta_step_is_skipped_and_counted():
+    class Exploding(QuadraticTask):
+        def loss(self, params, batch):
+            return super().loss(params, batch) * float("inf")
+
+    meta = MetaOptimizer(None, MetaOptimizerConfig(hidden_size=6, unroll_steps=2))
+    before = [p.clone() for p in meta.rule.parameters()]
+    result = meta.meta_train_step([Exploding(seed=0, dim=3)])
+    assert result.skipped and result.skipped_total == 1 and result.steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, meta.rule.parameters(), strict=True))
+
+
+def test_torch_optimizer_trains_the_model():
+    model = _model()
+    meta = MetaOptimizer(model, MetaOptimizerConfig(hidden_size=6, rule_options={"init_lr": 0.01}))
+    opt = meta.torch_optimizer()
+    assert isinstance(opt, LearnedOptimizer) and isinstance(opt, torch.optim.Optimizer)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="base_model"):
+        MetaOptimizer(None).torch_optimizer()
+
+
+def test_save_load_round_trip_and_bad_files(tmp_path):
+    model = _model()
+    meta = MetaOptimizer(model, MetaOptimizerConfig(hidden_size=6, unroll_steps=2))
+    meta.meta_train_step([QuadraticTask(seed=0, dim=3)])
+    path = tmp_path / "rule.pt"
+    meta.save(path)
+    loaded = MetaOptimizer.load(path, model)
+    assert loaded.config == meta.config and loaded.meta_steps == 1
+    for a, b in zip(meta.rule.state_dict().values(), loaded.rule.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    grads = _grads(model)
+    torch.testing.assert_close(meta.compute_update(grads)[0], loaded.compute_update(grads)[0])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        MetaOptimizer.load(tmp_path / "junk.pt")
+
+
+def test_constructor_type_errors_and_unbuilt_methods():
+    with pytest.raises(TypeError, match="MetaOptimizerConfig"):
+        MetaOptimizer(_model(), {"method": "lstm"})
+    with pytest.raises(TypeError, match="nn.Module"):
+        MetaOptimizer("model")
+    with pytest.raises(ValueError, match="base_model"):
+        MetaOptimizer(None).reset_optimizer_state()
