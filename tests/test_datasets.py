@@ -106,6 +106,7 @@ def test_load_mnist_lists_the_expected_files_when_missing(tmp_path):
         (idx_bytes(np.zeros((2, 3), np.uint8))[:-1], "needs 6"),
         (idx_bytes(np.zeros((2, 3), np.uint8)) + b"\x00", "needs 6"),
         (b"\x00\x00", "two zero bytes"),
+        (b"\x00\x00\x08\x00", "0 dimensions"),
     ],
 )
 def test_read_idx_rejects_malformed_files(tmp_path, data, message):

@@ -12,7 +12,7 @@ from metaoptimizer.evaluate.baselines import Baseline, TuningResult
 from metaoptimizer.evaluate.runner import Curve, compare, run_rule, run_seeds, run_suite
 from metaoptimizer.evaluate.suites import Suite, SuiteEntry, make_suite
 from metaoptimizer.rules.hand import SGD, Adam, Momentum
-from metaoptimizer.tasks import QuadraticFamily, make_family
+from metaoptimizer.tasks import QuadraticFamily, QuadraticTask, make_family
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,18 @@ def test_a_diverging_run_is_recorded_not_raised(digits_task):
     assert curve.eval_metrics["loss"][0] == pytest.approx(curve.train_loss[0], rel=0.5)
 
 
+class PartlyUnusedQuadratic(QuadraticTask):
+    """A quadratic with an extra parameter that the loss never touches."""
+
+    def init_params(self, seed):
+        return {**super().init_params(seed), "unused": torch.ones(2)}
+
+
+def test_parameters_the_loss_does_not_use_get_zero_gradients():
+    curve = run_rule(Adam(lr=0.1), PartlyUnusedQuadratic(0, dim=3), steps=5, seed=0)
+    assert np.isfinite(curve.train_loss).all() and curve.train_loss[-1] < curve.train_loss[0]
+
+
 def test_run_on_an_explicit_device_and_default_eval_schedule(digits_task):
     curve = run_rule(Adam(lr=0.01), digits_task, steps=3, seed=0, device="cpu")
     assert curve.eval_steps.tolist() == [0, 3]
@@ -98,8 +110,8 @@ def test_run_seeds_needs_seeds_and_reports_each_run(digits_task):
 def hand_curve(train_loss, loss=1.0, accuracy=0.5):
     train = np.asarray(train_loss, dtype=float)
     diverged = np.flatnonzero(~np.isfinite(train))
-    return Curve(train, np.array([0, train.size]), {"loss": np.array([2.0, loss]), "accuracy": np.array([0.1, accuracy])},
-                 int(diverged[0]) + 1 if diverged.size else None, 0.0)
+    evaluations = {"loss": np.array([2.0, loss]), "accuracy": np.array([0.1, accuracy])}
+    return Curve(train, np.array([0, train.size]), evaluations, int(diverged[0]) + 1 if diverged.size else None, 0.0)
 
 
 def test_compare_on_hand_made_curves_gives_closed_form_numbers():
@@ -127,7 +139,8 @@ def small_suite(steps=12, seeds=(0, 1), num_tasks=1):
 
 
 def test_a_rule_identical_to_the_tuned_reference_has_speedup_one():
-    baselines = [Baseline("adam", lambda lr: Adam(lr=lr), (0.05,)), Baseline("momentum", lambda lr: Momentum(lr=lr), (0.1, 0.3))]
+    baselines = [Baseline("adam", lambda lr: Adam(lr=lr), (0.05,)),
+                 Baseline("momentum", lambda lr: Momentum(lr=lr), (0.1, 0.3))]
     result = run_suite(small_suite(), {"same": lambda: Adam(lr=0.05)}, baselines=baselines, progress=False)
     (task,) = result.tasks
     same = task.comparisons["same"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import runpy
+import sys
 
 import pytest
 import torch
@@ -157,6 +159,17 @@ def test_lr_example_command_writes_plot_and_numbers(tmp_path, capsys):
     assert (tmp_path / "lr_example.png").stat().st_size > 1000
     assert json.loads((tmp_path / "lr_example.json").read_text()) == summary
     assert '"outer_steps": 5' in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:'metaoptimizer.meta.hyperparams' found in sys.modules:RuntimeWarning")
+def test_module_runs_the_example_from_the_command_line(tmp_path, monkeypatch, capsys):
+    argv = ["hyperparams", "--out-dir", str(tmp_path), "--outer-steps", "3", "--seed", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("metaoptimizer.meta.hyperparams", run_name="__main__")
+    assert exit_info.value.code == 0
+    assert json.loads((tmp_path / "lr_example.json").read_text())["outer_steps"] == 3
+    assert "lr_final" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,10 @@ def test_tensor_factors_are_differentiable():
     value = Cyclic(2, mode="exp_range", gamma=gamma, min_factor=0.0)(2)  # peak: gamma**2
     (grad,) = torch.autograd.grad(value, gamma)
     assert float(grad) == pytest.approx(2 * 0.9)
+    low, high = torch.tensor(0.1, requires_grad=True), torch.tensor(0.7, requires_grad=True)
+    value = Cyclic(4, min_factor=low, max_factor=high)(1)  # a quarter of the way up
+    grads = torch.autograd.grad(value, (low, high))
+    assert [float(g) for g in grads] == pytest.approx([0.75, 0.25])
 
 
 def test_learned_schedule_interpolates_in_log_space():

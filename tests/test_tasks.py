@@ -175,9 +175,14 @@ def test_double_backward_matches_finite_differences(family_case):
 def test_families_run_on_a_given_device(family_case):
     """No hard-coded device: the meta device carries shapes through params, batches and loss."""
     name, _ = family_case
-    options = {"quadratic": {}, "quadratic_noisy": {"noise_std": 0.1}, "char_rnn": {"n_chars": 400}}
-    builder = {"quadratic_noisy": QuadraticFamily}.get(name, FAMILIES.get(name))
-    task = builder(device="meta", **options.get(name, {})).sample(0)
+    builders = {
+        "quadratic": lambda device: QuadraticFamily(device=device),
+        "quadratic_noisy": lambda device: QuadraticFamily(noise_std=0.1, device=device),
+        "digits_mlp": lambda device: DigitsMLPFamily(device=device),
+        "digits_cnn": lambda device: DigitsCNNFamily(device=device),
+        "char_rnn": lambda device: CharRNNFamily(n_chars=400, device=device),
+    }
+    task = builders[name]("meta").sample(0)
     params = task.init_params(0)
     batch = next(task.train_batches(0))
     assert {p.device.type for p in params.values()} == {"meta"}
@@ -253,11 +258,11 @@ def test_digits_spec_choices_cover_the_options_and_can_be_fixed():
 
 
 def test_init_scale_multiplies_weights_only():
-    spec = ClassifierSpec("mlp", (8,), "tanh", 1.0, 10)
     models = []
     for scale in (1.0, 2.0):
         torch.manual_seed(3)
-        models.append(dict(build_classifier(ClassifierSpec(**{**spec.__dict__, "init_scale": scale}), (4,), 3).named_parameters()))
+        model = build_classifier(ClassifierSpec("mlp", (8,), "tanh", scale, 10), (4,), 3)
+        models.append(dict(model.named_parameters()))
     for name, p in models[0].items():
         factor = 2.0 if name.endswith("weight") else 1.0
         torch.testing.assert_close(models[1][name], factor * p)
@@ -311,7 +316,8 @@ def test_markov_text_follows_its_chain():
     assert ids.dtype == torch.long and ids.min() >= 0 and ids.max() <= 3
     rng = task_rng(3, 1)
     transitions = torch.from_numpy(rng.dirichlet([0.5] * 4, size=4))
-    counts = torch.zeros(4, 4, dtype=torch.float64).index_put_((ids[:-1], ids[1:]), torch.ones(len(ids) - 1, dtype=torch.float64), accumulate=True)
+    counts = torch.zeros(4, 4, dtype=torch.float64)
+    counts.index_put_((ids[:-1], ids[1:]), torch.ones(len(ids) - 1, dtype=torch.float64), accumulate=True)
     visited = counts.sum(1) > 500
     empirical = counts[visited] / counts[visited].sum(1, keepdim=True)
     torch.testing.assert_close(empirical, transitions[visited], rtol=0, atol=0.03)
@@ -332,7 +338,8 @@ def test_char_rnn_on_a_text_folder(tmp_path):
     x, y = next(task.train_batches(0))
     assert x.shape == y.shape == (16, 10)
     metrics = task.metrics(task.init_params(0), (x, y))
-    assert set(metrics) == {"loss", "accuracy"} and metrics["loss"] == pytest.approx(math.log(family.vocab_size), rel=0.2)
+    assert set(metrics) == {"loss", "accuracy"}
+    assert metrics["loss"] == pytest.approx(math.log(family.vocab_size), rel=0.2)
     assert family.sample(0).train_data[0].shape == task.train_data[0].shape
     with pytest.raises(ValueError, match="vocab_size applies"):
         CharRNNFamily(tmp_path, vocab_size=5)
@@ -398,6 +405,7 @@ def test_digits_family_rejects_bad_options(option, value):
         ({"n_examples": 2}, "no training or no validation"),
         ({"valid_fraction": 1.0}, "valid_fraction"),
         ({"valid_fraction": 0}, "valid_fraction"),
+        ({"valid_fraction": "half"}, "valid_fraction"),
     ],
 )
 def test_digits_family_rejects_bad_choices(options, message):
@@ -411,6 +419,8 @@ def test_classifier_family_rejects_bad_data():
         ClassifierFamily(x, y, name="d", architecture="transformer")
     with pytest.raises(ValueError, match="same N"):
         ClassifierFamily(x, y[:-1], name="d")
+    with pytest.raises(ValueError, match="N > 0"):
+        ClassifierFamily(x[:0], y[:0], name="d")
     with pytest.raises(ValueError, match="needs images"):
         ClassifierFamily(x.flatten(1), y, name="d", architecture="cnn")
 

@@ -28,8 +28,8 @@ from metaoptimizer.rules.base import check_unit_interval
 class _HypergradientOptimizer(Optimizer):
     """Shared step: adapt each group's lr by its hypergradient, then take the group's update.
 
-    Subclasses implement :meth:`_direction`, the per-parameter direction ``d`` of the update
-    ``p <- p - lr * d`` (it may update the parameter's state, and must not depend on lr).
+    Subclasses implement ``_direction(grad, state, group) -> d``, the per-parameter direction of
+    the update ``p <- p - lr * d`` (it may update the parameter's state, and must not depend on lr).
     """
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
@@ -37,9 +37,6 @@ class _HypergradientOptimizer(Optimizer):
         check_positive("hypergrad_lr", defaults["hypergrad_lr"], allow_zero=True)
         check_positive("weight_decay", defaults["weight_decay"], allow_zero=True)
         super().__init__(params, {**defaults, "hypergradient": None})
-
-    def _direction(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
-        raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

@@ -42,20 +42,24 @@ def check_step(step: Any) -> int:
     return int(step)
 
 
-def check_factor(name: str, value: Any, *, low: float, high: float = math.inf, open_low: bool = False) -> None:
+def _as_number(name: str, value: Any) -> float:
+    """``value`` (a number, or a one-element floating tensor) as a float, or a clear TypeError."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise TypeError(f"{name} must be a number or a one-element floating tensor, got shape {tuple(value.shape)}")
+        return float(value.detach())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a number or a one-element floating tensor, got {type(value).__name__}")
+
+
+def _check_factor(name: str, value: Any, *, low: float, high: float = math.inf, open_low: bool = False) -> None:
     """Raise unless ``value`` (a number, or a one-element floating tensor) lies in its interval.
 
     The interval is ``[low, high]``, or ``(low, high]`` with ``open_low``. Tensors are accepted so
     that factors can be meta-parameters; their current value is checked once, at construction.
     """
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or not value.is_floating_point():
-            raise TypeError(f"{name} must be a number or a one-element floating tensor, got shape {tuple(value.shape)}")
-        number = float(value.detach())
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        raise TypeError(f"{name} must be a number or a one-element floating tensor, got {type(value).__name__}")
+    number = _as_number(name, value)
     too_low = number <= low if open_low else number < low
     if math.isnan(number) or too_low or number > high:
         interval = f"{'(' if open_low else '['}{low}, {high}]"
@@ -76,7 +80,7 @@ class LinearWarmup:
 
     def __post_init__(self) -> None:
         check_positive("warmup_steps", self.warmup_steps, integer=True)
-        check_factor("start_factor", self.start_factor, low=0.0, high=1.0)
+        _check_factor("start_factor", self.start_factor, low=0.0, high=1.0)
 
     def __call__(self, step: int) -> Factor:
         progress = min(check_step(step), self.warmup_steps) / self.warmup_steps
@@ -92,7 +96,7 @@ class ExponentialWarmup:
 
     def __post_init__(self) -> None:
         check_positive("warmup_steps", self.warmup_steps, integer=True)
-        check_factor("start_factor", self.start_factor, low=0.0, high=1.0, open_low=True)
+        _check_factor("start_factor", self.start_factor, low=0.0, high=1.0, open_low=True)
 
     def __call__(self, step: int) -> Factor:
         progress = min(check_step(step), self.warmup_steps) / self.warmup_steps
@@ -108,7 +112,7 @@ class CosineDecay:
 
     def __post_init__(self) -> None:
         check_positive("total_steps", self.total_steps, integer=True)
-        check_factor("min_factor", self.min_factor, low=0.0, high=1.0)
+        _check_factor("min_factor", self.min_factor, low=0.0, high=1.0)
 
     def __call__(self, step: int) -> Factor:
         progress = min(check_step(step), self.total_steps) / self.total_steps
@@ -132,8 +136,8 @@ class CosineRestarts:
     def __post_init__(self) -> None:
         check_positive("period", self.period, integer=True)
         check_positive("period_mult", self.period_mult, integer=True)
-        check_factor("min_factor", self.min_factor, low=0.0, high=1.0)
-        check_factor("restart_decay", self.restart_decay, low=0.0, high=1.0, open_low=True)
+        _check_factor("min_factor", self.min_factor, low=0.0, high=1.0)
+        _check_factor("restart_decay", self.restart_decay, low=0.0, high=1.0, open_low=True)
 
     def cycle(self, step: int) -> tuple[int, int, int]:
         """(cycle index, steps into the cycle, cycle length) of ``step``."""
@@ -174,9 +178,9 @@ class Cyclic:
         check_positive("step_size_up", self.step_size_up, integer=True)
         if self.step_size_down is not None:
             check_positive("step_size_down", self.step_size_down, integer=True)
-        check_factor("min_factor", self.min_factor, low=0.0)
-        check_factor("max_factor", self.max_factor, low=float(self.min_factor))
-        check_factor("gamma", self.gamma, low=0.0, high=1.0, open_low=True)
+        _check_factor("min_factor", self.min_factor, low=0.0)
+        _check_factor("max_factor", self.max_factor, low=_as_number("min_factor", self.min_factor))
+        _check_factor("gamma", self.gamma, low=0.0, high=1.0, open_low=True)
         if self.mode not in CYCLIC_MODES:
             raise ValueError(f"mode={self.mode!r} is not supported; accepted values: {CYCLIC_MODES}")
 

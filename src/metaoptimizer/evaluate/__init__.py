@@ -1,5 +1,8 @@
 """Evaluation against tuned baselines: runs, learning-rate tuning, steps-to-target metrics,
-suites and reports (markdown, JSON, PNG)."""
+suites and reports (markdown, JSON, PNG).
+
+The command-line adapter (``metaopt eval``) is :func:`metaoptimizer.evaluate.commands.eval_command`.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +12,25 @@ from metaoptimizer.evaluate.metrics import (
     Summary,
     interquartile_mean,
     lower_envelope,
+    ratio,
     seed_mean,
     smooth,
+    smoothing_window,
     speedup,
     steps_to_target,
     summarize,
 )
-from metaoptimizer.evaluate.runner import Comparison, Curve, SuiteResult, TaskResult, compare, run_rule, run_seeds, run_suite
+from metaoptimizer.evaluate.report import ReportFiles, write_report
+from metaoptimizer.evaluate.runner import (
+    Comparison,
+    Curve,
+    SuiteResult,
+    TaskResult,
+    compare,
+    run_rule,
+    run_seeds,
+    run_suite,
+)
 from metaoptimizer.evaluate.suites import SUITES, Suite, SuiteEntry, make_suite
 
 __all__ = [
@@ -23,6 +38,7 @@ __all__ = [
     "Baseline",
     "Comparison",
     "Curve",
+    "ReportFiles",
     "Speedup",
     "Suite",
     "SuiteEntry",
@@ -36,13 +52,16 @@ __all__ = [
     "log_grid",
     "lower_envelope",
     "make_suite",
+    "ratio",
     "run_rule",
     "run_seeds",
     "run_suite",
     "seed_mean",
     "smooth",
+    "smoothing_window",
     "speedup",
     "steps_to_target",
     "summarize",
     "tune_lr",
+    "write_report",
 ]

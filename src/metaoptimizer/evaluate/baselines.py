@@ -15,7 +15,7 @@ per-task tuning.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -148,8 +148,6 @@ def tune_lr(
 
     def objective(trial: optuna.Trial) -> float:
         lr = trial.suggest_float("lr", low, high, log=True)
-        if lr in result.runs:
-            return result.objective(lr)
         return result.add(lr, run(lambda: baseline.make_rule(lr)))
 
     study.optimize(objective, n_trials=trials)

@@ -83,11 +83,17 @@ def _summary_table(result: SuiteResult) -> Table:
     return table
 
 
-def make_eval_command(load_rule: RuleLoader = load_optimizer) -> Callable[..., ReportFiles]:
-    """The ``metaopt eval`` command, turning ``--optimizer`` into a rule with ``load_rule``."""
+LOAD_OPTIMIZER_HELP = "A MetaOptimizer checkpoint file, or a hand-designed rule such as adam:lr=0.001."
+
+
+def make_eval_command(
+    load_rule: RuleLoader = load_optimizer, optimizer_help: str = LOAD_OPTIMIZER_HELP
+) -> Callable[..., ReportFiles]:
+    """The ``metaopt eval`` command, turning ``--optimizer`` into a rule with ``load_rule``
+    (``optimizer_help`` describes what that loader accepts)."""
 
     def eval_command(
-        optimizer: Annotated[str, typer.Option(help="Checkpoint path, pretrained name or hand rule (adam:lr=0.001).")],
+        optimizer: Annotated[str, typer.Option(help=optimizer_help)],
         suite: Annotated[str, typer.Option(help=f"Suite: {', '.join(SUITES)}.")] = "heldout",
         out_dir: Annotated[Path, typer.Option(help="Folder for report.md, results.json and plots.")] = Path("eval"),
         name: Annotated[str | None, typer.Option(help="Label of the optimizer in the report.")] = None,
@@ -96,7 +102,7 @@ def make_eval_command(load_rule: RuleLoader = load_optimizer) -> Callable[..., R
         seeds: Annotated[int | None, typer.Option(help="Seeds per task: 0 .. seeds-1.")] = None,
         tuner: Annotated[str, typer.Option(help=f"Baseline learning-rate search: {', '.join(TUNERS)}.")] = "grid",
         trials: Annotated[int, typer.Option(help="Optuna trials per baseline and task (tuner=optuna).")] = 12,
-        data_dir: Annotated[Path | None, typer.Option(help="Folder with tiny Shakespeare (architectures suite).")] = None,
+        data_dir: Annotated[Path | None, typer.Option(help="Tiny Shakespeare folder (architectures suite).")] = None,
         device: Annotated[str | None, typer.Option(help="Torch device for the runs, e.g. cuda.")] = None,
         progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     ) -> ReportFiles:

@@ -8,8 +8,9 @@ diverged run never reaches a target and never looks good.
 The protocol (also written into every report):
 
 * **Smoothing.** Minibatch losses are noisy, so every comparison uses the trailing running mean
-  over the last ``window`` losses (fewer at the start; by default ``window`` is 5% of the budget): ``smooth(x, w)[k] = mean(x[max(0, k-w+1) :
-  k+1])``. A window containing a diverged step is ``+inf``.
+  over the last ``window`` losses (fewer at the start; by default ``window`` is 5% of the budget,
+  see :func:`smoothing_window`): ``smooth(x, w)[k] = mean(x[max(0, k-w+1) : k+1])``. A window
+  containing a diverged step is ``+inf``.
 * **Seeds.** A configuration's curve is the mean over seeds of the smoothed per-seed curves
   (``+inf`` from the first step where any seed has diverged). Seeds are paired: every optimizer
   sees the same initialisations and batch orders.

@@ -81,7 +81,8 @@ def _comparison_to_dict(comparison: Comparison) -> dict[str, Any]:
         "reference_steps": speedup.baseline_steps,
         "steps": speedup.rule_steps,
         "budget": speedup.budget,
-        **{key: _number(value) for key, value in asdict(comparison).items() if key not in ("speedup", "diverged_seeds")},
+        **{key: _number(value) for key, value in asdict(comparison).items()
+           if key not in ("speedup", "diverged_seeds")},
         "diverged_seeds": comparison.diverged_seeds,
     }
 

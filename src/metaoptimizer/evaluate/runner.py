@@ -120,7 +120,7 @@ def run_rule(
         leaves = [params[name].requires_grad_(True) for name in names]
         with torch.enable_grad():
             loss = task.loss(params, _to_device(next(batches), device))
-            grads = torch.autograd.grad(loss, leaves)
+            grads = torch.autograd.grad(loss, leaves, materialize_grads=True)
         value = float(loss.detach())
         if not math.isfinite(value):
             diverged_at = step

@@ -52,13 +52,14 @@ def inner_adapt(
     """
     x, y = batch
     adapted = dict(params)
-    for _ in range(steps):
-        point = {n: p.detach().requires_grad_() for n, p in adapted.items()} if first_order else adapted
-        inner_loss = loss(forward(point, x), y)
-        grads = torch.autograd.grad(
-            inner_loss, list(point.values()), create_graph=not first_order, materialize_grads=True
-        )
-        adapted = {n: p - step_sizes[n] * g for (n, p), g in zip(adapted.items(), grads)}
+    with torch.enable_grad():  # adaptation needs gradients even when the caller evaluates under no_grad
+        for _ in range(steps):
+            point = {n: p.detach().requires_grad_() for n, p in adapted.items()} if first_order else adapted
+            inner_loss = loss(forward(point, x), y)
+            grads = torch.autograd.grad(
+                inner_loss, list(point.values()), create_graph=not first_order, materialize_grads=True
+            )
+            adapted = {n: p - step_sizes[n] * g for (n, p), g in zip(adapted.items(), grads)}
     return adapted
 
 
@@ -216,9 +217,7 @@ class GradientMetaLearner:
         steps = self.inner_steps if steps is None else steps
         check_positive("steps", steps, integer=True)
         (episode,) = self._check_episodes([episode])
-        with torch.enable_grad():
-            adapted = self._adapt(episode, steps, first_order=True)
-        return {n: p.detach() for n, p in adapted.items()}
+        return {n: p.detach() for n, p in self._adapt(episode, steps, first_order=True).items()}
 
     def evaluate(self, episodes: Sequence[Episode], steps: int | None = None) -> dict[str, list[float]]:
         """Per-episode query metrics after adaptation: ``loss`` always, ``accuracy`` for

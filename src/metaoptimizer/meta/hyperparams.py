@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -258,13 +258,17 @@ class LineFitTrace:
     results: list[MetaOptTrainResult] = field(default_factory=list)
 
     def summary(self, window: int = 100) -> dict[str, float]:
-        """Start/end values and the means of the last ``window`` outer steps."""
+        """Start, peak and end values (steps are 1-based) and the means of the last ``window`` outer steps."""
         tail = slice(-min(window, len(self.lrs)), None)
+        peak = max(range(len(self.lrs)), key=self.lrs.__getitem__)
         return {
             "outer_steps": len(self.lrs),
             "lr_after_first_step": self.lrs[0],
+            "lr_max": self.lrs[peak],
+            "lr_max_step": peak + 1,
             "lr_final": self.lrs[-1],
-            "lr_min": min(self.lrs),
+            "theta_after_first_step": self.thetas[0],
+            "theta_at_lr_max": self.thetas[peak],
             "theta_final": self.thetas[-1],
             f"theta_mean_last_{window}": sum(self.thetas[tail]) / len(self.thetas[tail]),
             f"lr_mean_last_{window}": sum(self.lrs[tail]) / len(self.lrs[tail]),
@@ -277,7 +281,6 @@ def meta_learn_line_fit(
     inner_lr: float = 0.1,
     meta_lr: float = 0.03,
     seed: int = 0,
-    callback: Callable[[int, LineFitTrace], None] | None = None,
 ) -> LineFitTrace:
     """optax's example: meta-learn RMSProp's (sigmoid) lr while it fits ``y = 10 x + N(0, 1)``.
 
@@ -306,12 +309,10 @@ def meta_learn_line_fit(
         seed=seed,
     )
     trace = LineFitTrace()
-    for index in range(outer_steps):
+    for _ in range(outer_steps):
         trace.results.append(trainer.step())
         trace.lrs.append(rule.learned_lr()["theta"])
         trace.thetas.append(float(trainer.runs[0].params["theta"]))
-        if callback is not None:
-            callback(index, trace)
     return trace
 
 
@@ -353,3 +354,7 @@ def lr_example_command(
     (out_dir / "lr_example.json").write_text(json.dumps(summary, indent=2) + "\n")
     typer.echo(json.dumps(summary, indent=2))
     return summary
+
+
+if __name__ == "__main__":
+    typer.run(lr_example_command)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from metaoptimizer.config import MetaOptimizerConfig
 from metaoptimizer.rules.base import Params, UpdateRule, apply_updates, next_step
+from metaoptimizer.rules.hand import HAND_RULES, SGD, Adam, AdamW, Momentum, RMSProp, make_hand_rule
 from metaoptimizer.rules.lstm import LSTMRule
 
 
@@ -28,4 +29,18 @@ def build_rule(config: MetaOptimizerConfig) -> UpdateRule:
     )
 
 
-__all__ = ["LSTMRule", "Params", "UpdateRule", "apply_updates", "build_rule", "next_step"]
+__all__ = [
+    "HAND_RULES",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "LSTMRule",
+    "Momentum",
+    "Params",
+    "RMSProp",
+    "UpdateRule",
+    "apply_updates",
+    "build_rule",
+    "make_hand_rule",
+    "next_step",
+]

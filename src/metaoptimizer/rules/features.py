@@ -10,16 +10,18 @@ learned rule sees the same scale whatever the tensor's gradient scale is.
 Every computation works on a 2-D *matrix view* of a tensor (:func:`as_matrix`): rows x columns
 for matrices and higher-rank tensors, one row for vectors and scalars. One code path, and so one
 compiled kernel, serves every shape, and the factored statistics of a matrix cost O(rows + cols)
-memory (for a vector they degenerate to a full second moment, as in Adafactor).
+memory (for a vector they degenerate to a full second moment, as in Adafactor). The functions
+below take and return matrix views; rules reshape at the edges.
 
-Accumulators live in ``OptimizerState.slots`` under :meth:`FeatureConfig.slot_names`. They are
-not bias-corrected: a correction is one factor per tensor, which the per-tensor normalisation of
-every feature (and of every ratio) cancels.
+Accumulators live in ``OptimizerState.slots`` under :attr:`FeatureConfig.slot_names`, per
+coordinate ones stored as matrix views. They are not bias-corrected: a correction is one factor
+per tensor, which the per-tensor normalisation of every feature (and of every ratio) cancels.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -104,6 +106,11 @@ class FeatureConfig:
         if self.state_dtype is not None and self.state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype={self.state_dtype!r} is not supported; accepted values: {sorted(STATE_DTYPES)} or None")
         self._check_consistent()
+        # Slot names are built here, not while a compiler traces the step (where decays are symbolic).
+        object.__setattr__(self, "momentum_slots", tuple((f"momentum_{d}", d) for d in self.momentum_decays))
+        object.__setattr__(self, "rms_slots", tuple((f"rms_{d}", d) for d in self.rms_decays))
+        factored = tuple(((f"factored_row_{d}", f"factored_col_{d}"), d) for d in self.factored_decays)
+        object.__setattr__(self, "factored_slots", factored)
 
     def _check_consistent(self) -> None:
         """Every feature has the accumulator it reads, and every kept accumulator is read."""
@@ -150,11 +157,9 @@ class FeatureConfig:
 
     @property
     def slot_names(self) -> tuple[str, ...]:
-        return (
-            tuple(f"momentum_{d}" for d in self.momentum_decays)
-            + tuple(f"rms_{d}" for d in self.rms_decays)
-            + tuple(f"factored_{axis}_{d}" for d in self.factored_decays for axis in ("row", "col"))
-        )
+        """Every accumulator's slot name: ``momentum_<decay>``, ``rms_<decay>``, ``factored_row|col_<decay>``."""
+        factored = tuple(name for pair, _ in self.factored_slots for name in pair)
+        return tuple(name for name, _ in (*self.momentum_slots, *self.rms_slots)) + factored
 
     @property
     def floats_per_coordinate(self) -> int:
@@ -165,7 +170,7 @@ class FeatureConfig:
         return STATE_DTYPES[self.state_dtype] if self.state_dtype else param_dtype
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def coerce(cls, value: FeatureConfig | Mapping[str, Any] | None) -> FeatureConfig:
@@ -199,11 +204,12 @@ def init_slots(params: Mapping[str, Tensor], config: FeatureConfig) -> dict[str,
     """Zero accumulators for every parameter, keyed ``slots[slot][name]``."""
     slots: dict[str, dict[str, Tensor]] = {slot: {} for slot in config.slot_names}
     for name, p in params.items():
-        dtype = config.storage_dtype(p.dtype)
+        zeros = functools.partial(torch.zeros, dtype=config.storage_dtype(p.dtype), device=p.device)
         rows, cols = matrix_shape(p.shape)
-        for slot in config.slot_names:
-            shape = (rows,) if slot.startswith("factored_row") else (cols,) if slot.startswith("factored_col") else p.shape
-            slots[slot][name] = torch.zeros(shape, dtype=dtype, device=p.device)
+        for slot, _ in (*config.momentum_slots, *config.rms_slots):
+            slots[slot][name] = zeros(rows, cols)
+        for (row, col), _ in config.factored_slots:
+            slots[row][name], slots[col][name] = zeros(rows), zeros(cols)
     return slots
 
 
@@ -216,21 +222,20 @@ def tensor_accumulators(slots: Mapping[str, Mapping[str, Tensor]], name: str, co
 
 
 def advance_accumulators(grad: Tensor, acc: Accumulators, config: FeatureConfig) -> Accumulators:
-    """The accumulators after seeing ``grad`` (exponential moving averages, not bias-corrected)."""
-    out: Accumulators = {}
+    """The accumulators after seeing ``grad`` (a matrix view); moving averages, not bias-corrected."""
     stored = config.storage_dtype(grad.dtype)
-    for d in config.momentum_decays:
-        out[f"momentum_{d}"] = torch.lerp(acc[f"momentum_{d}"].to(grad.dtype), grad, 1.0 - d).to(stored)
-    if config.rms_decays or config.factored_decays:
+
+    def average(slot: str, value: Tensor, decay: float) -> Tensor:
+        return torch.lerp(acc[slot].to(grad.dtype), value, 1.0 - decay).to(stored)
+
+    out = {slot: average(slot, grad, d) for slot, d in config.momentum_slots}
+    if config.rms_slots or config.factored_slots:
         square = grad.square() + config.eps
-    for d in config.rms_decays:
-        out[f"rms_{d}"] = torch.lerp(acc[f"rms_{d}"].to(grad.dtype), square, 1.0 - d).to(stored)
-    if config.factored_decays:
-        square = as_matrix(square)
+        out.update({slot: average(slot, square, d) for slot, d in config.rms_slots})
+    if config.factored_slots:
         row_mean, col_mean = square.mean(dim=1), square.mean(dim=0)
-        for d in config.factored_decays:
-            out[f"factored_row_{d}"] = torch.lerp(acc[f"factored_row_{d}"].to(grad.dtype), row_mean, 1.0 - d).to(stored)
-            out[f"factored_col_{d}"] = torch.lerp(acc[f"factored_col_{d}"].to(grad.dtype), col_mean, 1.0 - d).to(stored)
+        for (row, col), d in config.factored_slots:
+            out[row], out[col] = average(row, row_mean, d), average(col, col_mean, d)
     return out
 
 
@@ -240,25 +245,21 @@ def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:
 
 
 def tensor_features(grad: Tensor, param: Tensor, acc: Accumulators, config: FeatureConfig) -> list[Tensor]:
-    """The per-coordinate features of one tensor, each a matrix view, from its *updated* accumulators."""
+    """The per-coordinate features of one tensor (matrix views) from its *updated* accumulators."""
     dtype = grad.dtype
-    g, p = as_matrix(grad), as_matrix(param)
-    momenta = [as_matrix(acc[f"momentum_{d}"]).to(dtype) for d in config.momentum_decays]
-    rms = [as_matrix(acc[f"rms_{d}"]).to(dtype) for d in config.rms_decays]
-    factored = [
-        factored_second_moment(acc[f"factored_row_{d}"].to(dtype), acc[f"factored_col_{d}"].to(dtype))
-        for d in config.factored_decays
-    ]
+    momenta = [acc[slot].to(dtype) for slot, _ in config.momentum_slots]
+    rms = [acc[slot].to(dtype) for slot, _ in config.rms_slots]
+    factored = [factored_second_moment(acc[row].to(dtype), acc[col].to(dtype)) for (row, col), _ in config.factored_slots]
     second = (factored or rms)[:1]
     inv_root = torch.rsqrt(second[0] + config.eps) if second else None
     per_kind = {
-        "grad": lambda: [g],
-        "param": lambda: [p],
+        "grad": lambda: [grad],
+        "param": lambda: [param],
         "momentum": lambda: momenta,
         "rms": lambda: [torch.sqrt(v) for v in rms],
         "factored": lambda: [torch.sqrt(v) for v in factored],
         "mom_ratio": lambda: [m * inv_root for m in momenta],
-        "grad_ratio": lambda: [g * inv_root],
+        "grad_ratio": lambda: [grad * inv_root],
     }
     return [f for kind in config.features for f in per_kind[kind]()]
 
@@ -276,7 +277,7 @@ def normalisation_scales(mean_square: Tensor, eps: float) -> Tensor:
 def tensor_statistics(
     grad: Tensor, param: Tensor, acc: Accumulators, config: FeatureConfig
 ) -> tuple[Accumulators, Tensor, Tensor, Tensor]:
-    """One tensor's reduction pass: new accumulators, feature means, feature mean squares, mean(p^2).
+    """One tensor's reduction pass (matrix views): new accumulators, feature means and mean squares, mean(p^2).
 
     The features themselves are not returned: the pointwise pass recomputes them from the new
     accumulators, which costs less memory traffic than storing them.

@@ -39,6 +39,7 @@ from metaoptimizer.rules.base import Params, UpdateRule
 from metaoptimizer.rules.features import (
     Accumulators,
     FeatureConfig,
+    as_matrix,
     check_update_inputs,
     global_features,
     init_slots,
@@ -131,14 +132,14 @@ def tensor_update(
     grad: Tensor, param: Tensor, acc: Accumulators, scales: Tensor, layers: Layers, skip: Tensor,
     step_size: Tensor, magnitude_scale: float, config: FeatureConfig, pointwise: bool,
 ) -> Tensor:
-    """One tensor's pointwise pass: features, MLP and scaled update, in the parameter's shape."""
+    """One tensor's pointwise pass (matrix views): features, MLP and the scaled update."""
     dtype = grad.dtype
     layers = [(w.to(dtype), b.to(dtype)) for w, b in layers]
     features = tensor_features(grad, param, acc, config)
     evaluate = mlp_pointwise if pointwise else mlp_matmul
     direction, magnitude = evaluate(features, scales.to(dtype), layers, skip.to(dtype))
     log_size = torch.clamp(magnitude * magnitude_scale, -MAX_LOG_MAGNITUDE, MAX_LOG_MAGNITUDE)
-    return (direction * torch.exp(log_size) * step_size.to(dtype)).reshape(grad.shape)
+    return direction * torch.exp(log_size) * step_size.to(dtype)
 
 
 def step_functions(backend: str, autograd: bool) -> tuple[Callable, Callable, bool]:
@@ -262,12 +263,13 @@ class MLPRule(UpdateRule):
         slots = {slot: dict(values) for slot, values in state.slots.items()}
         updates: Params = {}
         for name, grad in grads.items():
-            param = params[name]
-            acc, _, mean_square, param_ms = statistics(grad, param, tensor_accumulators(state.slots, name, config), config)
-            updates[name] = pointwise_pass(
-                grad, param, acc, normalisation_scales(mean_square, config.eps), layers, skip,
+            g, p = as_matrix(grad), as_matrix(params[name])
+            acc, _, mean_square, param_ms = statistics(g, p, tensor_accumulators(state.slots, name, config), config)
+            update = pointwise_pass(
+                g, p, acc, normalisation_scales(mean_square, config.eps), layers, skip,
                 self.scale.step_size(param_ms), self.scale.magnitude_scale, config, pointwise,
             )
+            updates[name] = update.reshape(grad.shape)
             for slot, value in acc.items():
                 slots[slot][name] = value
         return updates, state.replace(step_count=step, slots=slots)

@@ -76,10 +76,14 @@ def read_idx(path: str | os.PathLike) -> Tensor:
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path} is not an IDX file: it must start with two zero bytes")
     if data[2] != IDX_UBYTE:
-        raise ValueError(f"{path} has IDX type code {data[2]:#04x}; only unsigned bytes ({IDX_UBYTE:#04x}) are supported")
+        raise ValueError(
+            f"{path} has IDX type code {data[2]:#04x}; only unsigned bytes ({IDX_UBYTE:#04x}) are supported"
+        )
     ndim = data[3]
     header = 4 + 4 * ndim
-    if ndim == 0 or len(data) < header:
+    if ndim == 0:
+        raise ValueError(f"{path} declares 0 dimensions; IDX arrays have at least one")
+    if len(data) < header:
         raise ValueError(f"{path} has a truncated IDX header ({len(data)} bytes for {ndim} dimensions)")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
     expected = int(np.prod(shape))

@@ -20,7 +20,14 @@ from torch import Tensor, nn
 
 from metaoptimizer.config import check_positive
 from metaoptimizer.tasks.base import Batch, ModuleTask, TaskFamily
-from metaoptimizer.tasks.sampling import ARCHITECTURE_STREAM, DATA_STREAM, as_choices, pick, task_rng
+from metaoptimizer.tasks.sampling import (
+    ARCHITECTURE_STREAM,
+    DATA_STREAM,
+    as_choices,
+    check_fraction,
+    pick,
+    task_rng,
+)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -117,12 +124,13 @@ class ClassifierFamily(TaskFamily):
     ) -> None:
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={architecture!r} is not supported; accepted values: {ARCHITECTURES}")
-        if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
-            raise ValueError(f"need x (N, ...) and y (N,) with the same N, got {tuple(x.shape)} and {tuple(y.shape)}")
+        if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+            raise ValueError(
+                f"need x (N, ...) and y (N,) with the same N > 0, got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         if architecture == "cnn" and x.ndim != 4:
             raise ValueError(f"architecture='cnn' needs images x (N, C, H, W), got shape {tuple(x.shape)}")
-        if not 0.0 < valid_fraction < 1.0:
-            raise ValueError(f"valid_fraction must lie in (0, 1), got {valid_fraction!r}")
+        check_fraction("valid_fraction", valid_fraction)
         check_positive("batch_size", batch_size, integer=True)
         self.name = name
         self.x, self.y = x, y
@@ -171,7 +179,6 @@ class ClassifierFamily(TaskFamily):
             train_data=train,
             valid_data=valid,
             batch_size=self.batch_size,
-            data_seed=seed,
         )
 
 

@@ -19,7 +19,9 @@ Class splits (meta-train and meta-test classes never overlap):
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,10 +32,12 @@ from torch import Tensor
 
 from metaoptimizer.config import check_positive
 from metaoptimizer.tasks.base import Batch
+from metaoptimizer.tasks.datasets import load_omniglot, resize_images
 
 SPLITS = ("train", "valid", "test")
 DIGITS_CLASSES = {"train": (0, 1, 2, 3, 4), "test": (5, 6, 7, 8, 9)}
 DIGITS_ROTATIONS = (0, 90)
+OMNIGLOT_SPLITS = {"train": "background", "test": "evaluation"}
 OMNIGLOT_ROTATIONS = (0, 90, 180, 270)
 
 
@@ -233,8 +237,11 @@ class SinusoidSampler(TaskDistributionSampler):
 class FewShotClassificationSampler(TaskDistributionSampler):
     """N-way K-shot episodes over a pool of classes (one tensor of examples per class).
 
-    Each episode picks ``n_way`` distinct classes, labels them 0..n_way-1 in random order, and
-    draws ``k_shot`` support and ``query_shots`` query examples per class without replacement.
+    With ``rotations`` (multiples of 90 degrees) every class rotated by every angle is a class of
+    its own, so the pool has ``len(classes) * len(rotations)`` classes; images are rotated when
+    drawn, not stored once per angle. Each episode picks ``n_way`` distinct classes, labels them
+    0..n_way-1 in random order, and draws ``k_shot`` support and ``query_shots`` query examples
+    per class without replacement.
     """
 
     name = "fewshot"
@@ -247,6 +254,7 @@ class FewShotClassificationSampler(TaskDistributionSampler):
         query_shots: int = 15,
         split: str = "train",
         *,
+        rotations: Sequence[int] = (0,),
         name: str | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -254,11 +262,17 @@ class FewShotClassificationSampler(TaskDistributionSampler):
         check_positive("n_way", n_way, integer=True)
         check_positive("k_shot", k_shot, integer=True)
         check_positive("query_shots", query_shots, integer=True)
-        if len(classes) < n_way:
-            raise ValueError(f"n_way={n_way} needs at least {n_way} classes; this split has {len(classes)}")
+        self.rotations = _check_rotations(rotations)
+        if len(classes) * len(self.rotations) < n_way:
+            raise ValueError(
+                f"n_way={n_way} needs at least {n_way} classes; this split has {len(classes) * len(self.rotations)}"
+            )
         shapes = {tuple(c.shape[1:]) for c in classes}
         if len(shapes) != 1:
             raise ValueError(f"all classes must have examples of one shape; found {sorted(shapes)}")
+        (shape,) = shapes
+        if self.rotations != (0,) and (len(shape) < 2 or shape[-1] != shape[-2]):
+            raise ValueError(f"rotating classes needs square images (..., H, H); examples have shape {shape}")
         needed = k_shot + query_shots
         for index, examples in enumerate(classes):
             if examples.shape[0] < needed:
@@ -274,14 +288,17 @@ class FewShotClassificationSampler(TaskDistributionSampler):
 
     @property
     def num_classes(self) -> int:
-        return len(self.classes)
+        """Size of the class pool, rotations included."""
+        return len(self.classes) * len(self.rotations)
 
     def _draw(self, generator: torch.Generator, task_id: str) -> Episode:
-        chosen = torch.randperm(len(self.classes), generator=generator)[: self.n_way].tolist()
+        chosen = torch.randperm(self.num_classes, generator=generator)[: self.n_way].tolist()
         support_x, query_x = [], []
         for class_index in chosen:
-            examples = self.classes[class_index]
+            examples = self.classes[class_index // len(self.rotations)]
+            quarter_turns = self.rotations[class_index % len(self.rotations)] // 90
             picked = examples[torch.randperm(examples.shape[0], generator=generator)[: self.k_shot + self.query_shots]]
+            picked = torch.rot90(picked, k=quarter_turns, dims=(-2, -1)) if quarter_turns else picked
             support_x.append(picked[: self.k_shot])
             query_x.append(picked[self.k_shot :])
         labels = torch.arange(self.n_way)
@@ -292,28 +309,34 @@ class FewShotClassificationSampler(TaskDistributionSampler):
         )
 
 
-def rotated_classes(classes: Sequence[Tensor], rotations: Sequence[int]) -> list[Tensor]:
-    """Every class rotated by each angle in ``rotations`` (multiples of 90 degrees) as a new class.
-
-    Images are ``(..., height, width)``; the result lists all rotations of class 0, then class 1, ...
-    """
-    if not rotations or any(isinstance(r, bool) or not isinstance(r, int) or r % 90 for r in rotations):
+def _check_rotations(rotations: Sequence[int]) -> tuple[int, ...]:
+    """Rotations as distinct angles in {0, 90, 180, 270}."""
+    if (
+        isinstance(rotations, (str, bytes))
+        or not rotations
+        or any(isinstance(r, bool) or not isinstance(r, int) or r % 90 for r in rotations)
+    ):
         raise ValueError(f"rotations must be a non-empty list of multiples of 90 degrees, got {rotations!r}")
-    if len(set(r % 360 for r in rotations)) != len(rotations):
+    angles = tuple(r % 360 for r in rotations)
+    if len(set(angles)) != len(angles):
         raise ValueError(f"rotations must be distinct angles, got {rotations!r}")
-    return [torch.rot90(c, k=(r // 90) % 4, dims=(-2, -1)) for c in classes for r in rotations]
+    return angles
 
 
-def digits_classes(split: str, rotations: Sequence[int] = DIGITS_ROTATIONS) -> list[Tensor]:
-    """scikit-learn digits of ``split`` ('train': 0-4, 'test': 5-9) as (n, 1, 8, 8) images in [0, 1],
-    one class per (digit, rotation)."""
+@functools.cache
+def _digits() -> tuple[Tensor, Tensor]:
+    """All scikit-learn digits as (1797, 1, 8, 8) images in [0, 1] and their labels (read once)."""
     from sklearn.datasets import load_digits
 
-    _check_split(split, tuple(DIGITS_CLASSES))
     data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(data.target)
-    return rotated_classes([images[labels == d] for d in DIGITS_CLASSES[split]], rotations)
+    return torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0, torch.tensor(data.target)
+
+
+def digits_classes(split: str) -> list[Tensor]:
+    """scikit-learn digits of ``split`` ('train': 0-4, 'test': 5-9) as (n, 1, 8, 8) images in [0, 1]."""
+    _check_split(split, tuple(DIGITS_CLASSES))
+    images, labels = _digits()
+    return [images[labels == digit] for digit in DIGITS_CLASSES[split]]
 
 
 def digits_sampler(
@@ -327,5 +350,31 @@ def digits_sampler(
 ) -> FewShotClassificationSampler:
     """N-way K-shot episodes over the digits class split (see the module docstring)."""
     return FewShotClassificationSampler(
-        digits_classes(split, rotations), n_way, k_shot, query_shots, split, name="digits", device=device
+        digits_classes(split), n_way, k_shot, query_shots, split, rotations=rotations, name="digits", device=device
+    )
+
+
+def omniglot_classes(root: str | os.PathLike | None, split: str, image_size: int = 28) -> list[Tensor]:
+    """Omniglot characters of ``split`` ('train': background alphabets, 'test': evaluation
+    alphabets) as (20, 1, image_size, image_size) ink fractions in [0, 1], one tensor per character."""
+    _check_split(split, tuple(OMNIGLOT_SPLITS))
+    characters = load_omniglot(root, OMNIGLOT_SPLITS[split]).images
+    return list(resize_images(characters, image_size).unsqueeze(2).unbind(0))
+
+
+def omniglot_sampler(
+    root: str | os.PathLike | None,
+    split: str,
+    n_way: int = 5,
+    k_shot: int = 1,
+    query_shots: int = 15,
+    *,
+    image_size: int = 28,
+    rotations: Sequence[int] = OMNIGLOT_ROTATIONS,
+    device: torch.device | str | None = None,
+) -> FewShotClassificationSampler:
+    """N-way K-shot Omniglot episodes from the folder ``root`` (see the module docstring)."""
+    return FewShotClassificationSampler(
+        omniglot_classes(root, split, image_size), n_way, k_shot, query_shots, split,
+        rotations=rotations, name="omniglot", device=device,
     )

@@ -38,6 +38,13 @@ def as_choices(name: str, values: Any, accepted: Sequence | None = None, *, inte
     return choices
 
 
+def check_fraction(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is a number strictly between 0 and 1."""
+    check_positive(name, value)
+    if value >= 1:
+        raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
+
+
 def pick(rng: np.random.Generator, choices: Sequence) -> Any:
     """One of ``choices``, uniformly."""
     return choices[int(rng.integers(len(choices)))]

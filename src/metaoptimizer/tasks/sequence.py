@@ -22,7 +22,14 @@ from torch import Tensor, nn
 from metaoptimizer.config import check_positive
 from metaoptimizer.tasks.base import Batch, ModuleTask, TaskFamily
 from metaoptimizer.tasks.datasets import load_tiny_shakespeare
-from metaoptimizer.tasks.sampling import ARCHITECTURE_STREAM, DATA_STREAM, as_choices, pick, task_rng
+from metaoptimizer.tasks.sampling import (
+    ARCHITECTURE_STREAM,
+    DATA_STREAM,
+    as_choices,
+    check_fraction,
+    pick,
+    task_rng,
+)
 
 CELL_GATES = {"gru": 3, "rnn": 1}
 
@@ -140,8 +147,7 @@ class CharRNNFamily(TaskFamily):
         self.hidden_sizes = as_choices("hidden_sizes", hidden_sizes, integer=True)
         for label, value in (("seq_len", seq_len), ("batch_size", batch_size), ("n_chars", n_chars)):
             check_positive(label, value, integer=True)
-        if not 0.0 < valid_fraction < 1.0:
-            raise ValueError(f"valid_fraction must lie in (0, 1), got {valid_fraction!r}")
+        check_fraction("valid_fraction", valid_fraction)
         n_valid = round(n_chars * valid_fraction)
         if min(n_valid, n_chars - n_valid) < seq_len + 1:
             raise ValueError(

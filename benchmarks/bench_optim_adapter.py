@@ -1,0 +1,98 @@
+"""Cost of ``LearnedOptimizer.step`` against torch.optim and against calling the rule directly.
+
+For each model shape it times one optimizer step (gradients fixed, so only the step is timed):
+
+* ``torch.optim.Adam`` (default foreach implementation): the reference;
+* ``LearnedOptimizer(hand.Adam)``: the adapter;
+* ``hand.Adam`` called directly (``update`` + in-place add): the rule without the adapter.
+
+It prints the adapter's time per step as a ratio to each, so the adapter's own overhead
+(bookkeeping per tensor, state split/merge, non-finite check) is separated from the rule's cost.
+
+    python benchmarks/bench_optim_adapter.py [--device cpu|cuda] [--repeats 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from metaoptimizer.optim import LearnedOptimizer
+from metaoptimizer.rules import hand
+
+SHAPES = {
+    # name: (layer widths) - many small tensors vs few large ones
+    "mlp-40x64 (80 tensors, 0.17M)": [64] * 41,
+    "mlp-4x1024 (8 tensors, 3.1M)": [1024] * 5,
+}
+
+
+def build(widths: list[int], device: str) -> list[nn.Parameter]:
+    torch.manual_seed(0)
+    layers = [nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:])]
+    params = [p for layer in layers for p in layer.parameters()]
+    for p in params:
+        p.data = p.data.to(device)
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_per_call(fn, device: str, repeats: int) -> float:
+    for _ in range(10):
+        fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync(device)
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best
+
+
+def direct_rule_step(params: list[nn.Parameter], lr: float):
+    """``hand.Adam`` applied without the adapter: one update call over all tensors, then add."""
+    rule = hand.Adam(lr=lr)
+    named = {f"p{i}": p for i, p in enumerate(params)}
+    state = rule.init(named)
+
+    @torch.no_grad()
+    def step():
+        nonlocal state
+        updates, state = rule.update({n: p.grad for n, p in named.items()}, state, named, state.step_count + 1)
+        torch._foreach_add_(list(named.values()), [updates[n] for n in named])
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args()
+    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(f"{'model':32s} {'torch Adam':>11s} {'adapter':>11s} {'direct rule':>11s} {'adapter/torch':>14s} {'adapter/direct':>15s}")
+    for name, widths in SHAPES.items():
+        params = build(widths, args.device)
+        reference = torch.optim.Adam(params, lr=1e-3)
+        t_torch = time_per_call(reference.step, args.device, args.repeats)
+        adapter = LearnedOptimizer(params, hand.Adam(lr=1e-3))
+        t_adapter = time_per_call(adapter.step, args.device, args.repeats)
+        t_direct = time_per_call(direct_rule_step(params, 1e-3), args.device, args.repeats)
+        print(
+            f"{name:32s} {t_torch * 1e3:9.3f}ms {t_adapter * 1e3:9.3f}ms {t_direct * 1e3:9.3f}ms "
+            f"{t_adapter / t_torch:14.2f} {t_adapter / t_direct:15.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

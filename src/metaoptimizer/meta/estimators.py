@@ -1,0 +1,224 @@
+"""Evolution-strategy meta-gradient estimators: truncated ES, full ES and PES.
+
+All three perturb the rule's meta-parameters θ (one flat vector) with antithetic Gaussian noise
+±ε, ε ~ N(0, σ²I), and need no backpropagation: unrolls run under ``torch.no_grad`` with each
+particle's meta-parameters substituted functionally (:mod:`metaoptimizer.meta.vectorized`),
+vmapped over particles and over tasks of equal shapes. Every particle of a run sees the same
+batches (common random numbers). An unperturbed *centre* particle advances the run itself and
+reports the meta-loss; it adds one unroll to the ``2 * num_pairs`` perturbed ones.
+
+* :class:`TruncatedES`: each truncation, all particles start from the run's current state;
+  ``g = Σ_i ε_i (L(θ+ε_i) − L(θ−ε_i)) / (2 P σ²)``. Cheap, but biased: it ignores how θ shaped
+  the state the truncation starts from.
+* :class:`FullES`: the same over the whole remaining horizon in one go (unbiased, one update per
+  inner run).
+* :class:`PES` (Vicol et al. 2021, "Unbiased Gradient Estimation in Unrolled Computation Graphs
+  with Persistent Evolution Strategies"): each particle keeps its own inner state across
+  truncations and the sum ξ_i of all perturbations it has received;
+  ``g = Σ_i ξ_i (L_i⁺ − L_i⁻) / (2 P σ²)`` is unbiased for the gradient of the smoothed loss
+  summed over the truncations of the horizon.
+
+With :class:`TaskNormalization` the particles' meta-losses are clipped to a per-family range and
+scaled to [0, 1], non-finite losses counting as the maximum, so one exploding particle gives a
+strong signal instead of a skipped step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from metaoptimizer.config import META_OBJECTIVES, OptimizerState, check_positive
+from metaoptimizer.meta.trainer import RowEstimator, RunEstimates, TaskRun, TruncatedBPTT, advance, run_generator
+from metaoptimizer.meta.vectorized import UnrollJob, UnrollOutcome, flatten_meta, run_jobs
+from metaoptimizer.rules.base import Params, UpdateRule
+
+ESTIMATORS = ("tbptt", "truncated_es", "full_es", "pes")
+
+
+@dataclass(frozen=True)
+class TaskNormalization:
+    """Maps meta-losses to [0, 1]: clip to [``low``, ``high``] (the family's range), then rescale.
+
+    NaN and ±Inf map to 1 (the maximum), so a diverging particle reads as the worst outcome.
+    """
+
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        for name in ("low", "high"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"TaskNormalization {name} must be a finite number, got {value!r}")
+        if not self.low < self.high:
+            raise ValueError(f"TaskNormalization needs low < high, got low={self.low!r}, high={self.high!r}")
+
+    def __call__(self, losses: Tensor) -> Tensor:
+        clean = torch.nan_to_num(losses, nan=self.high, posinf=self.high, neginf=self.high)
+        return (clean.clamp(self.low, self.high) - self.low) / (self.high - self.low)
+
+
+@dataclass
+class TruncatedES(RowEstimator):
+    """Antithetic ES over each truncation; particles restart from the run's state every time.
+
+    ``sigma`` is the perturbation scale, ``num_pairs`` the number of antithetic pairs per run,
+    ``normalization`` an optional :class:`TaskNormalization`, ``vectorize`` runs particles and
+    equal-shaped tasks in one ``vmap`` call.
+    """
+
+    sigma: float = 0.01
+    num_pairs: int = 4
+    meta_objective: str = "train_loss"
+    normalization: TaskNormalization | None = None
+    vectorize: bool = True
+
+    def __post_init__(self) -> None:
+        check_positive("sigma", self.sigma)
+        check_positive("num_pairs", self.num_pairs, integer=True)
+        if self.meta_objective not in META_OBJECTIVES:
+            raise ValueError(
+                f"meta_objective={self.meta_objective!r} is not supported; accepted values: {META_OBJECTIVES}"
+            )
+        if self.normalization is not None and not isinstance(self.normalization, TaskNormalization):
+            raise TypeError(f"normalization must be a TaskNormalization or None, got {type(self.normalization).__name__}")
+
+    # -- hooks that the variants override ------------------------------------------------------
+    def truncation_length(self, run: TaskRun, unroll_steps: int) -> int:
+        return run.steps_left(unroll_steps)
+
+    def start(self, run: TaskRun) -> tuple[Params, OptimizerState, bool]:
+        """Where the particles start: (params, state, stacked over particles?)."""
+        return run.params, run.state, False
+
+    def weights(self, run: TaskRun, noise: Tensor) -> Tensor:
+        """The vectors ``w_i`` of ``g = Σ_i w_i (L_i⁺ − L_i⁻) / (2 P σ²)``: the current noise."""
+        return noise
+
+    def finish(self, run: TaskRun, outcome: UnrollOutcome, finite: Tensor) -> None:
+        """Bookkeeping after the unroll, besides advancing the centre (PES keeps its particles)."""
+
+    # -- the estimator -------------------------------------------------------------------------
+    def estimate_runs(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> RunEstimates:
+        theta = flatten_meta(rule)
+        with torch.no_grad():
+            noises, jobs, lengths = [], [], []
+            for run in runs:
+                lengths.append(self.truncation_length(run, unroll_steps))
+                noise = self.sigma * torch.randn(self.num_pairs, theta.numel(), generator=run_generator(run))
+                noises.append(noise.to(theta))
+                params, state, stacked = self.start(run)
+                train, valid = run.draw_batches(lengths[-1], self.meta_objective)
+                members = torch.cat([theta[None], theta + noises[-1], theta - noises[-1]])
+                jobs.append(UnrollJob(run.task, members, params, state, train, valid, stacked_start=stacked))
+            outcomes = run_jobs(rule, jobs, meta_objective=self.meta_objective, vectorize=self.vectorize)
+            rows, losses = [], []
+            for run, noise, outcome, length in zip(runs, noises, outcomes, lengths, strict=True):
+                finite = outcome.finite()
+                meta = outcome.meta_losses if self.normalization is None else self.normalization(outcome.meta_losses)
+                plus, minus = meta[1 : 1 + self.num_pairs], meta[1 + self.num_pairs :]
+                scale = 2 * self.num_pairs * self.sigma**2
+                rows.append(((plus - minus).to(theta) @ self.weights(run, noise)) / scale)
+                losses.append(float(meta[0]))
+                centre = {name: p[0] for name, p in outcome.params.items()}
+                advance(run, centre, outcome.state.map_tensors(lambda t: t[0]), length, bool(finite[0]))
+                self.finish(run, outcome, finite)
+        return RunEstimates(
+            grads=torch.stack(rows),
+            meta_losses=torch.tensor(losses, dtype=torch.float64),
+            inner_steps=torch.tensor(lengths, dtype=torch.int64) * (1 + 2 * self.num_pairs),
+        )
+
+
+@dataclass
+class FullES(TruncatedES):
+    """Antithetic ES over each run's whole remaining horizon: one unbiased estimate per inner run."""
+
+    def truncation_length(self, run: TaskRun, unroll_steps: int) -> int:
+        return run.horizon - run.steps_done
+
+
+PES_STATE = "pes"
+
+
+@dataclass
+class PES(TruncatedES):
+    """Persistent ES: particles keep their inner states and accumulated perturbations ξ across
+    truncations (in ``run.estimator_state['pes']``), which makes the estimate unbiased.
+
+    A run is ended (and replaced by the trainer) when any of its particles diverges, since that
+    particle cannot continue.
+    """
+
+    def start(self, run: TaskRun) -> tuple[Params, OptimizerState, bool]:
+        saved = run.estimator_state.get(PES_STATE)
+        count = 2 * self.num_pairs
+        if saved is None:
+            params = {name: p.expand(count, *p.shape) for name, p in run.params.items()}
+            state = run.state.map_tensors(lambda t: t.expand(count, *t.shape))
+        else:
+            params, state = saved["params"], OptimizerState.from_dict(saved["state"])
+            if saved["perturbation"].shape[0] != self.num_pairs:
+                raise ValueError(
+                    f"run {run.task_index} holds PES particles for {saved['perturbation'].shape[0]} pairs, "
+                    f"but this estimator has num_pairs={self.num_pairs}"
+                )
+        joined = {name: torch.cat([run.params[name][None], p]) for name, p in params.items()}
+        return joined, _stack_front(run.state, state), True
+
+    def weights(self, run: TaskRun, noise: Tensor) -> Tensor:
+        saved = run.estimator_state.get(PES_STATE)
+        accumulated = noise if saved is None else saved["perturbation"] + noise
+        run.estimator_state[PES_STATE] = {**(saved or {}), "perturbation": accumulated}
+        return accumulated
+
+    def finish(self, run: TaskRun, outcome: UnrollOutcome, finite: Tensor) -> None:
+        if not bool(finite.all()):
+            run.diverged = True
+        particles = slice(1, None)
+        run.estimator_state[PES_STATE] = {
+            "params": {name: p[particles] for name, p in outcome.params.items()},
+            "state": outcome.state.map_tensors(lambda t: t[particles]).to_dict(),
+            "perturbation": run.estimator_state[PES_STATE]["perturbation"],
+        }
+
+
+def _stack_front(centre: OptimizerState, particles: OptimizerState) -> OptimizerState:
+    """The centre's (unstacked) state in front of the particles' stacked states."""
+    return pytree.tree_map(lambda c, p: torch.cat([c[None], p]) if isinstance(c, Tensor) else c, centre, particles)
+
+
+def make_estimator(
+    name: str, *, meta_objective: str = "train_loss", second_order: bool = False, **options: Any
+) -> RowEstimator:
+    """The estimator called ``name`` (one of :data:`ESTIMATORS`) with ``options``.
+
+    ``tbptt`` takes ``vectorize``; the ES estimators take ``sigma``, ``num_pairs``, ``vectorize``
+    and ``loss_range`` (``(low, high)``, building a :class:`TaskNormalization`).
+    """
+    if name not in ESTIMATORS:
+        raise ValueError(f"estimator={name!r} is not supported; accepted values: {ESTIMATORS}")
+    if name == "tbptt":
+        unknown = sorted(set(options) - {"vectorize"})
+        if unknown:
+            raise ValueError(f"unknown options {unknown} for estimator 'tbptt'; accepted: ['vectorize']")
+        return TruncatedBPTT(meta_objective, second_order, **options)
+    accepted = {"sigma", "num_pairs", "vectorize", "loss_range"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"unknown options {unknown} for estimator {name!r}; accepted: {sorted(accepted)}")
+    if second_order:
+        raise ValueError(f"second_order=True applies to truncated BPTT only; estimator {name!r} uses no gradients")
+    loss_range = options.pop("loss_range", None)
+    if loss_range is not None:
+        if not isinstance(loss_range, (list, tuple)) or len(loss_range) != 2:
+            raise ValueError(f"loss_range must be a pair (low, high), got {loss_range!r}")
+        options["normalization"] = TaskNormalization(*loss_range)
+    kind = {"truncated_es": TruncatedES, "full_es": FullES, "pes": PES}[name]
+    return kind(meta_objective=meta_objective, **options)

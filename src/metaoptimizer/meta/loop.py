@@ -1,0 +1,376 @@
+"""Fault-tolerant meta-training: periodic atomic checkpoints, exact resume, CSV/TensorBoard logs.
+
+:func:`run_meta_training` drives a :class:`~metaoptimizer.meta.trainer.MetaTrainer` and every
+``checkpoint_every`` steps writes ``checkpoint.pt`` atomically (a temporary file renamed over the
+old one, :func:`metaoptimizer.checkpoint.save_checkpoint`), so a kill at any moment leaves the
+previous checkpoint or the new one, never a broken file. A checkpoint holds the meta-parameters,
+the meta-optimizer state, every inner run (parameters, rule state, batches drawn, PES particles),
+each slot's generator, the global torch / numpy / Python RNG states and the counters: resuming
+from it continues bit for bit as if the run had never stopped (on CPU).
+
+:func:`meta_train_command` is the ``metaopt meta-train`` command: it builds the rule, the task
+family and the estimator from a TOML file and runs the loop with a progress bar; under
+``torchrun`` it trains on all processes (see ``docs/distributed.md``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+import typer
+
+from metaoptimizer.checkpoint import load_checkpoint, save_checkpoint
+from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, check_positive
+from metaoptimizer.meta.distributed import Communicator, SingleProcess, communicator_from_environment, shutdown
+from metaoptimizer.meta.estimators import ESTIMATORS, make_estimator
+from metaoptimizer.meta.trainer import MetaTrainer
+from metaoptimizer.rules import build_rule
+from metaoptimizer.tasks import make_family
+
+CHECKPOINT_KIND = "meta_training"
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.csv"
+TENSORBOARD_DIR = "tensorboard"
+LOG_FIELDS = (
+    "iteration", "steps", "skipped", "skipped_total", "meta_loss", "meta_grad_norm",
+    "inner_steps", "inner_steps_per_s", "seconds",
+)
+TENSORBOARD_MODES = ("auto", True, False)
+
+
+# -- random states --------------------------------------------------------------------------------
+
+
+def rng_states() -> dict[str, Any]:
+    """The global torch (and CUDA), numpy and Python RNG states, in checkpoint-safe form."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "python": list(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` captured."""
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# -- logs -----------------------------------------------------------------------------------------
+
+
+class _CsvLog:
+    """Appends one row per meta-step; on resume keeps only the rows up to the checkpoint."""
+
+    def __init__(self, path: Path, keep_until: int | None) -> None:
+        self.path = path
+        if keep_until is None or not path.exists():
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(LOG_FIELDS)
+        else:
+            with open(path, newline="") as f:
+                rows = [row for row in csv.DictReader(f) if int(row["iteration"]) <= keep_until]
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, LOG_FIELDS)
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, path)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, LOG_FIELDS).writerow(row)
+
+
+def _summary_writer(mode: bool | str, log_dir: Path, purge_step: int):
+    """A TensorBoard writer when requested (``True``) or available (``'auto'``), else None."""
+    if mode is False:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        if mode is True:
+            raise ValueError("tensorboard=True needs the 'tensorboard' package (pip install tensorboard)") from error
+        return None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
+def run_meta_training(
+    trainer: MetaTrainer,
+    out_dir: str | os.PathLike,
+    num_steps: int,
+    checkpoint_every: int,
+    *,
+    resume: bool = False,
+    log_csv: bool = True,
+    tensorboard: bool | str = "auto",
+    config: dict[str, Any] | None = None,
+    callback: Callable[[int, MetaOptTrainResult], None] | None = None,
+) -> list[MetaOptTrainResult]:
+    """Run ``trainer`` until ``num_steps`` meta-steps (applied or skipped) have been taken.
+
+    Writes ``out_dir/checkpoint.pt`` every ``checkpoint_every`` steps and after the last one,
+    ``out_dir/log.csv`` (one row per step) when ``log_csv``, and TensorBoard events in
+    ``out_dir/tensorboard`` when ``tensorboard`` is True, or ``'auto'`` and the package is
+    installed. ``config`` is stored in the checkpoint header. With ``resume`` the run continues
+    from the checkpoint in ``out_dir`` (or starts afresh when there is none); without it an
+    existing checkpoint is an error, never overwritten. ``callback(iteration, result)`` is called
+    after each step. Returns the results of the steps run by this call. Only process 0 writes;
+    every process must call this (checkpointing gathers the runs of all processes).
+    """
+    check_positive("num_steps", num_steps, integer=True)
+    check_positive("checkpoint_every", checkpoint_every, integer=True)
+    if tensorboard not in TENSORBOARD_MODES:
+        raise ValueError(f"tensorboard={tensorboard!r} is not supported; accepted values: {TENSORBOARD_MODES}")
+    out_dir = Path(out_dir)
+    path = out_dir / CHECKPOINT_NAME
+    writer = trainer.communicator.rank == 0
+    iteration = 0
+    if path.exists():
+        if not resume:
+            raise ValueError(f"{out_dir} already holds a checkpoint; pass resume=True to continue it or use another folder")
+        iteration = load_training_checkpoint(trainer, path)
+    if iteration > num_steps:
+        raise ValueError(f"the checkpoint is at step {iteration}, past num_steps={num_steps}")
+    log = board = None
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # left by a kill during atomic_save
+            stale.unlink(missing_ok=True)
+        log = _CsvLog(out_dir / LOG_NAME, iteration if iteration else None) if log_csv else None
+        board = _summary_writer(tensorboard, out_dir / TENSORBOARD_DIR, iteration)
+    results = []
+    try:
+        while iteration < num_steps:
+            started = time.perf_counter()
+            result = trainer.step()
+            seconds = time.perf_counter() - started
+            iteration += 1
+            results.append(result)
+            if log is not None:
+                log.write(_row(iteration, result, seconds))
+            if board is not None:
+                for name in ("meta_loss", "meta_grad_norm"):
+                    board.add_scalar(name, getattr(result, name), iteration)
+                board.add_scalar("inner_steps_per_s", result.inner_steps / seconds, iteration)
+            if iteration % checkpoint_every == 0 or iteration == num_steps:
+                save_training_checkpoint(trainer, path, iteration, config, write=writer)
+            if callback is not None:
+                callback(iteration, result)
+    finally:
+        if board is not None:
+            board.close()
+    return results
+
+
+def _row(iteration: int, result: MetaOptTrainResult, seconds: float) -> dict[str, Any]:
+    return {
+        "iteration": iteration,
+        "steps": result.steps,
+        "skipped": int(result.skipped),
+        "skipped_total": result.skipped_total,
+        "meta_loss": repr(result.meta_loss),
+        "meta_grad_norm": repr(result.meta_grad_norm),
+        "inner_steps": result.inner_steps,
+        "inner_steps_per_s": f"{result.inner_steps / seconds:.6g}",
+        "seconds": f"{seconds:.6g}",
+    }
+
+
+def save_training_checkpoint(
+    trainer: MetaTrainer, path: str | os.PathLike, iteration: int, config: dict[str, Any] | None = None,
+    *, write: bool = True,
+) -> None:
+    """Atomically write the trainer's full state, the RNG states and ``iteration`` to ``path``.
+
+    Collective with several processes (the trainer's state gathers every run); only a process
+    with ``write`` writes the file.
+    """
+    payload = {"iteration": iteration, "trainer": trainer.state_dict(), "rng": rng_states()}
+    if write:
+        save_checkpoint(path, kind=CHECKPOINT_KIND, payload=payload, config=config)
+
+
+def load_training_checkpoint(trainer: MetaTrainer, path: str | os.PathLike) -> int:
+    """Restore ``trainer`` and the RNG states from ``path``; returns the iteration it was taken at."""
+    checkpoint = load_checkpoint(path, expected_kind=CHECKPOINT_KIND)
+    trainer.load_state_dict(checkpoint["trainer"])
+    set_rng_states(checkpoint["rng"])
+    return int(checkpoint["iteration"])
+
+
+# -- configuration files --------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingConfig:
+    """A meta-training run as described by a TOML file.
+
+    Sections: ``[optimizer]`` (:class:`~metaoptimizer.config.MetaOptimizerConfig` fields: the rule
+    and meta_lr, unroll_steps, gradient_clipping, meta_objective, second_order, seed), ``[family]``
+    (``name`` and the family's keyword arguments), ``[training]`` (the fields below) and
+    ``[estimator]`` (options of :func:`~metaoptimizer.meta.estimators.make_estimator`).
+    """
+
+    optimizer: MetaOptimizerConfig
+    family: str
+    family_options: dict[str, Any] = field(default_factory=dict)
+    estimator: str = "tbptt"
+    estimator_options: dict[str, Any] = field(default_factory=dict)
+    steps: int = 1000
+    horizon: int = 200
+    min_horizon: int | None = None
+    tasks_per_step: int = 1
+    checkpoint_every: int = 50
+    log_csv: bool = True
+    tensorboard: bool | str = "auto"
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> TrainingConfig:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as error:
+            raise ValueError(f"no config file at {path}") from error
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"{path} is not valid TOML: {error}") from error
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainingConfig:
+        sections = {"optimizer", "family", "training", "estimator"}
+        unknown = sorted(set(data) - sections)
+        if unknown:
+            raise ValueError(f"{source}: unknown sections {unknown}; accepted sections: {sorted(sections)}")
+        family = dict(data.get("family", {}))
+        if "name" not in family:
+            raise ValueError(f"{source}: [family] needs a name, e.g. name = \"digits_mlp\"")
+        training = dict(data.get("training", {}))
+        accepted = {f.name for f in fields(cls)} - {"optimizer", "family", "family_options", "estimator_options"}
+        unknown = sorted(set(training) - accepted)
+        if unknown:
+            raise ValueError(f"{source}: unknown [training] keys {unknown}; accepted keys: {sorted(accepted)}")
+        if training.get("estimator", "tbptt") not in ESTIMATORS:
+            raise ValueError(f"{source}: estimator={training['estimator']!r} is not supported; accepted values: {ESTIMATORS}")
+        return cls(
+            optimizer=MetaOptimizerConfig.from_dict(dict(data.get("optimizer", {}))),
+            family=family.pop("name"),
+            family_options=family,
+            estimator_options=dict(data.get("estimator", {})),
+            **training,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The TOML layout back (stored in checkpoint headers)."""
+        training = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in {"optimizer", "family", "family_options", "estimator_options"}
+        }
+        return {
+            "optimizer": self.optimizer.to_dict(),
+            "family": {"name": self.family, **self.family_options},
+            "training": training,
+            "estimator": dict(self.estimator_options),
+        }
+
+
+def build_trainer(config: TrainingConfig, communicator: Communicator | None = None) -> MetaTrainer:
+    """The rule (seeded by ``optimizer.seed``, identical on every process), family, estimator and trainer."""
+    opt = config.optimizer
+    torch.manual_seed(opt.seed)
+    rule = build_rule(opt)
+    estimator = make_estimator(
+        config.estimator, meta_objective=opt.meta_objective, second_order=opt.second_order,
+        **config.estimator_options,
+    )
+    return MetaTrainer(
+        rule,
+        make_family(config.family, **config.family_options),
+        meta_lr=opt.meta_lr,
+        unroll_steps=opt.unroll_steps,
+        horizon=config.horizon,
+        gradient_clipping=opt.gradient_clipping,
+        tasks_per_step=config.tasks_per_step,
+        meta_objective=opt.meta_objective,
+        second_order=opt.second_order,
+        seed=opt.seed,
+        estimator=estimator,
+        min_horizon=config.min_horizon,
+        communicator=communicator,
+    )
+
+
+def meta_train_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="TOML file describing the run (see configs/).")],
+    out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Folder for checkpoint.pt and log.csv.")] = Path(
+        "runs/meta-train"
+    ),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out-dir.")] = False,
+    steps: Annotated[int | None, typer.Option(help="Meta-steps in total (overrides [training] steps).")] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Meta-steps between checkpoints (overrides [training] checkpoint_every).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Meta-train a learned optimizer from a TOML config, with checkpoints, logs and --resume.
+
+    Under torchrun (``torchrun --nproc-per-node N -m metaoptimizer.meta.loop --config FILE``) the
+    meta-batch is split over the processes.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    settings = TrainingConfig.from_toml(config)
+    total = steps if steps is not None else settings.steps
+    every = checkpoint_every if checkpoint_every is not None else settings.checkpoint_every
+    communicator = communicator_from_environment()
+    try:
+        trainer = build_trainer(settings, communicator)
+        show = progress and communicator.rank == 0
+        with Progress(
+            TextColumn("meta-train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"), disable=not show,
+        ) as bar:
+            task = bar.add_task("meta-train", total=total, status="")
+
+            def report(iteration: int, result: MetaOptTrainResult) -> None:
+                status = f"meta-loss {result.meta_loss:.4g}  skipped {result.skipped_total}"
+                bar.update(task, completed=iteration, status=status)
+
+            results = run_meta_training(
+                trainer, out_dir, total, every, resume=resume, log_csv=settings.log_csv,
+                tensorboard=settings.tensorboard, config=settings.to_dict(), callback=report,
+            )
+        if communicator.rank == 0:
+            last = results[-1].meta_loss if results else math.nan
+            typer.echo(f"{len(results)} meta-steps run, last meta-loss {last:.4g}; checkpoint in {out_dir / CHECKPOINT_NAME}")
+    finally:
+        if not isinstance(communicator, SingleProcess):
+            shutdown()
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node 2 -m metaoptimizer.meta.loop --config FILE
+    typer.run(meta_train_command)
