@@ -9,7 +9,7 @@ For each model shape it times one optimizer step (gradients fixed, so only the s
 It prints the adapter's time per step as a ratio to each, so the adapter's own overhead
 (bookkeeping per tensor, state split/merge, non-finite check) is separated from the rule's cost.
 
-    python benchmarks/bench_optim_adapter.py [--device cpu|cuda] [--repeats 200]
+    python benchmarks/bench_optim_adapter.py [--device cpu|cuda] [--repeats 30] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from metaoptimizer.rules import hand
 SHAPES = {
     # name: (layer widths) - many small tensors vs few large ones
     "mlp-40x64 (80 tensors, 0.17M)": [64] * 41,
-    "mlp-4x1024 (8 tensors, 3.1M)": [1024] * 5,
+    "mlp-4x512 (8 tensors, 1.1M)": [512] * 5,
 }
 
 
@@ -45,17 +45,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_per_call(fn, device: str, repeats: int) -> float:
-    for _ in range(10):
-        fn()
-    sync(device)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(repeats):
+def best_times(steps: dict[str, object], device: str, repeats: int, rounds: int) -> dict[str, float]:
+    """Best mean seconds per call of each step function; rounds interleave the methods so that
+    load changes on a shared machine hit all of them alike."""
+    for fn in steps.values():
+        for _ in range(5):
             fn()
-        sync(device)
-        best = min(best, (time.perf_counter() - start) / repeats)
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            sync(device)
+            best[name] = min(best[name], (time.perf_counter() - start) / repeats)
     return best
 
 
@@ -77,22 +81,23 @@ def direct_rule_step(params: list[nn.Parameter], lr: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=30, help="calls per timed block")
+    parser.add_argument("--rounds", type=int, default=5, help="timed blocks per method (best is kept)")
     args = parser.parse_args()
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
     print(f"{'model':32s} {'torch Adam':>11s} {'adapter':>11s} {'direct rule':>11s} {'adapter/torch':>14s} {'adapter/direct':>15s}")
     for name, widths in SHAPES.items():
         params = build(widths, args.device)
-        reference = torch.optim.Adam(params, lr=1e-3)
-        t_torch = time_per_call(reference.step, args.device, args.repeats)
-        adapter = LearnedOptimizer(params, hand.Adam(lr=1e-3))
-        t_adapter = time_per_call(adapter.step, args.device, args.repeats)
-        t_direct = time_per_call(direct_rule_step(params, 1e-3), args.device, args.repeats)
+        steps = {
+            "torch": torch.optim.Adam(params, lr=1e-3).step,
+            "adapter": LearnedOptimizer(params, hand.Adam(lr=1e-3)).step,
+            "direct": direct_rule_step(params, 1e-3),
+        }
+        t = best_times(steps, args.device, args.repeats, args.rounds)
         print(
-            f"{name:32s} {t_torch * 1e3:9.3f}ms {t_adapter * 1e3:9.3f}ms {t_direct * 1e3:9.3f}ms "
-            f"{t_adapter / t_torch:14.2f} {t_adapter / t_direct:15.2f}"
+            f"{name:32s} {t['torch'] * 1e3:9.3f}ms {t['adapter'] * 1e3:9.3f}ms {t['direct'] * 1e3:9.3f}ms "
+            f"{t['adapter'] / t['torch']:14.2f} {t['adapter'] / t['direct']:15.2f}"
         )
-
 
 if __name__ == "__main__":
     main()

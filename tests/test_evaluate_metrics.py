@@ -132,6 +132,19 @@ def test_a_diverged_rule_only_counts_the_steps_before_it_diverged():
     assert not capped.reached and capped.value == 1.0
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    curve=st.lists(st.floats(0.0, 10.0), min_size=1, max_size=30),
+    gaps=st.lists(st.floats(0.0, 1.0), min_size=30, max_size=30),
+)
+def test_speedup_against_itself_is_one_and_a_pointwise_better_rule_is_at_least_as_fast(curve, gaps):
+    baseline = np.array(curve)
+    assert speedup(baseline, baseline).value == 1.0
+    better = baseline - np.array(gaps[: baseline.size])
+    result = speedup(baseline, better)
+    assert result.reached and result.value >= 1.0
+
+
 def test_speedup_without_any_finite_baseline_loss_is_an_error():
     with pytest.raises(ValueError, match="every baseline curve diverged"):
         speedup([math.inf, math.nan], [1.0, 0.5])

@@ -178,7 +178,8 @@ def test_run_suite_with_an_injected_family_and_optuna_tuner():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"reference": "sgd"}, "not among the baselines"), ({"tuner": "random"}, "tuner"),
-     ({"window_fraction": 0.0}, "fraction"), ({"optimizers": {"adam": Adam}}, "clash")],
+     ({"window_fraction": 0.0}, "fraction"), ({"optimizers": {"adam": Adam}}, "clash"),
+     ({"optimizers": {}, "baselines": [Baseline("adam", Adam, (0.1,))]}, "nothing to compare")],
 )
 def test_run_suite_rejects_bad_options(kwargs, match):
     options = {"optimizers": {"mine": Adam}, **kwargs}

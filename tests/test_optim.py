@@ -571,6 +571,15 @@ def test_bad_constructor_arguments():
         LearnedOptimizer([], hand.SGD(lr=0.1))
 
 
+def test_rejected_param_group_is_not_added():
+    opt = LearnedOptimizer(make_model().parameters(), hand.SGD(lr=0.1))
+    with pytest.raises(ValueError, match="lr must be a number >= 0"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "lr": -1.0})
+    with pytest.raises(TypeError, match="floating-point"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.int64)]})
+    assert len(opt.param_groups) == 1
+
+
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(lr=st.one_of(st.floats(max_value=-1e-30), st.just(math.nan), st.just(math.inf), st.text(max_size=3)))
 def test_bad_lr_is_rejected(lr):

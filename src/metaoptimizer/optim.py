@@ -113,16 +113,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "maximize": maximize})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group (see ``torch.optim.Optimizer.add_param_group``); validates its ``lr``/``maximize``."""
+        """Add a group (see ``torch.optim.Optimizer.add_param_group``); a group that fails the
+        checks of its ``lr``, ``maximize``, dtypes and device is not added."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_positive("lr", group["lr"], allow_zero=True)
-        if not isinstance(group["maximize"], bool):
-            raise ValueError(f"maximize must be True or False, got {group['maximize']!r}")
-        for p in group["params"]:
-            if not p.is_floating_point():
-                raise TypeError(f"LearnedOptimizer optimizes floating-point tensors only, got dtype {p.dtype}")
-        self._check_rule_device({p.device for p in group["params"]})
+        try:
+            check_positive("lr", group["lr"], allow_zero=True)
+            if not isinstance(group["maximize"], bool):
+                raise ValueError(f"maximize must be True or False, got {group['maximize']!r}")
+            for p in group["params"]:
+                if not p.is_floating_point():
+                    raise TypeError(f"LearnedOptimizer optimizes floating-point tensors only, got dtype {p.dtype}")
+            self._check_rule_device({p.device for p in group["params"]})
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
 
     def _check_rule_device(self, devices: set[torch.device]) -> None:
         rule_devices = {t.device for t in [*self.rule.parameters(), *self.rule.buffers()]}

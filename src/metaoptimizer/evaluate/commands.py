@@ -5,8 +5,6 @@ inject how an ``--optimizer`` string becomes an update rule; :data:`eval_command
 :func:`load_optimizer` (hand-designed rules by spec, learned rules from checkpoint files).
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -90,7 +88,10 @@ def make_eval_command(
     load_rule: RuleLoader = load_optimizer, optimizer_help: str = LOAD_OPTIMIZER_HELP
 ) -> Callable[..., ReportFiles]:
     """The ``metaopt eval`` command, turning ``--optimizer`` into a rule with ``load_rule``
-    (``optimizer_help`` describes what that loader accepts)."""
+    (``optimizer_help`` describes what that loader accepts).
+
+    This module does not use postponed annotations: typer reads the options from the
+    ``Annotated`` hints, which refer to ``optimizer_help`` in this closure."""
 
     def eval_command(
         optimizer: Annotated[str, typer.Option(help=optimizer_help)],

@@ -63,6 +63,7 @@ def _numbers(values: np.ndarray | Sequence[float]) -> list[float | str]:
 
 
 def curve_to_dict(curve: Curve) -> dict[str, Any]:
+    """One run as JSON-ready data (non-finite numbers as strings)."""
     return {
         "train_loss": _numbers(curve.train_loss),
         "eval_steps": [int(s) for s in curve.eval_steps],

@@ -298,6 +298,8 @@ def run_suite(
     names = [b.name for b in baselines]
     if reference not in names:
         raise ValueError(f"reference={reference!r} is not among the baselines {names}")
+    if not optimizers and len(names) == 1:
+        raise ValueError(f"nothing to compare with {reference!r}: pass optimizers or more baselines")
     clash = sorted(set(optimizers) & set(names))
     if clash:
         raise ValueError(f"optimizer names {clash} clash with baseline names; rename them")

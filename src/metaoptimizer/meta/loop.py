@@ -102,6 +102,11 @@ class _CsvLog:
             csv.DictWriter(f, LOG_FIELDS).writerow(row)
 
 
+def _check_tensorboard(mode: Any) -> None:
+    if not (isinstance(mode, bool) or mode == "auto"):
+        raise ValueError(f"tensorboard={mode!r} is not supported; accepted values: {TENSORBOARD_MODES}")
+
+
 def _summary_writer(mode: bool | str, log_dir: Path, purge_step: int):
     """A TensorBoard writer when requested (``True``) or available (``'auto'``), else None."""
     if mode is False:
@@ -143,8 +148,7 @@ def run_meta_training(
     """
     check_positive("num_steps", num_steps, integer=True)
     check_positive("checkpoint_every", checkpoint_every, integer=True)
-    if tensorboard not in TENSORBOARD_MODES:
-        raise ValueError(f"tensorboard={tensorboard!r} is not supported; accepted values: {TENSORBOARD_MODES}")
+    _check_tensorboard(tensorboard)
     out_dir = Path(out_dir)
     path = out_dir / CHECKPOINT_NAME
     writer = trainer.communicator.rank == 0
@@ -248,6 +252,19 @@ class TrainingConfig:
     log_csv: bool = True
     tensorboard: bool | str = "auto"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.optimizer, MetaOptimizerConfig):
+            raise TypeError(f"optimizer must be a MetaOptimizerConfig, got {type(self.optimizer).__name__}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={self.estimator!r} is not supported; accepted values: {ESTIMATORS}")
+        for name in ("steps", "horizon", "tasks_per_step", "checkpoint_every"):
+            check_positive(name, getattr(self, name), integer=True)
+        if self.min_horizon is not None:
+            check_positive("min_horizon", self.min_horizon, integer=True)
+        if not isinstance(self.log_csv, bool):
+            raise ValueError(f"log_csv must be true or false, got {self.log_csv!r}")
+        _check_tensorboard(self.tensorboard)
+
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> TrainingConfig:
         path = Path(path)
@@ -273,8 +290,6 @@ class TrainingConfig:
         unknown = sorted(set(training) - accepted)
         if unknown:
             raise ValueError(f"{source}: unknown [training] keys {unknown}; accepted keys: {sorted(accepted)}")
-        if training.get("estimator", "tbptt") not in ESTIMATORS:
-            raise ValueError(f"{source}: estimator={training['estimator']!r} is not supported; accepted values: {ESTIMATORS}")
         return cls(
             optimizer=MetaOptimizerConfig.from_dict(dict(data.get("optimizer", {}))),
             family=family.pop("name"),

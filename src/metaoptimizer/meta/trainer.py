@@ -314,6 +314,8 @@ class MetaTrainer:
             check_positive("min_horizon", min_horizon, integer=True)
             if min_horizon > horizon:
                 raise ValueError(f"min_horizon ({min_horizon}) must be <= horizon ({horizon})")
+        if not meta_parameters(rule):
+            raise ValueError(f"rule {type(rule).__name__} has no trainable meta-parameters: there is nothing to meta-train")
         self.communicator = communicator or SingleProcess()
         if tasks_per_step < self.communicator.world_size:
             raise ValueError(

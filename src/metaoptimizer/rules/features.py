@@ -221,35 +221,62 @@ def tensor_accumulators(slots: Mapping[str, Mapping[str, Tensor]], name: str, co
     return {slot: slots[slot][name] for slot in config.slot_names}
 
 
-def advance_accumulators(grad: Tensor, acc: Accumulators, config: FeatureConfig) -> Accumulators:
-    """The accumulators after seeing ``grad`` (a matrix view); moving averages, not bias-corrected."""
-    stored = config.storage_dtype(grad.dtype)
+def advance_factored(grad: Tensor, acc: Accumulators, config: FeatureConfig) -> Accumulators:
+    """The factored row/column second moments after seeing ``grad`` (a matrix view).
 
-    def average(slot: str, value: Tensor, decay: float) -> Tensor:
-        return torch.lerp(acc[slot].to(grad.dtype), value, 1.0 - decay).to(stored)
-
-    out = {slot: average(slot, grad, d) for slot, d in config.momentum_slots}
-    if config.rms_slots or config.factored_slots:
-        square = grad.square() + config.eps
-        out.update({slot: average(slot, square, d) for slot, d in config.rms_slots})
-    if config.factored_slots:
-        row_mean, col_mean = square.mean(dim=1), square.mean(dim=0)
-        for (row, col), d in config.factored_slots:
-            out[row], out[col] = average(row, row_mean, d), average(col, col_mean, d)
+    This is the only part of a step that reduces along one axis; the per-coordinate part
+    (:func:`advance_per_coordinate`) is pointwise, so the two compile into separate simple loops.
+    """
+    if not config.factored_slots:
+        return {}
+    square = grad.square() + config.eps
+    row_mean, col_mean = square.mean(dim=1), square.mean(dim=0)
+    out: Accumulators = {}
+    for (row, col), d in config.factored_slots:
+        out[row] = _moving_average(acc[row], row_mean, d, config)
+        out[col] = _moving_average(acc[col], col_mean, d, config)
     return out
 
 
-def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:
-    """Adafactor's rank-1 estimate ``row col^T / mean(row)`` of the second moment (a matrix view)."""
-    return row[:, None] * col[None, :] / row.mean()
+def advance_per_coordinate(grad: Tensor, acc: Accumulators, config: FeatureConfig) -> Accumulators:
+    """The momentum and RMS accumulators after seeing ``grad`` (a matrix view); pointwise."""
+    out = {slot: _moving_average(acc[slot], grad, d, config) for slot, d in config.momentum_slots}
+    if config.rms_slots:
+        square = grad.square() + config.eps
+        out.update({slot: _moving_average(acc[slot], square, d, config) for slot, d in config.rms_slots})
+    return out
 
 
-def tensor_features(grad: Tensor, param: Tensor, acc: Accumulators, config: FeatureConfig) -> list[Tensor]:
+def _moving_average(average: Tensor, value: Tensor, decay: float, config: FeatureConfig) -> Tensor:
+    """``decay * average + (1 - decay) * value``, computed in ``value``'s dtype and stored as configured."""
+    return torch.lerp(average.to(value.dtype), value, 1.0 - decay).to(config.storage_dtype(value.dtype))
+
+
+def row_normalisers(acc: Accumulators, config: FeatureConfig, dtype: torch.dtype) -> list[Tensor]:
+    """``1 / mean(row)`` of each factored second moment (0-dim tensors; see :func:`factored_second_moment`)."""
+    return [torch.reciprocal(acc[row].to(dtype).mean()) for (row, _), _ in config.factored_slots]
+
+
+def factored_second_moment(row: Tensor, col: Tensor, row_normaliser: Tensor) -> Tensor:
+    """Adafactor's rank-1 estimate ``row col^T / mean(row)`` of the second moment (a matrix view).
+
+    ``row_normaliser`` is ``1 / mean(row)``, computed beforehand so that the pointwise passes
+    contain no reduction (a reduction in the middle makes the compiler split the loop).
+    """
+    return row[:, None] * col[None, :] * row_normaliser
+
+
+def tensor_features(
+    grad: Tensor, param: Tensor, acc: Accumulators, row_norms: Sequence[Tensor], config: FeatureConfig
+) -> list[Tensor]:
     """The per-coordinate features of one tensor (matrix views) from its *updated* accumulators."""
     dtype = grad.dtype
     momenta = [acc[slot].to(dtype) for slot, _ in config.momentum_slots]
     rms = [acc[slot].to(dtype) for slot, _ in config.rms_slots]
-    factored = [factored_second_moment(acc[row].to(dtype), acc[col].to(dtype)) for (row, col), _ in config.factored_slots]
+    factored = [
+        factored_second_moment(acc[row].to(dtype), acc[col].to(dtype), norm.to(dtype))
+        for ((row, col), _), norm in zip(config.factored_slots, row_norms, strict=True)
+    ]
     second = (factored or rms)[:1]
     inv_root = torch.rsqrt(second[0] + config.eps) if second else None
     per_kind = {
@@ -275,16 +302,19 @@ def normalisation_scales(mean_square: Tensor, eps: float) -> Tensor:
 
 
 def tensor_statistics(
-    grad: Tensor, param: Tensor, acc: Accumulators, config: FeatureConfig
+    grad: Tensor, param: Tensor, acc: Accumulators, row_norms: Sequence[Tensor], config: FeatureConfig
 ) -> tuple[Accumulators, Tensor, Tensor, Tensor]:
-    """One tensor's reduction pass (matrix views): new accumulators, feature means and mean squares, mean(p^2).
+    """One tensor's pointwise-and-reduce pass (matrix views), after :func:`advance_factored`.
 
-    The features themselves are not returned: the pointwise pass recomputes them from the new
-    accumulators, which costs less memory traffic than storing them.
+    ``acc`` holds the old per-coordinate accumulators and the new factored ones. Returns the new
+    per-coordinate accumulators, the features' means and mean squares, and ``mean(param^2)``.
+    The features themselves are not kept: the update pass recomputes them, which costs less
+    memory traffic than storing them.
     """
-    new_acc = advance_accumulators(grad, acc, config)
-    mean, mean_square = feature_moments(tensor_features(grad, param, new_acc, config))
-    return new_acc, mean, mean_square, param.square().mean()
+    new_acc = {**acc, **advance_per_coordinate(grad, acc, config)}
+    mean, mean_square = feature_moments(tensor_features(grad, param, new_acc, row_norms, config))
+    per_coordinate = {slot: new_acc[slot] for slot, _ in (*config.momentum_slots, *config.rms_slots)}
+    return per_coordinate, mean, mean_square, param.square().mean()
 
 
 def global_features(step: int, config: FeatureConfig, *, device=None, dtype: torch.dtype = torch.float32) -> Tensor:

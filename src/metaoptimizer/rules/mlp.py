@@ -29,7 +29,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -39,11 +39,13 @@ from metaoptimizer.rules.base import Params, UpdateRule
 from metaoptimizer.rules.features import (
     Accumulators,
     FeatureConfig,
+    advance_factored,
     as_matrix,
     check_update_inputs,
     global_features,
     init_slots,
     normalisation_scales,
+    row_normalisers,
     tensor_accumulators,
     tensor_features,
     tensor_statistics,
@@ -129,26 +131,56 @@ def mlp_matmul(features: list[Tensor], scales: Tensor, layers: Layers, skip: Ten
 
 
 def tensor_update(
-    grad: Tensor, param: Tensor, acc: Accumulators, scales: Tensor, layers: Layers, skip: Tensor,
-    step_size: Tensor, magnitude_scale: float, config: FeatureConfig, pointwise: bool,
+    grad: Tensor, param: Tensor, acc: Accumulators, row_norms: list[Tensor], scales: Tensor, layers: Layers,
+    skip: Tensor, step_size: Tensor, magnitude_scale: float, config: FeatureConfig, pointwise: bool,
 ) -> Tensor:
     """One tensor's pointwise pass (matrix views): features, MLP and the scaled update."""
     dtype = grad.dtype
     layers = [(w.to(dtype), b.to(dtype)) for w, b in layers]
-    features = tensor_features(grad, param, acc, config)
+    features = tensor_features(grad, param, acc, row_norms, config)
     evaluate = mlp_pointwise if pointwise else mlp_matmul
     direction, magnitude = evaluate(features, scales.to(dtype), layers, skip.to(dtype))
     log_size = torch.clamp(magnitude * magnitude_scale, -MAX_LOG_MAGNITUDE, MAX_LOG_MAGNITUDE)
     return direction * torch.exp(log_size) * step_size.to(dtype)
 
 
-def step_functions(backend: str, autograd: bool) -> tuple[Callable, Callable, bool]:
-    """(statistics pass, update pass, pointwise?) for ``backend``; compiled only without ``autograd``."""
-    if backend == "compiled" and not autograd:
-        return compiled(tensor_statistics), compiled(tensor_update), True
-    if backend == "pointwise":
-        return tensor_statistics, tensor_update, True
-    return tensor_statistics, tensor_update, False
+class Reduction(NamedTuple):
+    """What the reduction passes of one tensor produce: everything the update pass needs."""
+
+    acc: Accumulators
+    row_norms: list[Tensor]
+    mean: Tensor
+    mean_square: Tensor
+    param_mean_square: Tensor
+
+
+@dataclass(frozen=True)
+class TensorPasses:
+    """The passes of a per-tensor step (factored statistics, statistics, update), eager or compiled.
+
+    Each pass is a simple loop over the coordinates: the factored pass reduces rows and columns,
+    the statistics pass advances the per-coordinate accumulators and sums the features, the
+    update pass is purely pointwise (every per-tensor quantity is computed before it).
+    """
+
+    factored: Callable
+    statistics: Callable
+    update: Callable
+    pointwise: bool
+
+    @classmethod
+    def select(cls, backend: str, autograd: bool) -> TensorPasses:
+        """The passes for ``backend``; compiled ones only when no autograd graph is recorded."""
+        if backend == "compiled" and not autograd:
+            return cls(compiled(advance_factored), compiled(tensor_statistics), compiled(tensor_update), True)
+        return cls(advance_factored, tensor_statistics, tensor_update, backend != "matmul")
+
+    def reduce(self, grad: Tensor, param: Tensor, acc: Accumulators, config: FeatureConfig) -> Reduction:
+        """New accumulators and the per-tensor statistics of one tensor (matrix views)."""
+        acc = {**acc, **self.factored(grad, acc, config)}
+        row_norms = row_normalisers(acc, config, grad.dtype)
+        per_coordinate, mean, mean_square, param_ms = self.statistics(grad, param, acc, row_norms, config)
+        return Reduction({**acc, **per_coordinate}, row_norms, mean, mean_square, param_ms)
 
 
 def autograd_needed(rule: nn.Module, *tensor_dicts: Mapping[str, Tensor]) -> bool:
@@ -259,17 +291,18 @@ class MLPRule(UpdateRule):
             return {}, state.replace(step_count=step)
         device = next(iter(grads.values())).device
         layers, skip = self.mlp.layers(global_features(step, config, device=device, dtype=self.mlp.skip.dtype))
-        statistics, pointwise_pass, pointwise = step_functions(self.backend, autograd_needed(self, grads, params))
+        passes = TensorPasses.select(self.backend, autograd_needed(self, grads, params))
         slots = {slot: dict(values) for slot, values in state.slots.items()}
         updates: Params = {}
         for name, grad in grads.items():
             g, p = as_matrix(grad), as_matrix(params[name])
-            acc, _, mean_square, param_ms = statistics(g, p, tensor_accumulators(state.slots, name, config), config)
-            update = pointwise_pass(
-                g, p, acc, normalisation_scales(mean_square, config.eps), layers, skip,
-                self.scale.step_size(param_ms), self.scale.magnitude_scale, config, pointwise,
+            reduced = passes.reduce(g, p, tensor_accumulators(state.slots, name, config), config)
+            update = passes.update(
+                g, p, reduced.acc, reduced.row_norms, normalisation_scales(reduced.mean_square, config.eps),
+                layers, skip, self.scale.step_size(reduced.param_mean_square), self.scale.magnitude_scale,
+                config, passes.pointwise,
             )
             updates[name] = update.reshape(grad.shape)
-            for slot, value in acc.items():
+            for slot, value in reduced.acc.items():
                 slots[slot][name] = value
         return updates, state.replace(step_count=step, slots=slots)

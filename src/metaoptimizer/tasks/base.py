@@ -99,7 +99,8 @@ def sample_batches(x: Tensor, y: Tensor, batch_size: int, seed: int) -> Iterator
 class ModuleTask(Task):
     """A task defined by an ``nn.Module`` factory, a loss and in-memory train/validation tensors.
 
-    ``model_factory(generator_seed)`` builds the module; its parameters become the task's params.
+    ``model_factory()`` builds the module (under the global RNG, which :meth:`init_params` seeds);
+    its parameters become the task's params.
     """
 
     def __init__(
@@ -110,17 +111,16 @@ class ModuleTask(Task):
         valid_data: Batch,
         loss: str = "cross_entropy",
         batch_size: int = 32,
-        data_seed: int = 0,
     ) -> None:
         self.name = name
         self.model_factory = model_factory
-        self.model = model_factory()
+        with torch.random.fork_rng(devices=[]):  # building the template must not advance the caller's RNG
+            self.model = model_factory()
         self.train_data = train_data
         self.valid_data = valid_data
         self.loss_name = loss
         self._loss = loss_fn(loss)
         self.batch_size = batch_size
-        self.data_seed = data_seed
 
     def init_params(self, seed: int) -> Params:
         with torch.random.fork_rng(devices=[]):
