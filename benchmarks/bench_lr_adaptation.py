@@ -8,15 +8,16 @@ the three starts), then frozen for the held-out tasks. Both optimizers run throu
 ``torch.optim`` loop, paired: same initialisation and batches per seed.
 
 ``schedule``: a :class:`LearnedSchedule` on Adam, meta-trained with ``MetaTrainer`` on training
-tasks, against Adam with a tuned constant lr, tuned cosine decay and tuned linear warmup (10%)
-plus cosine, by the evaluation module's steps-to-target speedup (``run_suite``; each baseline's lr
+tasks (by default through whole 200-step runs, untruncated, on the mean log training loss),
+against Adam with a tuned constant lr, tuned cosine decay and tuned linear warmup (10%) plus
+cosine, by the evaluation module's steps-to-target speedup (``run_suite``; each baseline's lr
 is tuned per held-out task, which favours the baselines). The learned schedule's base lr is
 constant Adam's best lr on training tasks; meta-training learns the curve.
 
 Usage::
 
     python benchmarks/bench_lr_adaptation.py hypergradient [--tasks 6] [--steps 200] [--seeds 0 1 2]
-    python benchmarks/bench_lr_adaptation.py schedule [--tasks 6] [--steps 200] [--meta-steps 150]
+    python benchmarks/bench_lr_adaptation.py schedule [--tasks 6] [--steps 200] [--meta-steps 40] [--unroll 200]
 
 Each prints markdown tables (ratios against the reference measured in the same run) and writes
 the numbers as JSON next to ``--out``.
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metaoptimizer.config import META_OBJECTIVES
 from metaoptimizer.evaluate import Baseline, compare, log_grid, run_suite, summarize, tune_lr
 from metaoptimizer.evaluate.metrics import seed_mean, smoothing_window
 from metaoptimizer.evaluate.runner import run_seeds
@@ -178,7 +180,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     schedule = LearnedSchedule(total_steps=args.steps, num_knots=args.knots)
     rule = ScheduledRule(Adam(lr=base_lr), schedule)
     trainer = MetaTrainer(rule, family, meta_lr=args.meta_lr, unroll_steps=args.unroll, horizon=args.steps,
-                          tasks_per_step=args.tasks_per_step, seed=0)
+                          tasks_per_step=args.tasks_per_step, meta_objective=args.meta_objective, seed=0)
     results = trainer.train(args.meta_steps)
     meta_seconds = time.perf_counter() - started
     fractions = [i / args.knots for i in range(args.knots + 1)]
@@ -261,9 +263,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--beta-tasks", type=int, default=2, help="training tasks used to pick beta / the base lr")
-    parser.add_argument("--meta-steps", type=int, default=150)
-    parser.add_argument("--meta-lr", type=float, default=0.03)
-    parser.add_argument("--unroll", type=int, default=20)
+    parser.add_argument("--meta-steps", type=int, default=40)
+    parser.add_argument("--meta-lr", type=float, default=0.05)
+    parser.add_argument("--unroll", type=int, default=200, help="truncation length (200 = the whole run)")
+    parser.add_argument("--meta-objective", default="log_train_loss", choices=META_OBJECTIVES)
     parser.add_argument("--tasks-per-step", type=int, default=2)
     parser.add_argument("--knots", type=int, default=8)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the learned schedule (schedule only)")

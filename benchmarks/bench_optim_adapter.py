@@ -9,7 +9,7 @@ For each model shape it times one optimizer step (gradients fixed, so only the s
 It prints the adapter's time per step as a ratio to each, so the adapter's own overhead
 (bookkeeping per tensor, state split/merge, non-finite check) is separated from the rule's cost.
 
-    python benchmarks/bench_optim_adapter.py [--device cpu|cuda] [--repeats 30] [--rounds 5]
+    python benchmarks/bench_optim_adapter.py [--device cpu|cuda] [--repeats 30] [--rounds 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -83,9 +83,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=30, help="calls per timed block")
     parser.add_argument("--rounds", type=int, default=5, help="timed blocks per method (best is kept)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"{'model':32s} {'torch Adam':>11s} {'adapter':>11s} {'direct rule':>11s} {'adapter/torch':>14s} {'adapter/direct':>15s}")
+    header = ("model", "torch Adam", "adapter", "direct rule", "adapter/torch", "adapter/direct")
+    print(f"{header[0]:32s} {header[1]:>11s} {header[2]:>11s} {header[3]:>11s} {header[4]:>14s} {header[5]:>15s}")
     for name, widths in SHAPES.items():
         params = build(widths, args.device)
         steps = {

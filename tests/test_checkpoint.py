@@ -1,5 +1,6 @@
 """Checkpoint files: atomic writes, validated safe reads, clear errors."""
 
+from collections import OrderedDict, defaultdict, namedtuple
 import multiprocessing
 import os
 import pickle
@@ -25,6 +26,8 @@ PAYLOAD = {
     "history": [1.5, 2.5],
     "pair": (torch.ones(1), None),
     "dtype": torch.bfloat16,
+    "misc": OrderedDict(size=torch.Size([2, 3]), tags={"a", "b"}, raw=b"\x00", device=torch.device("cpu"), z=1j),
+    "param": torch.nn.Parameter(torch.ones(2)),
 }
 
 
@@ -206,6 +209,8 @@ def test_damaged_checkpoint_loads_or_raises_checkpoint_error(tmp_path, position,
 
 # --- write validation ---------------------------------------------------------------------------
 
+Pair = namedtuple("Pair", "a b")
+
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
@@ -217,7 +222,9 @@ def test_damaged_checkpoint_loads_or_raises_checkpoint_error(tmp_path, position,
         ({"payload": {"version": 2}}, ValueError, r"payload keys \['version'\] are reserved"),
         ({"payload": {"state": OptimizerState()}}, TypeError, r"checkpoint\['state'\] is a OptimizerState.*to_dict"),
         ({"payload": {"nested": [{"f": print}]}}, TypeError, r"checkpoint\['nested'\]\[0\]\['f'\] is a builtin"),
-        ({"payload": {"keys": {(1, 2): 3}}}, TypeError, r"checkpoint\['keys'\] has a key of type tuple"),
+        ({"payload": {"keys": {print: 3}}}, TypeError, r"a key of checkpoint\['keys'\] is a builtin"),
+        ({"payload": {"pair": Pair(1, 2)}}, TypeError, r"checkpoint\['pair'\] is a Pair"),
+        ({"payload": {"counts": defaultdict(int)}}, TypeError, r"checkpoint\['counts'\] is a defaultdict"),
     ],
 )
 def test_bad_save_arguments_write_nothing(tmp_path, kwargs, error, message):

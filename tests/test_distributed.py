@@ -1,6 +1,7 @@
 """Two processes on loopback (gloo, FileStore) give exactly the single-process result."""
 
 import os
+import socket
 
 import pytest
 import torch
@@ -113,6 +114,34 @@ def test_environment_helpers(monkeypatch):
     with pytest.raises(ValueError, match="accepted values"):
         init_distributed(backend="mpi")
     distributed.shutdown()  # nothing joined: a no-op
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_init_distributed_from_torchrun_environment(monkeypatch):
+    """A one-process group joined as torchrun would: env:// rendezvous on loopback, gloo."""
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    communicator = communicator_from_environment(backend="gloo")
+    try:
+        assert isinstance(communicator, TorchDistributed)
+        assert (communicator.rank, communicator.world_size, communicator.device) == (0, 1, torch.device("cpu"))
+        t = torch.arange(3.0)
+        total = communicator.all_reduce_sum(t)
+        assert torch.equal(total, t) and total is not t
+        assert communicator.all_gather_object([1, "a"]) == [[1, "a"]]
+        communicator.barrier()
+        trainer = MetaTrainer(LSTMRule(hidden_size=2), QuadraticFamily(dim=2), unroll_steps=2, horizon=4,
+                              communicator=communicator)
+        assert not trainer.step().skipped
+    finally:
+        distributed.shutdown()
+    assert not dist.is_initialized()
 
 
 def test_single_process_communicator():

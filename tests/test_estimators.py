@@ -136,7 +136,10 @@ def test_tasks_of_different_shapes_run_unbatched_with_the_same_results():
     rule = LSTMRule(hidden_size=3)
     theta = flatten_meta(rule)[None]
     jobs = []
-    for task in (_mlp_task(0), _mlp_task(1, hidden=6), QuadraticTask(0, dim=3)):
+    class Unregistered(QuadraticTask):
+        pass
+
+    for task in (_mlp_task(0), _mlp_task(1, hidden=6), QuadraticTask(0, dim=3), Unregistered(1, dim=3)):
         params = task.init_params(0)
         jobs.append(UnrollJob(task, theta, params, rule.init(params), list(itertools.islice(task.train_batches(0), 3))))
     with torch.no_grad():

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from metaoptimizer.evaluate import metrics
-from metaoptimizer.evaluate.report import curve_to_dict, result_to_dict, write_report
-from metaoptimizer.evaluate.runner import Curve, run_suite
+from metaoptimizer.evaluate.baselines import TuningResult
+from metaoptimizer.evaluate.report import curve_to_dict, plot_curves, result_to_dict, write_report
+from metaoptimizer.evaluate.runner import Curve, SuiteResult, TaskResult, compare, run_suite
 from metaoptimizer.evaluate.suites import Suite, SuiteEntry
 from metaoptimizer.rules.hand import SGD, Adam
 
@@ -94,3 +95,23 @@ def test_json_numbers_round_trip_non_finite_values():
 
 def test_result_to_dict_is_strict_json(result):
     json.dumps(result_to_dict(result), allow_nan=False)
+
+
+def test_curve_plots_hide_unused_panels_and_skip_diverged_stretches(tmp_path):
+    """Five hand-made tasks on a 4-column grid; one optimizer diverges half way."""
+    t = np.arange(1, 21, dtype=float)
+    entry = SuiteEntry("hand", "digits_mlp", tuple(range(5)), 20, (0,))
+    evaluations = {"loss": np.array([1.0, 0.5])}
+    curve = lambda losses: Curve(np.asarray(losses), np.array([0, 20]), evaluations, None, 0.0)  # noqa: E731
+    result = SuiteResult(Suite("hand", "hand-made curves", (entry,)), reference="adam", window_fraction=0.05,
+                         tuner="grid")
+    for index in entry.task_indices:
+        tuning = TuningResult("adam", window=1)
+        tuning.add(0.1, [curve(1 / t)])
+        tuning.add(1.0, [curve(np.r_[1 / t[:10], np.full(10, np.inf)])])
+        optimizers = {"fast": [curve(1 / (2 * t))], "broken": [curve(np.r_[1 / t[:10], np.full(10, np.nan)])]}
+        comparisons = {name: compare(c, tuning, 1) for name, c in optimizers.items()}
+        result.tasks.append(TaskResult(entry, index, f"hand task {index}", 1, optimizers, {"adam": tuning}, comparisons))
+    path = plot_curves(result, "hand", tmp_path / "curves.png")
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+    assert [c.speedup.value for c in result.tasks[0].comparisons.values()] == [2.0, 0.5]

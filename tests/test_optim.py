@@ -314,6 +314,24 @@ def test_several_nonfinite_gradients_are_all_named():
         opt.step()
 
 
+def test_nonfinite_check_handles_empty_and_mixed_precision_tensors():
+    params = [
+        nn.Parameter(torch.zeros(0)),
+        nn.Parameter(torch.ones(3, dtype=torch.float64)),
+        nn.Parameter(torch.ones(2, dtype=torch.bfloat16)),
+    ]
+    opt = LearnedOptimizer(params, hand.SGD(lr=0.5))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert params[1].tolist() == [0.5] * 3 and params[2].tolist() == [0.5] * 2
+    params[1].grad[0] = 1e300  # finite in float64, would overflow a float32 check
+    opt.step()
+    params[2].grad[1] = math.inf
+    with pytest.raises(ValueError, match=r"'g0\.p2' \(shape \(2,\)\)"):
+        opt.step()
+
+
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_nonfinite_closure_loss(policy):
     model = make_model()
@@ -422,7 +440,8 @@ def test_load_state_dict_rejects_mismatches():
     with pytest.raises(ValueError, match="saved with update rule 'adam'.*runs 'sgd'"):
         LearnedOptimizer(model.parameters(), hand.SGD(lr=0.1)).load_state_dict(good)
     with pytest.raises(ValueError, match="missing keys"):
-        LearnedOptimizer(model.parameters(), hand.Adam()).load_state_dict(torch.optim.Adam(model.parameters()).state_dict())
+        torch_state = torch.optim.Adam(model.parameters()).state_dict()
+        LearnedOptimizer(model.parameters(), hand.Adam()).load_state_dict(torch_state)
     with pytest.raises(ValueError, match="doesn't match the size"):
         LearnedOptimizer(model[0].parameters(), hand.Adam()).load_state_dict(good)
     with pytest.raises(ValueError, match="parameter id 7"):

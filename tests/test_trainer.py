@@ -164,9 +164,51 @@ def test_rule_without_meta_parameters_is_rejected():
         RunEstimates(torch.zeros(0, 0), torch.zeros(0), torch.zeros(0)).mean(LSTMRule(hidden_size=2))
 
 
+def test_tbptt_on_a_rule_without_meta_parameters_gives_empty_rows():
+    trainer = _trainer(tasks_per_step=2)
+    rows = TruncatedBPTT().estimate_runs(SGD(lr=0.05), trainer.runs, 2)
+    assert rows.grads.shape == (2, 0) and bool(rows.finite().all())
+
+
 def test_gather_on_one_process_is_the_identity():
     rows = RunEstimates(torch.ones(2, 3), torch.tensor([1.0, 2.0]), torch.tensor([3, 3]))
     assert gather_slot_rows(rows, [0, 1], 2, SingleProcess()) is rows
+
+
+def test_gathered_rows_of_two_processes_are_exactly_the_rows_of_all_slots():
+    gen = torch.Generator().manual_seed(0)
+    full = RunEstimates(torch.randn(5, 4, generator=gen), torch.rand(5, generator=gen, dtype=torch.float64) * 1e3,
+                        torch.tensor([3, 3, 2, 3, 1]))
+    part = lambda slots: RunEstimates(full.grads[slots], full.meta_losses[slots], full.inner_steps[slots])  # noqa: E731
+
+    class Capture:
+        """Stands in for the collective: returns this process's buffer plus the other's."""
+
+        rank, world_size = 0, 2
+
+        def __init__(self, other=None):
+            self.other, self.mine = other, None
+
+        def all_reduce_sum(self, tensor):
+            self.mine = tensor
+            return tensor if self.other is None else tensor + self.other
+
+    odd = Capture()
+    gather_slot_rows(part([1, 3]), [1, 3], 5, odd)
+    rows = gather_slot_rows(part([0, 2, 4]), [0, 2, 4], 5, Capture(odd.mine))
+    assert torch.equal(rows.grads, full.grads) and rows.grads.dtype == full.grads.dtype
+    assert torch.equal(rows.meta_losses, full.meta_losses)
+    assert torch.equal(rows.inner_steps, full.inner_steps)
+
+
+def test_replayable_batches_resume_where_they_stopped():
+    task = QuadraticFamily(dim=2, noise_std=0.1).sample(4)
+    stream = ReplayableBatches(task.train_batches, seed=7)
+    assert iter(stream) is stream
+    seen = stream.take(3)
+    assert stream.drawn == 3
+    again = ReplayableBatches(task.train_batches, seed=7, drawn=2)
+    assert torch.equal(next(again)[1], seen[2][1])
 
 
 def test_slot_generators_are_independent_and_reproducible():

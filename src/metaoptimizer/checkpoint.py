@@ -2,9 +2,10 @@
 
 A checkpoint is a dict ``{"format": "metaoptimizer", "kind": ..., "version": ..., "config": ...,
 **payload}`` written with ``torch.save`` and read back with ``torch.load(weights_only=True)``, so
-it may hold only tensors, numbers, strings, ``None``, dtypes/devices and dicts/lists/tuples of
-them (convert dataclasses such as ``OptimizerState`` with ``to_dict()`` first). Every way a read
-can fail is reported as a :class:`CheckpointError` that says which file and why.
+it may hold only tensors, numbers, strings, bytes, ``None``, dtypes/devices and
+dicts/lists/tuples/sets of them (convert dataclasses such as ``OptimizerState`` with
+``to_dict()`` first). Every way a read can fail is reported as a :class:`CheckpointError` that
+says which file and why.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ from __future__ import annotations
 import os
 import pickle
 import secrets
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 __all__ = ["FORMAT", "CheckpointError", "atomic_save", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = "metaoptimizer"
 _RESERVED = ("format", "kind", "version", "config")
-_PLAIN_LEAVES = (torch.Tensor, str, int, float, bool, type(None), torch.dtype, torch.device)
+_MAPPINGS = (dict, OrderedDict)
+_SEQUENCES = (list, tuple, set, torch.Size)
+_LEAVES = (torch.Tensor, nn.Parameter, str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
 
 
 class CheckpointError(ValueError):
@@ -52,19 +57,22 @@ def _summary(error: Exception, limit: int = 160) -> str:
 
 
 def _check_plain(obj: Any, where: str) -> None:
-    """Raise TypeError naming the first value that ``torch.load(weights_only=True)`` would refuse."""
-    if isinstance(obj, dict):
+    """Raise TypeError naming the first value that ``torch.load(weights_only=True)`` would refuse.
+
+    Types are matched exactly: subclasses such as namedtuples or defaultdicts are refused by the
+    safe loader even though their bases are accepted.
+    """
+    if type(obj) in _MAPPINGS:
         for key, value in obj.items():
-            if not isinstance(key, (str, int)):
-                raise TypeError(f"{where} has a key of type {type(key).__name__}; checkpoint keys are str or int")
+            _check_plain(key, f"a key of {where}")
             _check_plain(value, f"{where}[{key!r}]")
-    elif isinstance(obj, (list, tuple)):
+    elif type(obj) in _SEQUENCES:
         for index, value in enumerate(obj):
             _check_plain(value, f"{where}[{index}]")
-    elif not isinstance(obj, _PLAIN_LEAVES):
+    elif type(obj) not in _LEAVES:
         raise TypeError(
-            f"{where} is a {type(obj).__name__}; checkpoints hold only tensors, numbers, strings, None, "
-            "dtypes, devices and dicts/lists/tuples of them (convert dataclasses with to_dict())"
+            f"{where} is a {type(obj).__name__}; checkpoints hold only tensors, numbers, strings, bytes, None, "
+            "dtypes, devices and dicts/lists/tuples/sets of them (convert dataclasses with to_dict())"
         )
 
 

@@ -46,3 +46,17 @@ def demo(
 
     report = run_demo(out, minutes=minutes, meta_steps=meta_steps or None, tasks=tasks, steps=steps, seed=seed)
     typer.echo(f"report: {report}")
+
+
+@app.command()
+def pretrain(
+    name: Annotated[str, typer.Argument(help="Pretrained optimizer to rebuild, e.g. lstm-digits-mlp.")],
+    out: Annotated[Path, typer.Option(help="Folder for the checkpoint and its meta-training log.")],
+    meta_steps: Annotated[int, typer.Option(help="Meta-steps (0: as the shipped checkpoint).")] = 0,
+    seed: Annotated[int, typer.Option(help="Meta-training seed (-1: as the shipped checkpoint).")] = -1,
+) -> None:
+    """Meta-train a shipped optimizer from scratch, as its model card describes."""
+    from metaoptimizer.pretrained import train
+
+    checkpoint = train(name, out, meta_steps=meta_steps or None, seed=None if seed < 0 else seed)
+    typer.echo(f"checkpoint: {checkpoint}")

@@ -61,6 +61,7 @@ def meta_train(
             done += 1
             writer.writerow([done, result.meta_loss, result.meta_grad_norm, int(result.skipped),
                              round(time.monotonic() - start, 3)])
+            handle.flush()
             progress.update(bar, advance=1, info=f"meta-loss {result.meta_loss:.3f}")
     meta.meta_steps, meta.skipped_meta_steps = trainer.steps, trainer.skipped_steps
     return meta

@@ -63,15 +63,21 @@ def _split_state(
 
 
 def _nonfinite_names(tensors: Mapping[str, Tensor]) -> list[str]:
-    """Names of the tensors holding NaN or Inf, with a single device synchronisation."""
-    if not tensors:
+    """Names of the tensors holding NaN or Inf.
+
+    One foreach max-abs reduction over all tensors (NaN and Inf propagate through it and, unlike a
+    2-norm, it cannot overflow), then one synchronisation per device and dtype.
+    """
+    names = [name for name, t in tensors.items() if t.numel() > 0]
+    if not names:
         return []
-    flags = [t.isfinite().all() for t in tensors.values()]
-    device = flags[0].device
-    finite = torch.stack([f.to(device) for f in flags])
-    if bool(finite.all()):
+    peaks = torch._foreach_norm([tensors[name] for name in names], math.inf)
+    kinds: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for peak in peaks:
+        kinds.setdefault((peak.device, peak.dtype), []).append(peak)
+    if all(bool(torch.stack(same).isfinite().all()) for same in kinds.values()):
         return []
-    return [name for name, ok in zip(tensors, finite.tolist(), strict=True) if not ok]
+    return [name for name, peak in zip(names, peaks, strict=True) if not bool(peak.isfinite())]
 
 
 class LearnedOptimizer(torch.optim.Optimizer):

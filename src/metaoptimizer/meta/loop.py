@@ -237,6 +237,7 @@ class TrainingConfig:
     and meta_lr, unroll_steps, gradient_clipping, meta_objective, second_order, seed), ``[family]``
     (``name`` and the family's keyword arguments), ``[training]`` (the fields below) and
     ``[estimator]`` (options of :func:`~metaoptimizer.meta.estimators.make_estimator`).
+    ``device`` (e.g. ``"cuda"``) holds the rule there and is passed to the family.
     """
 
     optimizer: MetaOptimizerConfig
@@ -251,6 +252,7 @@ class TrainingConfig:
     checkpoint_every: int = 50
     log_csv: bool = True
     tensorboard: bool | str = "auto"
+    device: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.optimizer, MetaOptimizerConfig):
@@ -264,6 +266,8 @@ class TrainingConfig:
         if not isinstance(self.log_csv, bool):
             raise ValueError(f"log_csv must be true or false, got {self.log_csv!r}")
         _check_tensorboard(self.tensorboard)
+        if self.device is not None:
+            torch.device(self.device)  # raises on a malformed device string
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> TrainingConfig:
@@ -317,14 +321,17 @@ def build_trainer(config: TrainingConfig, communicator: Communicator | None = No
     """The rule (seeded by ``optimizer.seed``, identical on every process), family, estimator and trainer."""
     opt = config.optimizer
     torch.manual_seed(opt.seed)
-    rule = build_rule(opt)
+    rule = build_rule(opt).to(config.device)
+    family_options = dict(config.family_options)
+    if config.device is not None:
+        family_options.setdefault("device", config.device)
     estimator = make_estimator(
         config.estimator, meta_objective=opt.meta_objective, second_order=opt.second_order,
         **config.estimator_options,
     )
     return MetaTrainer(
         rule,
-        make_family(config.family, **config.family_options),
+        make_family(config.family, **family_options),
         meta_lr=opt.meta_lr,
         unroll_steps=opt.unroll_steps,
         horizon=config.horizon,

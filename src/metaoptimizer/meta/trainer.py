@@ -148,13 +148,10 @@ class GradientEstimator(Protocol):
 
 
 class RowEstimator:
-    """Base of estimators that compute per-run rows; :meth:`estimate` averages them."""
-
-    def estimate_runs(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> RunEstimates:
-        raise NotImplementedError
+    """Base of estimators that define ``estimate_runs`` (per-run rows); :meth:`estimate` averages them."""
 
     def estimate(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> Estimate:
-        return self.estimate_runs(rule, runs, unroll_steps).mean(rule)
+        return self.estimate_runs(rule, runs, unroll_steps).mean(rule)  # type: ignore[attr-defined]
 
 
 def advance(run: TaskRun, params: Params, state: OptimizerState, steps: int, finite: bool) -> None:
@@ -190,7 +187,7 @@ class TruncatedBPTT(RowEstimator):
                 rule, run.task, detach_params(run.params), run.state.detach(), run.train_batches, steps,
                 second_order=self.second_order, meta_objective=self.meta_objective, valid_batches=run.valid_batches,
             )
-            row = torch.full((size,), math.nan)
+            row = torch.full((size,), math.nan, device=params[0].device if params else None)
             if result.finite:
                 grads = torch.autograd.grad(result.meta_loss, params, allow_unused=True) if params else ()
                 row = _flatten_grads(grads, params)

@@ -207,7 +207,7 @@ def init_slots(params: Mapping[str, Tensor], config: FeatureConfig) -> dict[str,
         zeros = functools.partial(torch.zeros, dtype=config.storage_dtype(p.dtype), device=p.device)
         rows, cols = matrix_shape(p.shape)
         for slot, _ in (*config.momentum_slots, *config.rms_slots):
-            slots[slot][name] = zeros(rows, cols)
+            slots[slot][name] = zeros(rows * cols)
         for (row, col), _ in config.factored_slots:
             slots[row][name], slots[col][name] = zeros(rows), zeros(cols)
     return slots
@@ -263,7 +263,7 @@ def factored_second_moment(row: Tensor, col: Tensor, row_normaliser: Tensor) -> 
     ``row_normaliser`` is ``1 / mean(row)``, computed beforehand so that the pointwise passes
     contain no reduction (a reduction in the middle makes the compiler split the loop).
     """
-    return row[:, None] * col[None, :] * row_normaliser
+    return (row[:, None] * col[None, :] * row_normaliser).reshape(-1)
 
 
 def tensor_features(

@@ -1,0 +1,471 @@
+"""Warp-Grad: meta-learned preconditioning through warp layers (Flennerhag et al. 2020).
+
+The learner is a network whose layers are split in two: *task layers* (parameters theta), adapted
+to each episode's support set by an inner rule (SGD by default), and *warp layers* (parameters
+phi, see :mod:`metaoptimizer.tasks.warp_models`), held fixed while a task adapts. Because the task
+gradient is backpropagated through the warp layers, their Jacobians precondition it: phi shapes
+the geometry that gradient descent on theta sees.
+
+Meta-objective (the paper's trajectory objective). Points theta_k are sampled along each inner
+trajectory and treated as constants (detached); at each sampled point the inner rule takes one
+step with the current phi and the query loss is measured after it::
+
+    J(phi) = mean over episodes and sampled k of  L_query( theta_k + u(grad L_support(theta_k; phi)); phi )
+
+so the meta-gradient never backpropagates through the inner loop: its memory is that of one
+inner step whatever ``inner_steps`` is, and points are processed one at a time. The default
+(second-order) variant differentiates through that one step (a Hessian-vector product through
+the warp layers); ``first_order=True`` treats the step as a constant and differentiates only
+``L_query(theta_{k+1}; phi)`` (the paper's Hessian-free approximation).
+
+Initialisation. With ``learn_init=True`` (the default) the task layers' initialisation theta_0 is
+meta-learned too, from the same sampled losses: each contributes its gradient with respect to
+the sampled point (theta_k in the second-order variant, theta_{k+1} in the first-order one), the
+path from theta_0 to that point being treated as the identity. With ``inner_steps=1`` this is
+exactly MAML's meta-gradient (second order) or first-order MAML's (first order); with more steps
+it is first-order MAML applied at every sampled point (a memory-flat alternative to the
+paper's Warp-MAML / Warp-Leap variants). With ``learn_init=False`` every episode starts from the
+model's initial task parameters and only the warp layers are learned.
+
+A model without warp layers and ``learn_init=True`` is the MAML-like baseline through the same
+code (``preconditioning=False`` in :meth:`WarpGradLearner.from_config`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, check_positive
+from metaoptimizer.meta.gradient_learner import GradientMetaLearner
+from metaoptimizer.meta.step import apply_meta_gradient
+from metaoptimizer.rules.base import Params, UpdateRule, apply_updates
+from metaoptimizer.rules.hand import HAND_RULES, make_hand_rule
+from metaoptimizer.tasks.base import LossFn, loss_fn
+from metaoptimizer.tasks.episodes import Episode
+from metaoptimizer.tasks.warp_models import WarpedSequential, interleave_warps
+
+#: Learning rate of a named inner rule when ``inner_lr`` is not given.
+DEFAULT_INNER_LR = 0.1
+#: ``MetaOptimizerConfig.rule_options`` keys that :meth:`WarpGradLearner.from_config` accepts.
+RULE_OPTIONS = (
+    "inner_lr", "inner_rule", "trajectory_samples", "learn_init",
+    "warp_kernel_size", "warp_activation", "warp_residual",
+)
+
+Forward = Callable[[Mapping[str, Tensor], Tensor], Tensor]
+
+
+@dataclass
+class TrajectoryMetaGradient:
+    """The trajectory meta-objective of one episode.
+
+    ``meta_loss`` is the mean query loss over the sampled points (a float), ``warp_grads`` its
+    gradient for each warp tensor (in the order given), ``init_grads`` its gradient with respect
+    to the sampled task-parameter points (empty unless asked for), ``adapted`` the task parameters
+    after the whole inner loop (detached) and ``finite`` whether the sampled losses were finite.
+    With no sampled point (adaptation only) ``meta_loss`` is NaN and the gradients are zero.
+    """
+
+    meta_loss: float
+    warp_grads: list[Tensor]
+    init_grads: dict[str, Tensor]
+    adapted: Params
+    finite: bool
+
+
+def _leaf(params: Mapping[str, Tensor]) -> Params:
+    """Detached copies that require grad: a trajectory point treated as a constant."""
+    return {n: p.detach().requires_grad_() for n, p in params.items()}
+
+
+def sample_trajectory_points(steps: int, count: int | None, generator: torch.Generator | None = None) -> list[int]:
+    """``count`` distinct inner-step indices in ``[0, steps)``, sorted (every index when ``count``
+    is None): the points of a trajectory at which the meta-objective is taken."""
+    check_positive("steps", steps, integer=True)
+    if count is None:
+        return list(range(steps))
+    check_positive("count", count, integer=True)
+    if count > steps:
+        raise ValueError(f"cannot sample {count} points from a trajectory of {steps} inner steps")
+    return sorted(torch.randperm(steps, generator=generator)[:count].tolist())
+
+
+def trajectory_meta_gradient(
+    forward: Forward,
+    warp_params: Sequence[Tensor],
+    init: Mapping[str, Tensor],
+    rule: UpdateRule,
+    episode: Episode,
+    loss: LossFn,
+    steps: int,
+    points: Sequence[int],
+    *,
+    first_order: bool,
+    init_grads: bool,
+) -> TrajectoryMetaGradient:
+    """Run ``steps`` inner steps of ``rule`` on the support set from ``init`` (warps fixed) and
+    take the meta-objective at the inner steps listed in ``points`` (see the module docstring).
+
+    ``forward(task_params, x)`` must read the warp parameters ``warp_params`` itself. Each sampled
+    loss is differentiated as soon as it is computed, so at most one inner step's graph is alive.
+    """
+    xs, ys = episode.support
+    xq, yq = episode.query
+    points = set(points)
+    params = {n: p.detach() for n, p in init.items()}
+    state = rule.init(params)
+    warp_total = [torch.zeros_like(p) for p in warp_params]
+    init_total = {n: torch.zeros_like(p) for n, p in params.items()} if init_grads else {}
+    losses: list[Tensor] = []
+    with torch.enable_grad():
+        for k in range(steps):
+            point = _leaf(params)
+            meta_here = k in points
+            support_loss = loss(forward(point, xs), ys)
+            grads = torch.autograd.grad(
+                support_loss, list(point.values()), create_graph=meta_here and not first_order, materialize_grads=True
+            )
+            updates, state = rule.update(dict(zip(point, grads)), state, point, k + 1)
+            following = apply_updates(point, updates)
+            if meta_here:
+                evaluated = _leaf(following) if first_order else following
+                leaves = evaluated if first_order else point
+                query_loss = loss(forward(evaluated, xq), yq)
+                wrt = list(warp_params) + (list(leaves.values()) if init_grads else [])
+                meta_grads = torch.autograd.grad(query_loss, wrt, allow_unused=True, materialize_grads=True)
+                for total, g in zip(warp_total, meta_grads[: len(warp_params)]):
+                    total.add_(g)
+                for name, g in zip(init_total, meta_grads[len(warp_params) :]):
+                    init_total[name].add_(g)
+                losses.append(query_loss.detach())
+            params = {n: p.detach() for n, p in following.items()}
+            state = state.detach()
+    count = max(len(losses), 1)
+    mean_loss = float(torch.stack(losses).mean()) if losses else math.nan
+    return TrajectoryMetaGradient(
+        meta_loss=mean_loss,
+        warp_grads=[g / count for g in warp_total],
+        init_grads={n: g / count for n, g in init_total.items()},
+        adapted=params,
+        finite=not losses or math.isfinite(mean_loss),
+    )
+
+
+class WarpGradLearner:
+    """Meta-learns warp layers (and optionally the task layers' initialisation) on episodes.
+
+    ``model`` is the warped learner; ``warp_layers`` names its submodules whose parameters are warp
+    parameters (default: ``model.warp_layer_names`` of a :class:`WarpedSequential`, else none).
+    Every other trainable parameter is a task parameter. ``inner_rule`` is a hand-rule name (built
+    with ``lr=inner_lr``, default :data:`DEFAULT_INNER_LR`) or an :class:`UpdateRule` instance
+    (then ``inner_lr`` must be None); its own parameters, if any, are not meta-learned.
+    ``trajectory_samples`` points per episode are drawn from a generator seeded with ``seed``
+    (None: every inner step). Meta-parameters are stepped by Adam(``meta_lr``) after global-norm
+    clipping to ``gradient_clipping``; non-finite steps are skipped and counted.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        warp_layers: Sequence[str] | None = None,
+        inner_steps: int = 5,
+        inner_lr: float | None = None,
+        inner_rule: str | UpdateRule = "sgd",
+        meta_lr: float = 1e-3,
+        first_order: bool = False,
+        trajectory_samples: int | None = None,
+        learn_init: bool = True,
+        loss: str = "cross_entropy",
+        gradient_clipping: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_positive("inner_steps", inner_steps, integer=True)
+        check_positive("meta_lr", meta_lr)
+        if trajectory_samples is not None:
+            check_positive("trajectory_samples", trajectory_samples, integer=True)
+            if trajectory_samples > inner_steps:
+                raise ValueError(
+                    f"trajectory_samples={trajectory_samples} exceeds inner_steps={inner_steps}; "
+                    "a trajectory has one point per inner step (use None for all of them)"
+                )
+        for flag, value in (("first_order", first_order), ("learn_init", learn_init)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}")
+        if gradient_clipping is not None:
+            check_positive("gradient_clipping", gradient_clipping)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.model = model
+        self.warp_layers = self._resolve_warp_layers(model, warp_layers)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        is_warp = lambda name: any(name.startswith(f"{layer}.") for layer in self.warp_layers)  # noqa: E731
+        self._warp_names = [n for n, _ in trainable if is_warp(n)]
+        self._task_names = [n for n, _ in trainable if not is_warp(n)]
+        if not self._task_names:
+            raise ValueError("model has no task parameters to adapt: every trainable parameter is in a warp layer")
+        if not self._warp_names and not learn_init:
+            raise ValueError(
+                "nothing to meta-learn: the model has no warp parameters and learn_init=False; "
+                "add warp layers (interleave_warps) or set learn_init=True"
+            )
+        self.inner_rule, self.inner_rule_name, self.inner_lr = self._resolve_rule(inner_rule, inner_lr)
+        self.inner_steps, self.meta_lr, self.first_order = inner_steps, meta_lr, first_order
+        self.trajectory_samples, self.learn_init = trajectory_samples, learn_init
+        self.gradient_clipping, self.seed = gradient_clipping, seed
+        self.loss_name, self.loss = loss, loss_fn(loss)
+        self.meta_optimizer = torch.optim.Adam(self.meta_parameters(), lr=meta_lr)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps = 0
+        self.skipped = 0
+
+    @staticmethod
+    def _resolve_warp_layers(model: nn.Module, warp_layers: Sequence[str] | None) -> tuple[str, ...]:
+        if warp_layers is None:
+            return tuple(getattr(model, "warp_layer_names", ()))
+        if isinstance(warp_layers, str) or not all(isinstance(w, str) for w in warp_layers):
+            raise ValueError(f"warp_layers must be a list of submodule names, got {warp_layers!r}")
+        modules = dict(model.named_modules())
+        for layer in warp_layers:
+            if layer not in modules or layer == "":
+                raise ValueError(f"warp layer {layer!r} is not a submodule of the model; submodules: {sorted(modules)[1:]}")
+            if not any(p.requires_grad for p in modules[layer].parameters()):
+                raise ValueError(f"warp layer {layer!r} has no trainable parameters")
+        return tuple(warp_layers)
+
+    @staticmethod
+    def _resolve_rule(inner_rule: str | UpdateRule, inner_lr: float | None) -> tuple[UpdateRule, str, float | None]:
+        if isinstance(inner_rule, UpdateRule):
+            if inner_lr is not None:
+                raise ValueError("inner_lr applies to a named inner_rule only; set the rate on the rule instance")
+            return inner_rule, inner_rule.name, None
+        if not isinstance(inner_rule, str) or inner_rule not in HAND_RULES:
+            raise ValueError(
+                f"inner_rule={inner_rule!r} is not supported; accepted values: an UpdateRule or one of {tuple(HAND_RULES)}"
+            )
+        lr = DEFAULT_INNER_LR if inner_lr is None else inner_lr
+        check_positive("inner_lr", lr)
+        return make_hand_rule(inner_rule, lr=lr), inner_rule, float(lr)
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config: MetaOptimizerConfig) -> WarpGradLearner:
+        """The learner for ``method='warp_grad'``: ``unroll_steps`` inner steps, ``second_order``
+        selects the one-step second-order objective, ``preconditioning=True`` interleaves warp
+        layers into the plain ``nn.Sequential`` ``model`` (False: the model as given, a MAML-like
+        baseline). ``rule_options`` may set any of :data:`RULE_OPTIONS`."""
+        if not isinstance(config, MetaOptimizerConfig):
+            raise TypeError(f"config must be a MetaOptimizerConfig, got {type(config).__name__}")
+        if config.method != "warp_grad":
+            raise ValueError(f"config.method is {config.method!r}; WarpGradLearner needs method='warp_grad'")
+        unknown = sorted(set(config.rule_options) - set(RULE_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown warp_grad rule_options {unknown}; accepted keys: {list(RULE_OPTIONS)}")
+        options = dict(config.rule_options)
+        warp_options = {
+            key: options.pop(f"warp_{key}") for key in ("kernel_size", "activation", "residual") if f"warp_{key}" in options
+        }
+        if isinstance(model, WarpedSequential):
+            raise ValueError(
+                "pass the plain task learner: warp layers are added when config.preconditioning is True"
+            )
+        if config.preconditioning:
+            model = interleave_warps(model, seed=config.seed, **warp_options)
+        elif warp_options:
+            raise ValueError(f"rule_options {sorted('warp_' + k for k in warp_options)} need preconditioning=True")
+        return cls(
+            model,
+            inner_steps=config.unroll_steps,
+            meta_lr=config.meta_lr,
+            first_order=not config.second_order,
+            loss=config.loss,
+            gradient_clipping=config.gradient_clipping,
+            seed=config.seed,
+            **options,
+        )
+
+    # -- parameters -------------------------------------------------------------------------
+
+    def warp_parameter_names(self) -> list[str]:
+        """Names of the warp parameters (meta-learned, fixed during adaptation)."""
+        return list(self._warp_names)
+
+    def task_parameter_names(self) -> list[str]:
+        """Names of the task parameters (adapted per episode; their initialisation is meta-learned
+        when ``learn_init``)."""
+        return list(self._task_names)
+
+    def _named(self, names: Sequence[str]) -> dict[str, nn.Parameter]:
+        params = dict(self.model.named_parameters())
+        return {n: params[n] for n in names}
+
+    def params(self) -> Params:
+        """The task parameters' initialisation, by name."""
+        return self._named(self._task_names)
+
+    def warp_params(self) -> Params:
+        return self._named(self._warp_names)
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        """Warp parameters, then the task initialisation when ``learn_init``."""
+        return list(self.warp_params().values()) + (list(self.params().values()) if self.learn_init else [])
+
+    # -- adaptation and meta-objective ------------------------------------------------------
+
+    def _forward(self, task_params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """The model with ``task_params`` substituted; warp parameters are the model's own."""
+        return functional_call(self.model, dict(task_params), (x,))
+
+    def _device(self) -> torch.device:
+        return self.params()[self._task_names[0]].device
+
+    # Same episode checks (type, loss/episode kind, device) and per-episode query metrics as the
+    # MAML / Meta-SGD learner, so both plug into the same few-shot evaluation.
+    _check_episodes = GradientMetaLearner._check_episodes
+    evaluate = GradientMetaLearner.evaluate
+
+    def _trajectory(self, episode: Episode, steps: int, points: Sequence[int], *, init_grads: bool) -> TrajectoryMetaGradient:
+        return trajectory_meta_gradient(
+            self._forward, list(self.warp_params().values()), self.params(), self.inner_rule, episode, self.loss,
+            steps, points, first_order=self.first_order, init_grads=init_grads,
+        )
+
+    def meta_gradient(self, episodes: Sequence[Episode]) -> tuple[float, dict[str, Tensor], bool]:
+        """Mean trajectory meta-loss over ``episodes``, its gradient for every meta-parameter (by
+        name: warp parameters, and task parameters when ``learn_init``), and whether it is finite.
+        Draws the sampled points from the learner's generator."""
+        episodes = self._check_episodes(episodes)
+        warp_names = self._warp_names
+        grads = {n: torch.zeros_like(p) for n, p in self._named(self.meta_parameter_names()).items()}
+        losses, finite = [], True
+        for episode in episodes:
+            points = sample_trajectory_points(self.inner_steps, self.trajectory_samples, self.generator)
+            result = self._trajectory(episode, self.inner_steps, points, init_grads=self.learn_init)
+            for name, g in zip(warp_names, result.warp_grads):
+                grads[name].add_(g, alpha=1 / len(episodes))
+            for name, g in result.init_grads.items():
+                grads[name].add_(g, alpha=1 / len(episodes))
+            losses.append(result.meta_loss)
+            finite = finite and result.finite
+        return sum(losses) / len(losses), grads, finite
+
+    def meta_parameter_names(self) -> list[str]:
+        return self._warp_names + (self._task_names if self.learn_init else [])
+
+    def meta_train_step(self, episodes: Sequence[Episode]) -> MetaOptTrainResult:
+        """One meta-update on a batch of episodes; non-finite steps are skipped and counted."""
+        episodes = list(episodes)
+        meta_loss, grads, finite = self.meta_gradient(episodes)
+        names = self.meta_parameter_names()
+        norm, skipped = apply_meta_gradient(
+            self.meta_optimizer, self.meta_parameters(), [grads[n] for n in names], self.gradient_clipping,
+            finite and math.isfinite(meta_loss),
+        )
+        if skipped:
+            self.skipped += 1
+        else:
+            self.steps += 1
+        return MetaOptTrainResult(
+            meta_loss=meta_loss,
+            meta_grad_norm=norm,
+            skipped=skipped,
+            steps=self.steps,
+            skipped_total=self.skipped,
+            inner_steps=self.inner_steps * len(episodes),
+        )
+
+    def adapt(self, episode: Episode, steps: int | None = None) -> Params:
+        """Task parameters adapted to ``episode``'s support set, warp layers fixed (detached;
+        ``steps`` defaults to ``inner_steps``)."""
+        steps = self.inner_steps if steps is None else steps
+        check_positive("steps", steps, integer=True)
+        (episode,) = self._check_episodes([episode])
+        return self._trajectory(episode, steps, (), init_grads=False).adapted
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {
+            "warp_layers": list(self.warp_layers), "inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
+            "inner_rule": self.inner_rule_name, "meta_lr": self.meta_lr, "first_order": self.first_order,
+            "trajectory_samples": self.trajectory_samples, "learn_init": self.learn_init, "loss": self.loss_name,
+            "gradient_clipping": self.gradient_clipping, "seed": self.seed,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model weights (warps and task initialisation), meta-optimizer state, point-sampling
+        generator and step counters."""
+        return {
+            "hyperparameters": self.hyperparameters(),
+            "model": self.model.state_dict(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "steps": self.steps,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        expected = {"hyperparameters", "model", "meta_optimizer", "generator", "steps", "skipped"}
+        if not isinstance(state, Mapping) or set(state) != expected:
+            found = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"not a WarpGradLearner state dict: expected keys {sorted(expected)}, got {found}")
+        saved, own = state["hyperparameters"], self.hyperparameters()
+        for key in ("warp_layers", "learn_init", "loss"):
+            if saved.get(key) != own[key]:
+                raise ValueError(f"state dict was saved with {key}={saved.get(key)!r}, this learner has {key}={own[key]!r}")
+        self.model.load_state_dict(state["model"])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.generator.set_state(state["generator"])
+        self.steps, self.skipped = int(state["steps"]), int(state["skipped"])
+
+
+class SavedTensorMeter:
+    """Bytes of tensors that autograd holds for backward, current and peak, while the context is
+    active: a device-independent measure of a (meta-)step's activation memory.
+
+    Every saved tensor is counted at its full size each time it is saved (views and parameters
+    included), so the figure is an upper bound that is exact in how it scales.
+    """
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.peak = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def __enter__(self) -> SavedTensorMeter:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._hooks.__exit__(*exc_info)
+
+    def _pack(self, tensor: Tensor) -> _Saved:
+        saved = _Saved(tensor, self)
+        self.current += saved.nbytes
+        self.peak = max(self.peak, self.current)
+        return saved
+
+    @staticmethod
+    def _unpack(saved: _Saved) -> Tensor:
+        return saved.tensor
+
+
+class _Saved:
+    """A saved tensor that returns its bytes to the meter when autograd frees it."""
+
+    __slots__ = ("tensor", "nbytes", "meter")
+
+    def __init__(self, tensor: Tensor, meter: SavedTensorMeter) -> None:
+        self.tensor, self.meter = tensor, meter
+        self.nbytes = tensor.numel() * tensor.element_size()
+
+    def __del__(self) -> None:
+        self.meter.current -= self.nbytes

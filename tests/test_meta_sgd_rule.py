@@ -1,0 +1,237 @@
+"""Online Meta-SGD rule: SGD reference, meta-gradient of alpha against autograd, clamping, reset."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from metaoptimizer.config import OptimizerState
+from metaoptimizer.optim import LearnedOptimizer
+from metaoptimizer.rules.base import apply_updates
+from metaoptimizer.rules.meta_sgd import MetaSGDRule
+
+
+def quartic_loss(params):
+    """A non-quadratic loss, so consecutive gradients are not simply proportional."""
+    w, b = params["w"], params["b"]
+    return ((w - 1.0) ** 4).sum() + (w**2).sum() * (b**2).sum() + ((b + 0.5) ** 2).sum()
+
+
+def gradients(params):
+    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+    grads = torch.autograd.grad(quartic_loss(leaves), list(leaves.values()))
+    return dict(zip(leaves, grads))
+
+
+def start_params():
+    torch.manual_seed(0)
+    return {"w": torch.randn(3, 2, dtype=torch.float64), "b": torch.randn(2, dtype=torch.float64)}
+
+
+def run(rule, params, steps, state=None):
+    state = rule.init(params) if state is None else state
+    history = []
+    for _ in range(steps):
+        grads = gradients(params)
+        updates, state = rule.update(grads, state, params, state.step_count + 1)
+        params = apply_updates(params, updates)
+        history.append((grads, state))
+    return params, state, history
+
+
+def test_init_shapes_and_values():
+    params = start_params()
+    state = MetaSGDRule(base_lr=0.02).init(params)
+    assert state.step_count == 0
+    for name, p in params.items():
+        assert torch.equal(state.per_param_lr[name], torch.full_like(p, 0.02))
+        for slot in ("update_sum", "alpha_grad"):
+            assert torch.equal(state.slots[slot][name], torch.zeros_like(p))
+
+
+def test_zero_alpha_lr_is_torch_sgd():
+    model = nn.Linear(4, 3)
+    reference = nn.Linear(4, 3)
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(16, 4), torch.randn(16, 3)
+    ours = LearnedOptimizer(model.parameters(), MetaSGDRule(base_lr=0.05, alpha_lr=0.0))
+    torch_sgd = torch.optim.SGD(reference.parameters(), lr=0.05)
+    for _ in range(100):
+        for net, optimizer in ((model, ours), (reference, torch_sgd)):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+            optimizer.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_one_step_meta_gradient_matches_autograd():
+    """alpha_3 = alpha_2 - alpha_lr * d L(theta_2) / d alpha_2 with theta_2 = theta_1 - alpha_2 * g_2."""
+    rule = MetaSGDRule(base_lr=0.01, alpha_lr=1e-5, clamp=(1e-8, 10.0))
+    _, _, history = run(rule, start_params(), 3)
+    theta_1, _, _ = run(rule, start_params(), 1)
+    (grads_2, state_2), (_, state_3) = history[1], history[2]
+    alpha = {n: a.clone().requires_grad_() for n, a in state_2.per_param_lr.items()}
+    theta_2 = {n: theta_1[n] - alpha[n] * grads_2[n] for n in alpha}
+    meta_grads = torch.autograd.grad(quartic_loss(theta_2), list(alpha.values()))
+    for (name, a), meta_grad in zip(alpha.items(), meta_grads):
+        torch.testing.assert_close(state_3.per_param_lr[name], a.detach() - 1e-5 * meta_grad)
+        assert (state_3.per_param_lr[name] > 1e-8).all() and (state_3.per_param_lr[name] < 10).all()  # unclamped
+        assert not torch.allclose(meta_grad, torch.zeros_like(meta_grad))
+
+
+@pytest.mark.parametrize("window", [2, 3])
+def test_windowed_meta_gradient_matches_autograd_with_constant_gradients(window):
+    """Over a window, alpha moves by -alpha_lr * d(sum of the window's losses)/d alpha, with the
+    applied gradients held constant (first order)."""
+    rule = MetaSGDRule(base_lr=0.01, alpha_lr=1e-5, inner_steps=window)
+    params = start_params()
+    _, state, history = run(rule, params, 2 * window)
+    # Second window: alpha_1 (set at step `window`) is applied at steps window .. 2*window-1
+    # and its meta-gradient collects the losses at steps window+1 .. 2*window.
+    theta_start, _, _ = run(rule, start_params(), window - 1)
+    alpha = {n: a.clone().requires_grad_() for n, a in history[window - 1][1].per_param_lr.items()}
+    applied = [history[t][0] for t in range(window - 1, 2 * window - 1)]
+    theta, total = dict(theta_start), 0.0
+    for grads in applied:
+        theta = {n: theta[n] - alpha[n] * grads[n] for n in theta}
+        total = total + quartic_loss(theta)
+    meta_grads = torch.autograd.grad(total, list(alpha.values()))
+    for (name, a), meta_grad in zip(alpha.items(), meta_grads):
+        torch.testing.assert_close(state.per_param_lr[name], a.detach() - 1e-5 * meta_grad, rtol=1e-9, atol=1e-12)
+        assert (state.per_param_lr[name] > 1e-8).all() and (state.per_param_lr[name] < 10).all()  # unclamped
+    # alpha is constant inside a window
+    for t in range(window, 2 * window - 1):
+        torch.testing.assert_close(history[t][1].per_param_lr["w"], history[window - 1][1].per_param_lr["w"])
+
+
+def test_alpha_is_clamped():
+    rule = MetaSGDRule(base_lr=0.5, alpha_lr=1e6, clamp=(1e-3, 2.0))
+    params = {"p": torch.tensor([1.0, -1.0])}
+    state = rule.init(params)
+    aligned = {"p": torch.tensor([1.0, 1.0])}
+    _, state = rule.update(aligned, state, params, 1)
+    _, state = rule.update({"p": torch.tensor([1.0, -1.0])}, state, params, 2)
+    clamped = torch.tensor([2.0, 1e-3])
+    torch.testing.assert_close(state.per_param_lr["p"], clamped)  # +g*g pushes up, -g*g pushes down
+    updates, state = rule.update({"p": torch.tensor([3.0, 3.0])}, state, params, 3)
+    torch.testing.assert_close(state.per_param_lr["p"], clamped)
+    assert state.step_count == 3
+    torch.testing.assert_close(updates["p"], torch.tensor([-6.0, -3e-3]))
+
+
+def test_reset_per_param_lr_keeps_the_step_count():
+    rule = MetaSGDRule(base_lr=0.01, alpha_lr=1.0, inner_steps=2)
+    _, state, _ = run(rule, start_params(), 3)
+    assert not torch.allclose(state.per_param_lr["w"], torch.full_like(state.per_param_lr["w"], 0.01))
+    reset = rule.reset_per_param_lr(state)
+    assert reset.step_count == 3
+    fresh = rule.init(start_params())
+    for name in fresh.per_param_lr:
+        assert torch.equal(reset.per_param_lr[name], fresh.per_param_lr[name])
+        for slot in ("update_sum", "alpha_grad"):
+            assert torch.equal(reset.slots[slot][name], fresh.slots[slot][name])
+    assert state.per_param_lr["w"] is not reset.per_param_lr["w"]  # pure: the input is unchanged
+    with pytest.raises(ValueError, match="no 'update_sum' slot"):
+        rule.reset_per_param_lr(OptimizerState())
+
+
+def test_rule_is_differentiable_in_its_inputs():
+    rule = MetaSGDRule(base_lr=0.1, alpha_lr=0.5)
+    params = {"p": torch.tensor([0.5, -0.25], requires_grad=True)}
+    state = rule.init(params)
+    grads = {"p": 2 * params["p"]}
+    updates, state = rule.update(grads, state, params, 1)
+    new_params = apply_updates(params, updates)
+    updates, state = rule.update({"p": 2 * new_params["p"]}, state, new_params, 2)
+    (gradient,) = torch.autograd.grad(apply_updates(new_params, updates)["p"].sum(), params["p"])
+    assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
+
+
+def test_learned_optimizer_state_dict_round_trip():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3), torch.randn(32, 1)
+
+    def train(model, optimizer, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+
+    model = nn.Linear(3, 1)
+    clone = nn.Linear(3, 1)
+    rule = MetaSGDRule(base_lr=0.05, alpha_lr=0.1, inner_steps=2)
+    optimizer = LearnedOptimizer(model.parameters(), rule)
+    train(model, optimizer, 5)
+    clone.load_state_dict(model.state_dict())
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = LearnedOptimizer(clone.parameters(), MetaSGDRule(base_lr=0.05, alpha_lr=0.1, inner_steps=2))
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    train(model, optimizer, 5)
+    train(clone, resumed, 5)
+    for p, q in zip(model.parameters(), clone.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    rates = [optimizer.state[p].per_param_lr for p in model.parameters()]
+    assert any(not torch.allclose(r, torch.full_like(r, 0.05)) for rate in rates for r in rate.values())
+
+
+def test_hyperparameters_rebuild_the_rule():
+    rule = MetaSGDRule(base_lr=0.02, alpha_lr=0.3, clamp=(1e-6, 1.0), inner_steps=4)
+    assert rule.hyperparameters() == {"base_lr": 0.02, "alpha_lr": 0.3, "clamp": (1e-6, 1.0), "inner_steps": 4}
+    assert MetaSGDRule(**rule.hyperparameters()).hyperparameters() == rule.hyperparameters()
+    assert list(rule.parameters()) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    clamp=st.one_of(
+        st.tuples(st.floats(-1, 0), st.floats(1, 2)),
+        st.tuples(st.floats(0.5, 1), st.floats(2, 3)),  # low above base_lr
+        st.tuples(st.floats(1e-9, 1e-3), st.floats(1e-6, 1e-3)),  # high below base_lr
+        st.tuples(st.just(1e-8), st.just(math.inf)),
+        st.just((1e-8,)),
+        st.just("1e-8,10"),
+    )
+)
+def test_bad_clamp_is_rejected(clamp):
+    with pytest.raises(ValueError, match="clamp must be"):
+        MetaSGDRule(base_lr=0.01, clamp=clamp)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(base_lr=0.0), "base_lr"),
+        (dict(alpha_lr=-1.0), "alpha_lr"),
+        (dict(alpha_lr=math.nan), "alpha_lr"),
+        (dict(inner_steps=0), "inner_steps"),
+        (dict(inner_steps=1.5), "inner_steps"),
+    ],
+)
+def test_bad_hyperparameters_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MetaSGDRule(**kwargs)
+
+
+def test_bad_updates_are_rejected():
+    rule = MetaSGDRule()
+    params = {"p": torch.zeros(2)}
+    state = rule.init(params)
+    with pytest.raises(ValueError, match="unknown parameter 'q'"):
+        rule.update({"q": torch.zeros(2)}, state, params, 1)
+    with pytest.raises(ValueError, match="has shape \\(3,\\)"):
+        rule.update({"p": torch.zeros(3)}, state, params, 1)
+    with pytest.raises(ValueError, match="1-based"):
+        rule.update({"p": torch.zeros(2)}, state, params, 0)
+    with pytest.raises(ValueError, match="per_param_lr"):
+        rule.update({"p": torch.zeros(2)}, state.replace(per_param_lr={}), params, 1)
+    with pytest.raises(ValueError, match="init\\(params\\)"):
+        rule.update({"p": torch.zeros(2)}, OptimizerState(), params, 1)
