@@ -8,7 +8,7 @@ the three starts), then frozen for the held-out tasks. Both optimizers run throu
 ``torch.optim`` loop, paired: same initialisation and batches per seed.
 
 ``schedule``: a :class:`LearnedSchedule` on Adam, meta-trained with ``MetaTrainer`` on training
-tasks (by default through whole 200-step runs, untruncated, on the mean log training loss),
+tasks (by default second order, through whole 200-step runs, on the mean log training loss),
 against Adam with a tuned constant lr, tuned cosine decay and tuned linear warmup (10%) plus
 cosine, by the evaluation module's steps-to-target speedup (``run_suite``; each baseline's lr
 is tuned per held-out task, which favours the baselines). The learned schedule's base lr is
@@ -180,7 +180,8 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     schedule = LearnedSchedule(total_steps=args.steps, num_knots=args.knots)
     rule = ScheduledRule(Adam(lr=base_lr), schedule)
     trainer = MetaTrainer(rule, family, meta_lr=args.meta_lr, unroll_steps=args.unroll, horizon=args.steps,
-                          tasks_per_step=args.tasks_per_step, meta_objective=args.meta_objective, seed=0)
+                          tasks_per_step=args.tasks_per_step, meta_objective=args.meta_objective,
+                          second_order=args.second_order, seed=0)
     results = trainer.train(args.meta_steps)
     meta_seconds = time.perf_counter() - started
     fractions = [i / args.knots for i in range(args.knots + 1)]
@@ -267,6 +268,8 @@ def main() -> None:
     parser.add_argument("--meta-lr", type=float, default=0.05)
     parser.add_argument("--unroll", type=int, default=200, help="truncation length (200 = the whole run)")
     parser.add_argument("--meta-objective", default="log_train_loss", choices=META_OBJECTIVES)
+    parser.add_argument("--second-order", action=argparse.BooleanOptionalAction, default=True,
+                        help="differentiate through the inner gradients (first order favours large lrs)")
     parser.add_argument("--tasks-per-step", type=int, default=2)
     parser.add_argument("--knots", type=int, default=8)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the learned schedule (schedule only)")

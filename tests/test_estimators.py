@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from metaoptimizer.config import OptimizerState
+from metaoptimizer.config import META_OBJECTIVES, OptimizerState
 from metaoptimizer.meta.estimators import PES, FullES, TaskNormalization, TruncatedES, make_estimator
 from metaoptimizer.meta.trainer import MetaTrainer, TruncatedBPTT
 from metaoptimizer.meta.unroll import detach_params, unroll
@@ -55,7 +55,7 @@ def _quadratic_job(rule, seed, steps=4, dtype=torch.float64):
 # -- vectorized unrolls --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("objective", ["train_loss", "valid_loss"])
+@pytest.mark.parametrize("objective", META_OBJECTIVES)
 @pytest.mark.parametrize("second_order", [False, True])
 def test_run_jobs_matches_reference_unroll(objective, second_order):
     torch.manual_seed(0)

@@ -47,8 +47,14 @@ def test_smooth_reads_nan_and_inf_as_diverged_for_the_window_that_holds_them():
     np.testing.assert_array_equal(got, reference_smooth([1, 2, np.inf, 4, 5, 6, np.inf], 2))
 
 
-def test_smooth_with_window_one_is_the_identity():
-    values = np.array([3.0, 1.0, 2.0])
+def test_smooth_is_exact_after_a_huge_spike_leaves_the_window():
+    """A loss spike of 5e18 (a run that nearly diverges, then recovers) must not wipe out later means."""
+    values = [2.3, 5e18, 3.0, 2.5, 2.4, 2.2]
+    np.testing.assert_array_equal(smooth(values, 2)[3:], [2.75, 2.45, 2.3])
+
+
+def test_smooth_with_window_one_is_exactly_the_identity():
+    values = 1.0 / np.arange(1, 2001)
     np.testing.assert_array_equal(smooth(values, 1), values)
 
 

@@ -218,7 +218,9 @@ def test_example_config_builds_a_pes_trainer(tmp_path):
     assert TrainingConfig.from_dict(config.to_dict()) == config
     data = config.to_dict()
     data["family"] = {"name": "quadratic", "dim": 3}  # the same run on a cheaper family
+    data["training"]["device"] = "cpu"
     trainer = build_trainer(TrainingConfig.from_dict(data))
+    assert trainer.runs[0].params["theta"].device == torch.device("cpu")
     assert isinstance(trainer.estimator, PES) and trainer.estimator.normalization.high == 5.0
     assert len(trainer.runs) == 4 and all(50 <= run.horizon <= 200 for run in trainer.runs)
 
@@ -236,6 +238,7 @@ def test_example_config_builds_a_pes_trainer(tmp_path):
         ("[family]\nname='quadratic'\n[training]\ntensorboard='maybe'\n", "tensorboard"),
         ("[family]\nname='quadratic'\n[optimizer]\nmethod='sgd'\n", "method"),
         ("[family\n", "not valid TOML"),
+        ("[family]\nname='quadratic'\n[training]\ndevice='gpu0'\n", "not a torch device"),
     ],
 )
 def test_bad_configs_are_rejected(tmp_path, text, match):

@@ -65,19 +65,18 @@ def _split_state(
 def _nonfinite_names(tensors: Mapping[str, Tensor]) -> list[str]:
     """Names of the tensors holding NaN or Inf.
 
-    One foreach max-abs reduction over all tensors (NaN and Inf propagate through it and, unlike a
-    2-norm, it cannot overflow), then one synchronisation per device and dtype.
+    Each tensor's max and min (both propagate NaN, and hold any Inf) are stacked and checked with
+    one synchronisation per device and dtype. Plain reductions are used because they are several
+    times faster than ``isfinite().all()`` or an infinity norm on CPU, and exact, unlike a sum.
     """
     names = [name for name, t in tensors.items() if t.numel() > 0]
-    if not names:
-        return []
-    peaks = torch._foreach_norm([tensors[name] for name in names], math.inf)
+    extremes = {name: torch.stack([tensors[name].amax(), tensors[name].amin()]) for name in names}
     kinds: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for peak in peaks:
-        kinds.setdefault((peak.device, peak.dtype), []).append(peak)
-    if all(bool(torch.stack(same).isfinite().all()) for same in kinds.values()):
+    for pair in extremes.values():
+        kinds.setdefault((pair.device, pair.dtype), []).append(pair)
+    if all(bool(torch.cat(same).isfinite().all()) for same in kinds.values()):
         return []
-    return [name for name, peak in zip(names, peaks, strict=True) if not bool(peak.isfinite())]
+    return [name for name, pair in extremes.items() if not bool(pair.isfinite().all())]
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -237,7 +236,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """Torch's state dict with each parameter's ``OptimizerState`` as a plain dict, plus the
-        rule's name, ``skipped_steps`` and ``running_loss``; loadable with ``weights_only=True``."""
+        rule's name, ``skipped_steps`` and ``running_loss``; loadable with ``weights_only=True``.
+        As in ``torch.optim``, tensors are shared with the live state, not copied."""
         packed = super().state_dict()
         packed["state"] = {
             index: state.to_dict() for index, state in packed["state"].items() if isinstance(state, OptimizerState)

@@ -58,16 +58,10 @@ def smooth(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
     """Trailing running mean over the last ``window`` entries (fewer at the start); ``+inf`` once diverged."""
     check_positive("window", window, integer=True)
     curve = as_curve(values)
-    finite = np.isfinite(curve)
-    sums = np.cumsum(np.where(finite, curve, 0.0))
-    bad = np.cumsum(~finite)
-    index = np.arange(curve.size)
-    start = index - window
-    lagged_sums = np.where(start >= 0, sums[np.maximum(start, 0)], 0.0)
-    lagged_bad = np.where(start >= 0, bad[np.maximum(start, 0)], 0)
-    counts = np.minimum(index + 1, window)
-    means = (sums - lagged_sums) / counts
-    return np.where(bad - lagged_bad > 0, np.inf, means)
+    # Each window's mean is computed directly (no cumulative-sum differences, which lose the
+    # precision of small late losses); NaN padding stands for the missing steps before step 1.
+    padded = np.concatenate([np.full(window - 1, np.nan), curve])
+    return np.nanmean(np.lib.stride_tricks.sliding_window_view(padded, window), axis=1)
 
 
 def _stack(curves: Sequence[Sequence[float] | np.ndarray], what: str) -> np.ndarray:

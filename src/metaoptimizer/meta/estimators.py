@@ -35,7 +35,7 @@ from torch import Tensor
 
 from metaoptimizer.config import META_OBJECTIVES, OptimizerState, check_positive
 from metaoptimizer.meta.trainer import RowEstimator, RunEstimates, TaskRun, TruncatedBPTT, advance, run_generator
-from metaoptimizer.meta.vectorized import UnrollJob, UnrollOutcome, flatten_meta, run_jobs
+from metaoptimizer.meta.vectorized import UnrollJob, UnrollOutcome, flatten_meta, index_tree, run_jobs
 from metaoptimizer.rules.base import Params, UpdateRule
 
 ESTIMATORS = ("tbptt", "truncated_es", "full_es", "pes")
@@ -93,42 +93,39 @@ class TruncatedES(RowEstimator):
     def truncation_length(self, run: TaskRun, unroll_steps: int) -> int:
         return run.steps_left(unroll_steps)
 
-    def start(self, run: TaskRun) -> tuple[Params, OptimizerState, bool]:
-        """Where the particles start: (params, state, stacked over particles?)."""
-        return run.params, run.state, False
+    def start(self, run: TaskRun, noise: Tensor) -> tuple[Params, OptimizerState, bool, Tensor]:
+        """Where the particles start (params, state, stacked per particle?) and the vectors ``w_i``
+        of ``g = Σ_i w_i (L_i⁺ − L_i⁻) / (2 P σ²)``: the run's state and the current noise."""
+        return run.params, run.state, False, noise
 
-    def weights(self, run: TaskRun, noise: Tensor) -> Tensor:
-        """The vectors ``w_i`` of ``g = Σ_i w_i (L_i⁺ − L_i⁻) / (2 P σ²)``: the current noise."""
-        return noise
-
-    def finish(self, run: TaskRun, outcome: UnrollOutcome, finite: Tensor) -> None:
+    def finish(self, run: TaskRun, outcome: UnrollOutcome, finite: Tensor, weights: Tensor) -> None:
         """Bookkeeping after the unroll, besides advancing the centre (PES keeps its particles)."""
 
     # -- the estimator -------------------------------------------------------------------------
     def estimate_runs(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> RunEstimates:
         theta = flatten_meta(rule)
         with torch.no_grad():
-            noises, jobs, lengths = [], [], []
+            weights, jobs, lengths = [], [], []
             for run in runs:
                 lengths.append(self.truncation_length(run, unroll_steps))
                 noise = self.sigma * torch.randn(self.num_pairs, theta.numel(), generator=run_generator(run))
-                noises.append(noise.to(theta))
-                params, state, stacked = self.start(run)
+                noise = noise.to(theta)
+                params, state, stacked, run_weights = self.start(run, noise)
+                weights.append(run_weights)
                 train, valid = run.draw_batches(lengths[-1], self.meta_objective)
-                members = torch.cat([theta[None], theta + noises[-1], theta - noises[-1]])
+                members = torch.cat([theta[None], theta + noise, theta - noise])
                 jobs.append(UnrollJob(run.task, members, params, state, train, valid, stacked_start=stacked))
             outcomes = run_jobs(rule, jobs, meta_objective=self.meta_objective, vectorize=self.vectorize)
             rows, losses = [], []
-            for run, noise, outcome, length in zip(runs, noises, outcomes, lengths, strict=True):
+            scale = 2 * self.num_pairs * self.sigma**2
+            for run, run_weights, outcome, length in zip(runs, weights, outcomes, lengths, strict=True):
                 finite = outcome.finite()
                 meta = outcome.meta_losses if self.normalization is None else self.normalization(outcome.meta_losses)
                 plus, minus = meta[1 : 1 + self.num_pairs], meta[1 + self.num_pairs :]
-                scale = 2 * self.num_pairs * self.sigma**2
-                rows.append(((plus - minus).to(theta) @ self.weights(run, noise)) / scale)
+                rows.append(((plus - minus).to(theta) @ run_weights) / scale)
                 losses.append(float(meta[0]))
-                centre = {name: p[0] for name, p in outcome.params.items()}
-                advance(run, centre, outcome.state.map_tensors(lambda t: t[0]), length, bool(finite[0]))
-                self.finish(run, outcome, finite)
+                advance(run, index_tree(outcome.params, 0), index_tree(outcome.state, 0), length, bool(finite[0]))
+                self.finish(run, outcome, finite, run_weights)
         return RunEstimates(
             grads=torch.stack(rows),
             meta_losses=torch.tensor(losses, dtype=torch.float64),
@@ -156,36 +153,33 @@ class PES(TruncatedES):
     particle cannot continue.
     """
 
-    def start(self, run: TaskRun) -> tuple[Params, OptimizerState, bool]:
+    def start(self, run: TaskRun, noise: Tensor) -> tuple[Params, OptimizerState, bool, Tensor]:
+        """The centre and the particles' own states; weights: each pair's perturbations so far, ξ."""
         saved = run.estimator_state.get(PES_STATE)
-        count = 2 * self.num_pairs
         if saved is None:
+            count = 2 * self.num_pairs
             params = {name: p.expand(count, *p.shape) for name, p in run.params.items()}
             state = run.state.map_tensors(lambda t: t.expand(count, *t.shape))
+            accumulated = noise
         else:
-            params, state = saved["params"], OptimizerState.from_dict(saved["state"])
             if saved["perturbation"].shape[0] != self.num_pairs:
                 raise ValueError(
                     f"run {run.task_index} holds PES particles for {saved['perturbation'].shape[0]} pairs, "
                     f"but this estimator has num_pairs={self.num_pairs}"
                 )
+            params, state = saved["params"], OptimizerState.from_dict(saved["state"])
+            accumulated = saved["perturbation"] + noise
         joined = {name: torch.cat([run.params[name][None], p]) for name, p in params.items()}
-        return joined, _stack_front(run.state, state), True
+        return joined, _stack_front(run.state, state), True, accumulated
 
-    def weights(self, run: TaskRun, noise: Tensor) -> Tensor:
-        saved = run.estimator_state.get(PES_STATE)
-        accumulated = noise if saved is None else saved["perturbation"] + noise
-        run.estimator_state[PES_STATE] = {**(saved or {}), "perturbation": accumulated}
-        return accumulated
-
-    def finish(self, run: TaskRun, outcome: UnrollOutcome, finite: Tensor) -> None:
-        if not bool(finite.all()):
-            run.diverged = True
+    def finish(self, run: TaskRun, outcome: UnrollOutcome, finite: Tensor, weights: Tensor) -> None:
+        """Keep the particles (all but the centre) and ξ; end the run when a particle diverged."""
+        run.diverged = run.diverged or not bool(finite.all())
         particles = slice(1, None)
         run.estimator_state[PES_STATE] = {
             "params": {name: p[particles] for name, p in outcome.params.items()},
             "state": outcome.state.map_tensors(lambda t: t[particles]).to_dict(),
-            "perturbation": run.estimator_state[PES_STATE]["perturbation"],
+            "perturbation": weights,
         }
 
 

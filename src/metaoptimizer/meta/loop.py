@@ -267,7 +267,10 @@ class TrainingConfig:
             raise ValueError(f"log_csv must be true or false, got {self.log_csv!r}")
         _check_tensorboard(self.tensorboard)
         if self.device is not None:
-            torch.device(self.device)  # raises on a malformed device string
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(f"device={self.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from error
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> TrainingConfig:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,7 +26,14 @@ from metaoptimizer.config import META_OBJECTIVES, MetaOptTrainResult, OptimizerS
 from metaoptimizer.meta.distributed import Communicator, SingleProcess
 from metaoptimizer.meta.step import apply_meta_gradient
 from metaoptimizer.meta.unroll import detach_params, unroll
-from metaoptimizer.meta.vectorized import UnrollJob, flatten_meta, meta_parameters, run_jobs
+from metaoptimizer.meta.vectorized import (
+    UnrollJob,
+    flatten_meta,
+    index_tree,
+    meta_parameters,
+    needs_valid_batch,
+    run_jobs,
+)
 from metaoptimizer.rules.base import Params, UpdateRule
 from metaoptimizer.tasks.base import TRAIN, Batch, Task, TaskFamily, split_seed
 
@@ -85,7 +93,7 @@ class TaskRun:
 
     def draw_batches(self, steps: int, meta_objective: str) -> tuple[list[Batch], Batch | None]:
         """The ``steps + 1`` training batches of a truncation (and a validation batch when needed)."""
-        valid = next(self.valid_batches) if meta_objective == "valid_loss" else None
+        valid = next(self.valid_batches) if needs_valid_batch(meta_objective) else None
         return self.train_batches.take(steps + 1), valid
 
 
@@ -147,11 +155,15 @@ class GradientEstimator(Protocol):
     def estimate(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> Estimate: ...
 
 
-class RowEstimator:
-    """Base of estimators that define ``estimate_runs`` (per-run rows); :meth:`estimate` averages them."""
+class RowEstimator(ABC):
+    """Base of estimators that compute per-run rows; :meth:`estimate` averages them."""
+
+    @abstractmethod
+    def estimate_runs(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> RunEstimates:
+        """One meta-gradient row per run; advances every run by one truncation."""
 
     def estimate(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> Estimate:
-        return self.estimate_runs(rule, runs, unroll_steps).mean(rule)  # type: ignore[attr-defined]
+        return self.estimate_runs(rule, runs, unroll_steps).mean(rule)
 
 
 def advance(run: TaskRun, params: Params, state: OptimizerState, steps: int, finite: bool) -> None:
@@ -210,7 +222,7 @@ class TruncatedBPTT(RowEstimator):
         rows, losses = [], []
         for run, outcome, count in zip(runs, outcomes, steps, strict=True):
             finite = bool(outcome.finite()[0])
-            advance(run, {n: p[0] for n, p in outcome.params.items()}, _member(outcome.state, 0), count, finite)
+            advance(run, index_tree(outcome.params, 0), index_tree(outcome.state, 0), count, finite)
             rows.append(outcome.grads[0].detach() if finite else torch.full_like(theta, math.nan))
             losses.append(float(outcome.meta_losses[0]))
         return _rows(rows, losses, steps)
@@ -222,10 +234,6 @@ def _flatten_grads(grads: tuple[Tensor | None, ...], params: list[Tensor]) -> Te
         return torch.zeros(0)
     pieces = [(torch.zeros_like(p) if g is None else g.detach()).reshape(-1) for g, p in zip(grads, params, strict=True)]
     return torch.cat(pieces)
-
-
-def _member(state: OptimizerState, index: int) -> OptimizerState:
-    return state.map_tensors(lambda t: t[index])
 
 
 def _rows(rows: list[Tensor], losses: list[float], inner: list[int]) -> RunEstimates:

@@ -48,7 +48,7 @@ def inner_gradients(loss: Tensor, params: Mapping[str, Tensor], second_order: bo
     return {n: g if second_order else g.detach() for n, g in zip(names, grads, strict=True)}
 
 
-def _log_loss(loss: Tensor) -> Tensor:
+def log_loss(loss: Tensor) -> Tensor:
     """``log(loss)``, floored so that an exactly-solved task gives a finite value."""
     return torch.log(loss.clamp_min(1e-30))
 
@@ -96,10 +96,10 @@ def unroll(
         loss = task.loss(params, next(train_batches))
         losses.append(float(loss.detach()))
         finite = math.isfinite(losses[-1])
-        meta_terms.append(_log_loss(loss) if log_scale else loss)
+        meta_terms.append(log_loss(loss) if log_scale else loss)
     if use_valid and finite:
         valid_loss = task.loss(params, next(valid_batches))
-        meta_loss = _log_loss(valid_loss) if log_scale else valid_loss
+        meta_loss = log_loss(valid_loss) if log_scale else valid_loss
     else:
         meta_loss = torch.stack(meta_terms).mean() if meta_terms else loss
     finite = finite and bool(torch.isfinite(meta_loss))

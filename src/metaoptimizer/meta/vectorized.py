@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from metaoptimizer.config import META_OBJECTIVES, OptimizerState
+from metaoptimizer.meta.unroll import log_loss
 from metaoptimizer.rules.base import Params, UpdateRule, apply_updates
 from metaoptimizer.tasks.base import Batch, ModuleTask, Task
 from metaoptimizer.tasks.quadratic import QuadraticTask
@@ -128,13 +129,18 @@ def index_tree(tree: Any, index: int) -> Any:
 # -- jobs and their outcomes ---------------------------------------------------------------------
 
 
+def needs_valid_batch(meta_objective: str) -> bool:
+    """Whether ``meta_objective`` is measured on a validation batch (``valid_loss``, ``log_valid_loss``)."""
+    return meta_objective.endswith("valid_loss")
+
+
 @dataclass
 class UnrollJob:
     """One truncation of ``task`` for ``members`` (M, D), each a meta-parameter vector.
 
     Members start from ``params``/``state``, shared by all, or with ``stacked_start`` stacked
     along a leading member dimension (one start per member, as PES particles need). All members
-    see ``train_batches`` (``steps + 1`` of them) and, for the validation objective, ``valid_batch``.
+    see ``train_batches`` (``steps + 1`` of them) and, for the validation objectives, ``valid_batch``.
     """
 
     task: Task
@@ -220,10 +226,11 @@ class _MemberUnroll:
             updates, state = functional_call(self.call, weights, (grads, state, params, state.step_count + 1))
             params = apply_updates(params, updates)
         terms.append(self.task.loss(params, index_tree(train, self.steps)))
-        if self.meta_objective == "valid_loss":
-            meta_loss = self.task.loss(params, valid)
-        else:
-            meta_loss = torch.stack(terms).mean()
+        if needs_valid_batch(self.meta_objective):
+            terms = [self.task.loss(params, valid)]
+        if self.meta_objective.startswith("log_"):
+            terms = [log_loss(term) for term in terms]
+        meta_loss = torch.stack(terms).mean()
         tensors, self.out_state = _split(state)
         return meta_loss, (params, tensors, torch.stack(losses))
 
@@ -268,8 +275,8 @@ def run_jobs(
     for job in jobs:
         if job.steps < 1:
             raise ValueError(f"a job needs at least 2 train batches (steps >= 1), got {len(job.train_batches)}")
-        if meta_objective == "valid_loss" and job.valid_batch is None:
-            raise ValueError("meta_objective='valid_loss' needs a valid_batch in every job")
+        if needs_valid_batch(meta_objective) and job.valid_batch is None:
+            raise ValueError(f"meta_objective={meta_objective!r} needs a valid_batch in every job")
     groups: dict[Hashable, list[int]] = {}
     singles: list[int] = []
     for index, job in enumerate(jobs):

@@ -7,15 +7,14 @@ and, shared by all coordinates, step-count embeddings and optionally the fractio
 done. Each per-coordinate feature is normalised per tensor to unit root mean square, so the
 learned rule sees the same scale whatever the tensor's gradient scale is.
 
-Every computation works on a 2-D *matrix view* of a tensor (:func:`as_matrix`): rows x columns
-for matrices and higher-rank tensors, one row for vectors and scalars. One code path, and so one
-compiled kernel, serves every shape, and the factored statistics of a matrix cost O(rows + cols)
-memory (for a vector they degenerate to a full second moment, as in Adafactor). The functions
-below take and return matrix views; rules reshape at the edges.
+Factored statistics use a 2-D *matrix view* of a tensor (:func:`as_matrix`): rows x columns for
+matrices and higher-rank tensors, one row for vectors and scalars, so they cost O(rows + cols)
+memory (for a vector they degenerate to a full second moment, as in Adafactor). Everything else
+works on flat tensors, so one code path, and one compiled kernel, serves every shape.
 
 Accumulators live in ``OptimizerState.slots`` under :attr:`FeatureConfig.slot_names`, per
-coordinate ones stored as matrix views. They are not bias-corrected: a correction is one factor
-per tensor, which the per-tensor normalisation of every feature (and of every ratio) cancels.
+coordinate ones flat. They are not bias-corrected: a correction is one factor per tensor, which
+the per-tensor normalisation of every feature (and of every ratio) cancels.
 """
 
 from __future__ import annotations
@@ -201,13 +200,17 @@ def as_matrix(t: Tensor) -> Tensor:
 
 
 def init_slots(params: Mapping[str, Tensor], config: FeatureConfig) -> dict[str, dict[str, Tensor]]:
-    """Zero accumulators for every parameter, keyed ``slots[slot][name]``."""
+    """Zero accumulators for every parameter, keyed ``slots[slot][name]``.
+
+    Per-coordinate accumulators are flat (``numel`` floats); factored ones hold the rows and the
+    columns of the parameter's matrix view.
+    """
     slots: dict[str, dict[str, Tensor]] = {slot: {} for slot in config.slot_names}
     for name, p in params.items():
         zeros = functools.partial(torch.zeros, dtype=config.storage_dtype(p.dtype), device=p.device)
         rows, cols = matrix_shape(p.shape)
         for slot, _ in (*config.momentum_slots, *config.rms_slots):
-            slots[slot][name] = zeros(rows * cols)
+            slots[slot][name] = zeros(p.numel())
         for (row, col), _ in config.factored_slots:
             slots[row][name], slots[col][name] = zeros(rows), zeros(cols)
     return slots
@@ -221,25 +224,40 @@ def tensor_accumulators(slots: Mapping[str, Mapping[str, Tensor]], name: str, co
     return {slot: slots[slot][name] for slot in config.slot_names}
 
 
-def advance_factored(grad: Tensor, acc: Accumulators, config: FeatureConfig) -> Accumulators:
-    """The factored row/column second moments after seeing ``grad`` (a matrix view).
+def _moving_average(average: Tensor, value: Tensor, decay: float, config: FeatureConfig) -> Tensor:
+    """``decay * average + (1 - decay) * value``, computed in ``value``'s dtype and stored as configured."""
+    return torch.lerp(average.to(value.dtype), value, 1.0 - decay).to(config.storage_dtype(value.dtype))
 
-    This is the only part of a step that reduces along one axis; the per-coordinate part
-    (:func:`advance_per_coordinate`) is pointwise, so the two compile into separate simple loops.
+
+def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:
+    """Adafactor's rank-1 estimate ``row col^T / mean(row)`` of the second moment (a matrix view)."""
+    return row[:, None] * col[None, :] / row.mean()
+
+
+def factored_pass(grad: Tensor, acc: Accumulators, config: FeatureConfig) -> tuple[Accumulators, list[Tensor]]:
+    """The factored accumulators after seeing ``grad`` (a matrix view) and their ``1 / sqrt(v + eps)``.
+
+    Returns the new row/column accumulators and, per factored decay, the flat inverse square
+    root of the rank-1 second moment. This pass holds every broadcast of a row or column
+    statistic; materialising its result once keeps the later passes simple flat loops, which the
+    compiler fuses (a broadcast inside them makes it split the loop), and saves recomputing it.
     """
     if not config.factored_slots:
-        return {}
+        return {}, []
     square = grad.square() + config.eps
     row_mean, col_mean = square.mean(dim=1), square.mean(dim=0)
     out: Accumulators = {}
+    inv_roots = []
     for (row, col), d in config.factored_slots:
         out[row] = _moving_average(acc[row], row_mean, d, config)
         out[col] = _moving_average(acc[col], col_mean, d, config)
-    return out
+        second = factored_second_moment(out[row].to(grad.dtype), out[col].to(grad.dtype))
+        inv_roots.append(torch.rsqrt(second + config.eps).reshape(-1))
+    return out, inv_roots
 
 
 def advance_per_coordinate(grad: Tensor, acc: Accumulators, config: FeatureConfig) -> Accumulators:
-    """The momentum and RMS accumulators after seeing ``grad`` (a matrix view); pointwise."""
+    """The momentum and RMS accumulators after seeing ``grad`` (flat); pointwise."""
     out = {slot: _moving_average(acc[slot], grad, d, config) for slot, d in config.momentum_slots}
     if config.rms_slots:
         square = grad.square() + config.eps
@@ -247,44 +265,27 @@ def advance_per_coordinate(grad: Tensor, acc: Accumulators, config: FeatureConfi
     return out
 
 
-def _moving_average(average: Tensor, value: Tensor, decay: float, config: FeatureConfig) -> Tensor:
-    """``decay * average + (1 - decay) * value``, computed in ``value``'s dtype and stored as configured."""
-    return torch.lerp(average.to(value.dtype), value, 1.0 - decay).to(config.storage_dtype(value.dtype))
-
-
-def row_normalisers(acc: Accumulators, config: FeatureConfig, dtype: torch.dtype) -> list[Tensor]:
-    """``1 / mean(row)`` of each factored second moment (0-dim tensors; see :func:`factored_second_moment`)."""
-    return [torch.reciprocal(acc[row].to(dtype).mean()) for (row, _), _ in config.factored_slots]
-
-
-def factored_second_moment(row: Tensor, col: Tensor, row_normaliser: Tensor) -> Tensor:
-    """Adafactor's rank-1 estimate ``row col^T / mean(row)`` of the second moment (a matrix view).
-
-    ``row_normaliser`` is ``1 / mean(row)``, computed beforehand so that the pointwise passes
-    contain no reduction (a reduction in the middle makes the compiler split the loop).
-    """
-    return (row[:, None] * col[None, :] * row_normaliser).reshape(-1)
-
-
 def tensor_features(
-    grad: Tensor, param: Tensor, acc: Accumulators, row_norms: Sequence[Tensor], config: FeatureConfig
+    grad: Tensor, param: Tensor, acc: Accumulators, inv_roots: Sequence[Tensor], config: FeatureConfig
 ) -> list[Tensor]:
-    """The per-coordinate features of one tensor (matrix views) from its *updated* accumulators."""
+    """The per-coordinate features of one tensor, all flat, from its *updated* accumulators.
+
+    ``inv_roots`` come from :func:`factored_pass`; the ``'factored'`` features are their
+    reciprocals ``sqrt(v + eps)``.
+    """
     dtype = grad.dtype
     momenta = [acc[slot].to(dtype) for slot, _ in config.momentum_slots]
     rms = [acc[slot].to(dtype) for slot, _ in config.rms_slots]
-    factored = [
-        factored_second_moment(acc[row].to(dtype), acc[col].to(dtype), norm.to(dtype))
-        for ((row, col), _), norm in zip(config.factored_slots, row_norms, strict=True)
-    ]
-    second = (factored or rms)[:1]
-    inv_root = torch.rsqrt(second[0] + config.eps) if second else None
+    if inv_roots:
+        inv_root = inv_roots[0]
+    elif rms:
+        inv_root = torch.rsqrt(rms[0] + config.eps)
     per_kind = {
         "grad": lambda: [grad],
         "param": lambda: [param],
         "momentum": lambda: momenta,
         "rms": lambda: [torch.sqrt(v) for v in rms],
-        "factored": lambda: [torch.sqrt(v) for v in factored],
+        "factored": lambda: [torch.reciprocal(r) for r in inv_roots],
         "mom_ratio": lambda: [m * inv_root for m in momenta],
         "grad_ratio": lambda: [grad * inv_root],
     }
@@ -302,19 +303,17 @@ def normalisation_scales(mean_square: Tensor, eps: float) -> Tensor:
 
 
 def tensor_statistics(
-    grad: Tensor, param: Tensor, acc: Accumulators, row_norms: Sequence[Tensor], config: FeatureConfig
+    grad: Tensor, param: Tensor, acc: Accumulators, inv_roots: Sequence[Tensor], config: FeatureConfig
 ) -> tuple[Accumulators, Tensor, Tensor, Tensor]:
-    """One tensor's pointwise-and-reduce pass (matrix views), after :func:`advance_factored`.
+    """One tensor's pointwise-and-reduce pass over flat tensors, after :func:`factored_pass`.
 
-    ``acc`` holds the old per-coordinate accumulators and the new factored ones. Returns the new
-    per-coordinate accumulators, the features' means and mean squares, and ``mean(param^2)``.
-    The features themselves are not kept: the update pass recomputes them, which costs less
-    memory traffic than storing them.
+    Returns the new per-coordinate accumulators, the features' means and mean squares, and
+    ``mean(param^2)``. The features themselves are not kept: the update pass recomputes them,
+    which costs less memory traffic than storing them.
     """
-    new_acc = {**acc, **advance_per_coordinate(grad, acc, config)}
-    mean, mean_square = feature_moments(tensor_features(grad, param, new_acc, row_norms, config))
-    per_coordinate = {slot: new_acc[slot] for slot, _ in (*config.momentum_slots, *config.rms_slots)}
-    return per_coordinate, mean, mean_square, param.square().mean()
+    new_acc = advance_per_coordinate(grad, acc, config)
+    mean, mean_square = feature_moments(tensor_features(grad, param, new_acc, inv_roots, config))
+    return new_acc, mean, mean_square, param.square().mean()
 
 
 def global_features(step: int, config: FeatureConfig, *, device=None, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -39,13 +39,12 @@ from metaoptimizer.rules.base import Params, UpdateRule
 from metaoptimizer.rules.features import (
     Accumulators,
     FeatureConfig,
-    advance_factored,
     as_matrix,
     check_update_inputs,
     global_features,
     init_slots,
+    factored_pass,
     normalisation_scales,
-    row_normalisers,
     tensor_accumulators,
     tensor_features,
     tensor_statistics,
@@ -131,13 +130,13 @@ def mlp_matmul(features: list[Tensor], scales: Tensor, layers: Layers, skip: Ten
 
 
 def tensor_update(
-    grad: Tensor, param: Tensor, acc: Accumulators, row_norms: list[Tensor], scales: Tensor, layers: Layers,
+    grad: Tensor, param: Tensor, acc: Accumulators, inv_roots: list[Tensor], scales: Tensor, layers: Layers,
     skip: Tensor, step_size: Tensor, magnitude_scale: float, config: FeatureConfig, pointwise: bool,
 ) -> Tensor:
-    """One tensor's pointwise pass (matrix views): features, MLP and the scaled update."""
+    """One tensor's pointwise pass over flat tensors: features, MLP and the scaled update."""
     dtype = grad.dtype
     layers = [(w.to(dtype), b.to(dtype)) for w, b in layers]
-    features = tensor_features(grad, param, acc, row_norms, config)
+    features = tensor_features(grad, param, acc, inv_roots, config)
     evaluate = mlp_pointwise if pointwise else mlp_matmul
     direction, magnitude = evaluate(features, scales.to(dtype), layers, skip.to(dtype))
     log_size = torch.clamp(magnitude * magnitude_scale, -MAX_LOG_MAGNITUDE, MAX_LOG_MAGNITUDE)
@@ -148,7 +147,7 @@ class Reduction(NamedTuple):
     """What the reduction passes of one tensor produce: everything the update pass needs."""
 
     acc: Accumulators
-    row_norms: list[Tensor]
+    inv_roots: list[Tensor]
     mean: Tensor
     mean_square: Tensor
     param_mean_square: Tensor
@@ -158,9 +157,10 @@ class Reduction(NamedTuple):
 class TensorPasses:
     """The passes of a per-tensor step (factored statistics, statistics, update), eager or compiled.
 
-    Each pass is a simple loop over the coordinates: the factored pass reduces rows and columns,
-    the statistics pass advances the per-coordinate accumulators and sums the features, the
-    update pass is purely pointwise (every per-tensor quantity is computed before it).
+    Each pass is a simple loop over the coordinates: the factored pass reduces rows and columns
+    and materialises the factored second moments' inverse roots, the statistics pass advances the
+    per-coordinate accumulators and sums the features, the update pass is purely pointwise
+    (every per-tensor quantity is computed before it).
     """
 
     factored: Callable
@@ -172,15 +172,28 @@ class TensorPasses:
     def select(cls, backend: str, autograd: bool) -> TensorPasses:
         """The passes for ``backend``; compiled ones only when no autograd graph is recorded."""
         if backend == "compiled" and not autograd:
-            return cls(compiled(advance_factored), compiled(tensor_statistics), compiled(tensor_update), True)
-        return cls(advance_factored, tensor_statistics, tensor_update, backend != "matmul")
+            return cls(compiled(factored_pass), compiled(tensor_statistics), compiled(tensor_update), True)
+        return cls(factored_pass, tensor_statistics, tensor_update, backend != "matmul")
 
     def reduce(self, grad: Tensor, param: Tensor, acc: Accumulators, config: FeatureConfig) -> Reduction:
-        """New accumulators and the per-tensor statistics of one tensor (matrix views)."""
-        acc = {**acc, **self.factored(grad, acc, config)}
-        row_norms = row_normalisers(acc, config, grad.dtype)
-        per_coordinate, mean, mean_square, param_ms = self.statistics(grad, param, acc, row_norms, config)
-        return Reduction({**acc, **per_coordinate}, row_norms, mean, mean_square, param_ms)
+        """New accumulators and the per-tensor statistics of one tensor."""
+        factored, inv_roots = self.factored(as_matrix(grad), acc, config)
+        per_coordinate, mean, mean_square, param_ms = self.statistics(
+            grad.reshape(-1), param.reshape(-1), acc, inv_roots, config
+        )
+        return Reduction({**acc, **factored, **per_coordinate}, inv_roots, mean, mean_square, param_ms)
+
+    def apply(
+        self, grad: Tensor, param: Tensor, reduced: Reduction, layers: Layers, skip: Tensor, scale: StepScale,
+        config: FeatureConfig,
+    ) -> Tensor:
+        """The update of one tensor, in its shape, from its reduction and the MLP to evaluate."""
+        update = self.update(
+            grad.reshape(-1), param.reshape(-1), reduced.acc, reduced.inv_roots,
+            normalisation_scales(reduced.mean_square, config.eps), layers, skip,
+            scale.step_size(reduced.param_mean_square), scale.magnitude_scale, config, self.pointwise,
+        )
+        return update.reshape(grad.shape)
 
 
 def autograd_needed(rule: nn.Module, *tensor_dicts: Mapping[str, Tensor]) -> bool:
@@ -295,14 +308,8 @@ class MLPRule(UpdateRule):
         slots = {slot: dict(values) for slot, values in state.slots.items()}
         updates: Params = {}
         for name, grad in grads.items():
-            g, p = as_matrix(grad), as_matrix(params[name])
-            reduced = passes.reduce(g, p, tensor_accumulators(state.slots, name, config), config)
-            update = passes.update(
-                g, p, reduced.acc, reduced.row_norms, normalisation_scales(reduced.mean_square, config.eps),
-                layers, skip, self.scale.step_size(reduced.param_mean_square), self.scale.magnitude_scale,
-                config, passes.pointwise,
-            )
-            updates[name] = update.reshape(grad.shape)
+            reduced = passes.reduce(grad, params[name], tensor_accumulators(state.slots, name, config), config)
+            updates[name] = passes.apply(grad, params[name], reduced, layers, skip, self.scale, config)
             for slot, value in reduced.acc.items():
                 slots[slot][name] = value
         return updates, state.replace(step_count=step, slots=slots)
