@@ -19,8 +19,8 @@ Usage::
     python benchmarks/bench_lr_adaptation.py hypergradient [--tasks 6] [--steps 200] [--seeds 0 1 2]
     python benchmarks/bench_lr_adaptation.py schedule [--tasks 6] [--steps 200] [--meta-steps 40] [--unroll 200]
 
-Each prints markdown tables (ratios against the reference measured in the same run) and writes
-the numbers as JSON next to ``--out``.
+Each prints markdown tables (ratios against the reference measured in the same run); ``--out``
+also writes the numbers as JSON.
 """
 
 from __future__ import annotations
@@ -273,13 +273,14 @@ def main() -> None:
     parser.add_argument("--tasks-per-step", type=int, default=2)
     parser.add_argument("--knots", type=int, default=8)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the learned schedule (schedule only)")
-    parser.add_argument("--out", type=Path, default=Path("bench_lr_adaptation.json"))
+    parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON (suffixed _<which>)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     result = bench_hypergradient(args) if args.which == "hypergradient" else bench_schedule(args)
-    out = args.out.with_name(f"{args.out.stem}_{args.which}{args.out.suffix}")
-    out.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    print(f"numbers written to {out}")
+    if args.out is not None:
+        out = args.out.with_name(f"{args.out.stem}_{args.which}{args.out.suffix}")
+        out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+        print(f"numbers written to {out}")
 
 
 if __name__ == "__main__":

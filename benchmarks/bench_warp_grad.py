@@ -42,7 +42,13 @@ from pathlib import Path
 
 import torch
 
-from metaoptimizer.evaluate.fewshot import evaluate_fewshot, make_model, make_sampler, mean_confidence_interval, meta_train
+from metaoptimizer.evaluate.fewshot import (
+    evaluate_fewshot,
+    make_model,
+    make_sampler,
+    mean_confidence_interval,
+    meta_train,
+)
 from metaoptimizer.meta.gradient_learner import GradientMetaLearner
 from metaoptimizer.meta.warp_grad import SavedTensorMeter, WarpGradLearner
 from metaoptimizer.tasks.warp_models import interleave_warps
@@ -100,7 +106,10 @@ def accuracy(args: argparse.Namespace) -> dict:
         f"\n{args.dataset} {args.n_way}-way {args.k_shot}-shot, {args.meta_steps} meta-steps x {args.meta_batch_size} "
         f"episodes, {args.inner_steps} inner steps (lr {args.inner_lr}), {args.test_episodes} meta-test episodes\n"
     )
-    print("| method | meta-test accuracy (95% CI) | minus Meta-SGD (points) | meta-params | s / meta-step | final meta-loss | skipped |")
+    print(
+        "| method | meta-test accuracy (95% CI) | minus Meta-SGD (points) | meta-params | s / meta-step "
+        "| final meta-loss | skipped |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         delta = f"{100 * (r['accuracy'] - reference['accuracy']):+.2f}" if reference else "n/a"

@@ -300,7 +300,9 @@ def write_fake_omniglot(folder, characters=(4, 3), side=12):
             images[c, :, c, :] = False
         labels = np.repeat(np.arange(count)[:, None], 20, axis=1)
         np.savez(folder / f"images_{split}.npz", images=images, labels=labels)
-        entries.append({"set": split, "alphabet": f"{split}_alphabet", "npz_label_first": 0, "npz_label_last": count - 1})
+        entries.append(
+            {"set": split, "alphabet": f"{split}_alphabet", "npz_label_first": 0, "npz_label_last": count - 1}
+        )
     (folder / "alphabets.json").write_text(json.dumps(entries))
 
 

@@ -29,7 +29,8 @@ def tiny_classifier() -> nn.Module:
 
 def sinusoid_episodes(count=3, dtype=torch.float32, seed=0):
     episodes = SinusoidSampler(k_shot=4, query_size=5).episodes(count, seed)
-    return [Episode(e.support_x.to(dtype), e.support_y.to(dtype), e.query_x.to(dtype), e.query_y.to(dtype), e.task_id) for e in episodes]
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    return [Episode(cast(e.support_x), cast(e.support_y), cast(e.query_x), cast(e.query_y), e.task_id) for e in episodes]
 
 
 def classification_episodes(count=2):
@@ -40,7 +41,8 @@ def classification_episodes(count=2):
 
 def learner(mode="per_parameter", first_order=False, steps=2, dtype=torch.float32, **kwargs) -> GradientMetaLearner:
     return GradientMetaLearner(
-        tiny_regressor(dtype), inner_steps=steps, inner_lr=0.1, lr_mode=mode, first_order=first_order, loss="mse", **kwargs
+        tiny_regressor(dtype), inner_steps=steps, inner_lr=0.1, lr_mode=mode, first_order=first_order, loss="mse",
+        **kwargs,
     )
 
 
@@ -77,12 +79,14 @@ def test_first_order_meta_gradient_matches_its_closed_form():
     (episode,) = sinusoid_episodes(1, torch.float64)
     forward = lambda params, x: torch.func.functional_call(meta.model, params, (x,))  # noqa: E731
     theta = {n: p.detach().clone().requires_grad_() for n, p in meta.params().items()}
-    support_grads = torch.autograd.grad(meta.loss(forward(theta, episode.support_x), episode.support_y), list(theta.values()))
+    support_loss = meta.loss(forward(theta, episode.support_x), episode.support_y)
+    support_grads = torch.autograd.grad(support_loss, list(theta.values()))
     adapted = {
         n: (p - alpha.detach() * g).detach().requires_grad_()
         for (n, p), alpha, g in zip(theta.items(), meta.learned_rates, support_grads)
     }
-    query_grads = torch.autograd.grad(meta.loss(forward(adapted, episode.query_x), episode.query_y), list(adapted.values()))
+    query_loss = meta.loss(forward(adapted, episode.query_x), episode.query_y)
+    query_grads = torch.autograd.grad(query_loss, list(adapted.values()))
     expected = list(query_grads) + [-g_s * g_q for g_s, g_q in zip(support_grads, query_grads)]
     for got, want in zip(meta_gradient(meta, [episode]), expected):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
@@ -116,7 +120,8 @@ def test_inner_adapt_is_plain_gradient_descent():
     params = {n: p.detach() for n, p in model.named_parameters()}
     (episode,) = sinusoid_episodes(1)
     forward = lambda p, x: torch.func.functional_call(model, p, (x,))  # noqa: E731
-    adapted = inner_adapt(forward, params, dict.fromkeys(params, 0.05), episode.support, nn.functional.mse_loss, 3, first_order=True)
+    rates = dict.fromkeys(params, 0.05)
+    adapted = inner_adapt(forward, params, rates, episode.support, nn.functional.mse_loss, 3, first_order=True)
     reference = tiny_regressor()
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
     for _ in range(3):
@@ -229,7 +234,8 @@ def test_state_dict_round_trip_continues_identically():
     for _ in range(2):
         original.meta_train_step(episodes)
     restored = GradientMetaLearner(
-        nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)), inner_steps=2, inner_lr=0.1, loss="mse", meta_lr=0.01
+        nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)),
+        inner_steps=2, inner_lr=0.1, loss="mse", meta_lr=0.01,
     )
     buffer = io.BytesIO()
     torch.save(original.state_dict(), buffer)

@@ -41,7 +41,9 @@ def warped_mlp(dtype=torch.float32, **options) -> WarpedSequential:
 def sinusoid_episodes(count=2, dtype=torch.float32, seed=0):
     episodes = SinusoidSampler(k_shot=5, query_size=6).episodes(count, seed)
     cast = lambda t: t.to(dtype)  # noqa: E731
-    return [Episode(cast(e.support_x), cast(e.support_y), cast(e.query_x), cast(e.query_y), e.task_id) for e in episodes]
+    return [
+        Episode(cast(e.support_x), cast(e.support_y), cast(e.query_x), cast(e.query_y), e.task_id) for e in episodes
+    ]
 
 
 def image_episodes(count=2, seed=0):
@@ -194,7 +196,8 @@ def test_learned_init_gets_gradients_too():
     _, grads, _ = meta.meta_gradient(sinusoid_episodes(2))
     assert set(grads) == set(meta.warp_parameter_names()) | set(meta.task_parameter_names())
     assert meta.meta_parameter_names() == meta.warp_parameter_names() + meta.task_parameter_names()
-    assert [p for p in meta.meta_parameters()] == [dict(meta.model.named_parameters())[n] for n in meta.meta_parameter_names()]
+    named = dict(meta.model.named_parameters())
+    assert meta.meta_parameters() == [named[n] for n in meta.meta_parameter_names()]
 
 
 def finite_difference(fn, param, index, eps=1e-6):
@@ -328,7 +331,8 @@ def test_meta_step_memory_does_not_grow_with_inner_steps():
 
 
 def test_meta_train_step_reports_and_improves_on_images():
-    model = interleave_warps(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)), seed=0)
+    plain = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    model = interleave_warps(plain, seed=0)
     meta = WarpGradLearner(model, inner_steps=3, inner_lr=0.1, meta_lr=0.01, trajectory_samples=2)
     episodes = image_episodes(3)
     first = meta.meta_train_step(episodes)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from metaoptimizer import __version__
+from metaoptimizer.meta.hyperparams import lr_example_command
 
 app = typer.Typer(
     name="metaopt",
@@ -60,3 +61,7 @@ def pretrain(
 
     checkpoint = train(name, out, meta_steps=meta_steps or None, seed=None if seed < 0 else seed)
     typer.echo(f"checkpoint: {checkpoint}")
+
+
+# Commands whose implementation lives beside the library code they wrap.
+app.command("lr-example")(lr_example_command)

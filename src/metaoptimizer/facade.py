@@ -160,9 +160,12 @@ class MetaOptimizer:
     def get_learned_lr(self) -> dict[str, float]:
         """Per-parameter-tensor learning rates the rule applies.
 
-        For rules without an explicit rate (the LSTM) this is the effective rate of the last
-        ``compute_update``: ``||update|| / ||gradient||`` per tensor.
+        Rules that learn rates explicitly report them (``rule.learned_lr()``). For rules without an
+        explicit rate (the LSTM) this is the effective rate of the last ``compute_update``:
+        ``||update|| / ||gradient||`` per tensor.
         """
+        if hasattr(self.rule, "learned_lr"):
+            return self.rule.learned_lr()
         if not self._effective_lr:
             raise RuntimeError("no update has been computed yet; call compute_update first")
         return dict(self._effective_lr)

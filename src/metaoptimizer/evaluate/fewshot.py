@@ -92,7 +92,9 @@ def make_model(dataset: str, n_way: int = 5, *, width: int | None = None, seed: 
         torch.manual_seed(seed)
         if dataset == "sinusoid":
             hidden = width or 40
-            return nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+            return nn.Sequential(
+                nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
+            )
         image_size, blocks = IMAGE_LEARNERS[dataset]
         return conv_learner(image_size, blocks, n_way, width or (32 if dataset == "digits" else 64))
 
@@ -257,7 +259,8 @@ def write_report(
     lines += [f"| {key} | {value} |" for key, value in setup.items()]
     lines += [
         "", "## Results", "",
-        f"| method | meta-test {label} (95% CI) | episodes | meta-steps | skipped | meta-train time (s) | mean abs inner lr |",
+        f"| method | meta-test {label} (95% CI) | episodes | meta-steps | skipped | meta-train time (s) "
+        "| mean abs inner lr |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -278,12 +281,16 @@ def write_report(
 
 def fewshot_command(
     dataset: Annotated[str, typer.Option(help=f"one of {', '.join(DATASETS)}")] = "digits",
-    methods: Annotated[str, typer.Option(help=f"comma-separated, from {', '.join(METHODS)}")] = "meta_sgd,maml_scalar_lr",
+    methods: Annotated[
+        str, typer.Option(help=f"comma-separated, from {', '.join(METHODS)}")
+    ] = "meta_sgd,maml_scalar_lr",
     n_way: Annotated[int, typer.Option(help="classes per episode (ignored for sinusoid)")] = 5,
     k_shot: Annotated[int, typer.Option(help="support examples per class (per task for sinusoid)")] = 1,
     query_shots: Annotated[int, typer.Option(help="query examples per class (per task for sinusoid)")] = 15,
     inner_steps: Annotated[int, typer.Option(help="inner gradient steps in meta-training")] = 1,
-    test_inner_steps: Annotated[int | None, typer.Option(help="inner steps at meta-test (default: inner-steps)")] = None,
+    test_inner_steps: Annotated[
+        int | None, typer.Option(help="inner steps at meta-test (default: inner-steps)")
+    ] = None,
     inner_lr: Annotated[float, typer.Option(help="inner learning rate (initial value when learned)")] = 0.4,
     first_order: Annotated[bool, typer.Option(help="drop second derivatives (FOMAML)")] = False,
     meta_lr: Annotated[float, typer.Option(help="Adam learning rate of the meta-update")] = 1e-3,

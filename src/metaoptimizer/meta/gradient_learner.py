@@ -176,10 +176,10 @@ class GradientMetaLearner:
     def meta_loss(self, episodes: Sequence[Episode]) -> Tensor:
         """Mean query loss after adapting to each episode's support set (differentiable)."""
         episodes = self._check_episodes(episodes)
-        losses = [
-            self.loss(self._forward(self._adapt(e, self.inner_steps, first_order=self.first_order), e.query_x), e.query_y)
-            for e in episodes
-        ]
+        losses = []
+        for episode in episodes:
+            adapted = self._adapt(episode, self.inner_steps, first_order=self.first_order)
+            losses.append(self.loss(self._forward(adapted, episode.query_x), episode.query_y))
         return torch.stack(losses).mean()
 
     def meta_train_step(self, episodes: Sequence[Episode]) -> MetaOptTrainResult:
@@ -264,7 +264,9 @@ class GradientMetaLearner:
         structural = ("lr_mode", "loss") + (("inner_lr",) if self.lr_mode == "fixed" else ())
         for key in structural:
             if saved.get(key) != own[key]:
-                raise ValueError(f"state dict was saved with {key}={saved.get(key)!r}, this learner has {key}={own[key]!r}")
+                raise ValueError(
+                    f"state dict was saved with {key}={saved.get(key)!r}, this learner has {key}={own[key]!r}"
+                )
         rates = state["learned_rates"]
         if len(rates) != len(self.learned_rates) or any(
             r.shape != own.shape for r, own in zip(rates, self.learned_rates)

@@ -237,7 +237,9 @@ class WarpGradLearner:
         modules = dict(model.named_modules())
         for layer in warp_layers:
             if layer not in modules or layer == "":
-                raise ValueError(f"warp layer {layer!r} is not a submodule of the model; submodules: {sorted(modules)[1:]}")
+                raise ValueError(
+                    f"warp layer {layer!r} is not a submodule of the model; submodules: {sorted(modules)[1:]}"
+                )
             if not any(p.requires_grad for p in modules[layer].parameters()):
                 raise ValueError(f"warp layer {layer!r} has no trainable parameters")
         return tuple(warp_layers)
@@ -250,7 +252,8 @@ class WarpGradLearner:
             return inner_rule, inner_rule.name, None
         if not isinstance(inner_rule, str) or inner_rule not in HAND_RULES:
             raise ValueError(
-                f"inner_rule={inner_rule!r} is not supported; accepted values: an UpdateRule or one of {tuple(HAND_RULES)}"
+                f"inner_rule={inner_rule!r} is not supported; accepted values: an UpdateRule or one of "
+                f"{tuple(HAND_RULES)}"
             )
         lr = DEFAULT_INNER_LR if inner_lr is None else inner_lr
         check_positive("inner_lr", lr)
@@ -271,7 +274,9 @@ class WarpGradLearner:
             raise ValueError(f"unknown warp_grad rule_options {unknown}; accepted keys: {list(RULE_OPTIONS)}")
         options = dict(config.rule_options)
         warp_options = {
-            key: options.pop(f"warp_{key}") for key in ("kernel_size", "activation", "residual") if f"warp_{key}" in options
+            key: options.pop(f"warp_{key}")
+            for key in ("kernel_size", "activation", "residual")
+            if f"warp_{key}" in options
         }
         if isinstance(model, WarpedSequential):
             raise ValueError(
@@ -312,11 +317,16 @@ class WarpGradLearner:
         return self._named(self._task_names)
 
     def warp_params(self) -> Params:
+        """The warp parameters, by name."""
         return self._named(self._warp_names)
 
+    def meta_parameter_names(self) -> list[str]:
+        """Warp parameter names, then the task parameter names when ``learn_init``."""
+        return self._warp_names + (self._task_names if self.learn_init else [])
+
     def meta_parameters(self) -> list[nn.Parameter]:
-        """Warp parameters, then the task initialisation when ``learn_init``."""
-        return list(self.warp_params().values()) + (list(self.params().values()) if self.learn_init else [])
+        """The tensors that the meta-optimizer steps, in :meth:`meta_parameter_names` order."""
+        return list(self._named(self.meta_parameter_names()).values())
 
     # -- adaptation and meta-objective ------------------------------------------------------
 
@@ -332,7 +342,9 @@ class WarpGradLearner:
     _check_episodes = GradientMetaLearner._check_episodes
     evaluate = GradientMetaLearner.evaluate
 
-    def _trajectory(self, episode: Episode, steps: int, points: Sequence[int], *, init_grads: bool) -> TrajectoryMetaGradient:
+    def _trajectory(
+        self, episode: Episode, steps: int, points: Sequence[int], *, init_grads: bool
+    ) -> TrajectoryMetaGradient:
         return trajectory_meta_gradient(
             self._forward, list(self.warp_params().values()), self.params(), self.inner_rule, episode, self.loss,
             steps, points, first_order=self.first_order, init_grads=init_grads,
@@ -356,9 +368,6 @@ class WarpGradLearner:
             losses.append(result.meta_loss)
             finite = finite and result.finite
         return sum(losses) / len(losses), grads, finite
-
-    def meta_parameter_names(self) -> list[str]:
-        return self._warp_names + (self._task_names if self.learn_init else [])
 
     def meta_train_step(self, episodes: Sequence[Episode]) -> MetaOptTrainResult:
         """One meta-update on a batch of episodes; non-finite steps are skipped and counted."""
@@ -420,7 +429,9 @@ class WarpGradLearner:
         saved, own = state["hyperparameters"], self.hyperparameters()
         for key in ("warp_layers", "learn_init", "loss"):
             if saved.get(key) != own[key]:
-                raise ValueError(f"state dict was saved with {key}={saved.get(key)!r}, this learner has {key}={own[key]!r}")
+                raise ValueError(
+                    f"state dict was saved with {key}={saved.get(key)!r}, this learner has {key}={own[key]!r}"
+                )
         self.model.load_state_dict(state["model"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.generator.set_state(state["generator"])

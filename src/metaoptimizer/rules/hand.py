@@ -79,6 +79,11 @@ def _flag(name: str, value: bool) -> bool:
     return value
 
 
+def _value(value: Hyper) -> float:
+    """A hyperparameter's current value as a float, without touching autograd."""
+    return float(value.detach()) if isinstance(value, Tensor) else float(value)
+
+
 def _is_zero(value: Hyper) -> bool:
     """True for the number 0; a tensor is never treated as zero, so it stays differentiable."""
     return not isinstance(value, Tensor) and value == 0
@@ -176,7 +181,7 @@ class Momentum(HandRule):
         self.nesterov = _flag("nesterov", nesterov)
         self.dampening = _hyper("dampening", dampening, check_unit_interval)
         self.weight_decay = _hyper("weight_decay", weight_decay, check_positive, allow_zero=True)
-        if nesterov and (float(momentum) == 0 or float(dampening) != 0):
+        if nesterov and (_value(momentum) == 0 or _value(dampening) != 0):
             raise ValueError(
                 "nesterov=True needs momentum > 0 and dampening = 0, "
                 f"got momentum={momentum!r}, dampening={dampening!r}"
@@ -196,7 +201,7 @@ class Momentum(HandRule):
 
 
 def _check_eps(eps: Hyper, eps_root: Hyper) -> None:
-    if float(eps) == 0 and float(eps_root) == 0:
+    if _value(eps) == 0 and _value(eps_root) == 0:
         raise ValueError("eps and eps_root cannot both be 0: the update would be 0/0 where the second moment is 0")
 
 

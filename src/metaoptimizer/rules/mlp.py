@@ -119,28 +119,41 @@ class PerCoordinateMLP(nn.Module):
         return layers, mix(self.skip)
 
 
-def mlp_matmul(features: list[Tensor], scales: Tensor, layers: Layers, skip: Tensor) -> tuple[Tensor, Tensor]:
+def normalised_network(
+    layers: Layers, skip: Tensor, scales: Tensor, dtype: torch.dtype
+) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+    """The network with the per-tensor feature normalisation folded into its first layer and skip.
+
+    ``(scales * x) @ W == x @ (scales[:, None] * W)``: folding costs a few scalar products per
+    tensor instead of one multiplication per feature and coordinate.
+    """
+    (first_weight, first_bias), *rest = layers
+    folded = [(first_weight * scales[:, None], first_bias), *rest]
+    return [(w.to(dtype), b.to(dtype)) for w, b in folded], (skip * scales).to(dtype)
+
+
+def mlp_matmul(features: list[Tensor], layers: Layers, skip: Tensor) -> tuple[Tensor, Tensor]:
     """Direction and log-magnitude of the per-coordinate MLP with matrix products (the reference)."""
     x = torch.stack(features, dim=-1)
-    first_weight, first_bias = layers[0]
-    h = x @ (first_weight * scales[:, None]) + first_bias
-    for weight, bias in layers[1:]:
-        h = torch.relu(h) @ weight + bias
-    return h[..., 0] + x @ (skip * scales), h[..., 1]
+    h = x
+    for index, (weight, bias) in enumerate(layers):
+        h = (torch.relu(h) if index else h) @ weight + bias
+    return h[..., 0] + x @ skip, h[..., 1]
 
 
 def tensor_update(
-    grad: Tensor, param: Tensor, acc: Accumulators, inv_roots: list[Tensor], scales: Tensor, layers: Layers,
-    skip: Tensor, step_size: Tensor, magnitude_scale: float, config: FeatureConfig, pointwise: bool,
+    grad: Tensor, param: Tensor, acc: Accumulators, inv_roots: list[Tensor], layers: Layers, skip: Tensor,
+    step_size: Tensor, magnitude_scale: float, config: FeatureConfig, pointwise: bool,
 ) -> Tensor:
-    """One tensor's pointwise pass over flat tensors: features, MLP and the scaled update."""
-    dtype = grad.dtype
-    layers = [(w.to(dtype), b.to(dtype)) for w, b in layers]
+    """One tensor's pointwise pass over flat tensors: features, MLP and the scaled update.
+
+    ``layers`` and ``skip`` already include the tensor's feature normalisation
+    (:func:`normalised_network`).
+    """
     features = tensor_features(grad, param, acc, inv_roots, config)
-    evaluate = mlp_pointwise if pointwise else mlp_matmul
-    direction, magnitude = evaluate(features, scales.to(dtype), layers, skip.to(dtype))
+    direction, magnitude = (mlp_pointwise if pointwise else mlp_matmul)(features, layers, skip)
     log_size = torch.clamp(magnitude * magnitude_scale, -MAX_LOG_MAGNITUDE, MAX_LOG_MAGNITUDE)
-    return direction * torch.exp(log_size) * step_size.to(dtype)
+    return direction * torch.exp(log_size) * step_size
 
 
 class Reduction(NamedTuple):
@@ -188,10 +201,12 @@ class TensorPasses:
         config: FeatureConfig,
     ) -> Tensor:
         """The update of one tensor, in its shape, from its reduction and the MLP to evaluate."""
+        scales = normalisation_scales(reduced.mean_square, config.eps)
+        layers, skip = normalised_network(layers, skip, scales, grad.dtype)
+        step_size = scale.step_size(reduced.param_mean_square).to(grad.dtype)
         update = self.update(
-            grad.reshape(-1), param.reshape(-1), reduced.acc, reduced.inv_roots,
-            normalisation_scales(reduced.mean_square, config.eps), layers, skip,
-            scale.step_size(reduced.param_mean_square), scale.magnitude_scale, config, self.pointwise,
+            grad.reshape(-1), param.reshape(-1), reduced.acc, reduced.inv_roots, layers, skip, step_size,
+            scale.magnitude_scale, config, self.pointwise,
         )
         return update.reshape(grad.shape)
 

@@ -226,7 +226,9 @@ class SinusoidSampler(TaskDistributionSampler):
         self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
 
     def _draw(self, generator: torch.Generator, task_id: str) -> Episode:
-        uniform = lambda bounds, *shape: bounds[0] + (bounds[1] - bounds[0]) * torch.rand(*shape, generator=generator)  # noqa: E731
+        def uniform(bounds: tuple[float, float], *shape: int) -> Tensor:
+            return bounds[0] + (bounds[1] - bounds[0]) * torch.rand(*shape, generator=generator)
+
         amplitude, phase = uniform(self.amplitude, 1), uniform(self.phase, 1)
         x = uniform(self.x_range, self.k_shot + self.query_size, 1)
         y = amplitude * torch.sin(x - phase)
