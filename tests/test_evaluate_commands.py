@@ -7,6 +7,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from metaoptimizer import pretrained
 from metaoptimizer.config import MetaOptimizerConfig
 from metaoptimizer.evaluate.commands import load_optimizer, make_eval_command, parse_hand_spec
 from metaoptimizer.facade import MetaOptimizer
@@ -45,7 +46,7 @@ def test_eval_command_runs_an_injected_rule_and_writes_the_report(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["--suite", "imagenet"], "unknown suite"), (["--suite", "heldout", "--data-dir", "/data"], "does not take"),
-     (["--name", "adam"], "baseline's name"), (["--optimizer", "nonsense"], "neither a hand-designed rule")],
+     (["--name", "adam"], "baseline's name"), (["--optimizer", "nonsense"], "not a pretrained name")],
 )
 def test_eval_command_reports_bad_options_cleanly(args, message, tmp_path):
     base = {"--optimizer": "adam:lr=0.01", "--out-dir": str(tmp_path)}
@@ -80,8 +81,16 @@ def test_load_optimizer_reads_a_saved_meta_optimizer(tmp_path):
         torch.testing.assert_close(actual, expected, msg=name)
 
 
+def test_load_optimizer_reads_a_pretrained_name(tmp_path, monkeypatch):
+    meta = MetaOptimizer(config=MetaOptimizerConfig(hidden_size=3, num_layers=1))
+    meta.save(tmp_path / "shipped.pt")
+    monkeypatch.setattr(pretrained, "path", lambda name: tmp_path / "shipped.pt")
+    rule = load_optimizer(pretrained.available()[0])
+    assert isinstance(rule, LSTMRule) and rule.hidden_size == 3
+
+
 def test_load_optimizer_rejects_unknown_specs(tmp_path):
-    with pytest.raises(ValueError, match="neither a hand-designed rule"):
+    with pytest.raises(ValueError, match="not a pretrained name"):
         load_optimizer(str(tmp_path / "missing.pt"))
 
 

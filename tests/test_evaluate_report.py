@@ -111,7 +111,8 @@ def test_curve_plots_hide_unused_panels_and_skip_diverged_stretches(tmp_path):
         tuning.add(1.0, [curve(np.r_[1 / t[:10], np.full(10, np.inf)])])
         optimizers = {"fast": [curve(1 / (2 * t))], "broken": [curve(np.r_[1 / t[:10], np.full(10, np.nan)])]}
         comparisons = {name: compare(c, tuning, 1) for name, c in optimizers.items()}
-        result.tasks.append(TaskResult(entry, index, f"hand task {index}", 1, optimizers, {"adam": tuning}, comparisons))
+        task = TaskResult(entry, index, f"hand task {index}", 1, optimizers, {"adam": tuning}, comparisons)
+        result.tasks.append(task)
     path = plot_curves(result, "hand", tmp_path / "curves.png")
     assert path.read_bytes().startswith(PNG_SIGNATURE)
     fast, broken = result.tasks[0].comparisons.values()

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from metaoptimizer import __version__
+from metaoptimizer.evaluate.commands import eval_command
 from metaoptimizer.meta.hyperparams import lr_example_command
 
 app = typer.Typer(
@@ -64,4 +65,5 @@ def pretrain(
 
 
 # Commands whose implementation lives beside the library code they wrap.
+app.command("eval")(eval_command)
 app.command("lr-example")(lr_example_command)

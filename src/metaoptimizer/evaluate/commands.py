@@ -2,7 +2,7 @@
 
 :func:`make_eval_command` builds the typer-ready command around a rule loader, so the CLI can
 inject how an ``--optimizer`` string becomes an update rule; :data:`eval_command` uses
-:func:`load_optimizer` (hand-designed rules by spec, learned rules from checkpoint files).
+:func:`load_optimizer` (pretrained names, checkpoint files, hand-designed rules by spec).
 """
 
 import math
@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from metaoptimizer import pretrained
 from metaoptimizer.evaluate.baselines import TUNERS, default_baselines
 from metaoptimizer.evaluate.report import ReportFiles, write_report
 from metaoptimizer.evaluate.runner import RuleFactory, SuiteResult, run_suite
@@ -30,27 +31,35 @@ def parse_hand_spec(spec: str) -> tuple[str, dict[str, float]]:
     name, _, options = spec.partition(":")
     hyperparameters = {}
     for item in filter(None, options.split(",")):
-        key, sep, value = item.partition("=")
-        try:
-            hyperparameters[key.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not key.strip():
+        key, _, value = item.partition("=")
+        number = _as_float(value)
+        if not key.strip() or number is None:
             raise ValueError(f"bad hyperparameter {item!r} in {spec!r}; write key=number, e.g. 'adam:lr=0.001'")
+        hyperparameters[key.strip()] = number
     return name.strip(), hyperparameters
 
 
+def _as_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def load_optimizer(spec: str) -> UpdateRule:
-    """The update rule named by ``spec``: a hand-designed rule (``'adam:lr=0.001'``, names as in
-    :data:`metaoptimizer.rules.hand.HAND_RULES`) or the path of a saved ``MetaOptimizer``."""
+    """The update rule named by ``spec``: a shipped pretrained optimizer
+    (:func:`metaoptimizer.pretrained.available`), the path of a saved ``MetaOptimizer``, or a
+    hand-designed rule (``'adam:lr=0.001'``, names as in :data:`metaoptimizer.rules.hand.HAND_RULES`)."""
+    if spec in pretrained.available():
+        return pretrained.load(spec).rule
+    if Path(spec).is_file():
+        return MetaOptimizer.load(spec).rule
     name, hyperparameters = parse_hand_spec(spec)
     if name in HAND_RULES:
         return make_hand_rule(name, **hyperparameters)
-    if Path(spec).is_file():
-        return MetaOptimizer.load(spec).rule
     raise ValueError(
-        f"optimizer {spec!r} is neither a hand-designed rule ({', '.join(HAND_RULES)}, e.g. 'adam:lr=0.001') "
-        "nor an existing checkpoint file"
+        f"optimizer {spec!r} is not a pretrained name ({', '.join(pretrained.available())}), an existing "
+        f"checkpoint file or a hand-designed rule ({', '.join(HAND_RULES)}, e.g. 'adam:lr=0.001')"
     )
 
 
@@ -81,7 +90,10 @@ def _summary_table(result: SuiteResult) -> Table:
     return table
 
 
-LOAD_OPTIMIZER_HELP = "A MetaOptimizer checkpoint file, or a hand-designed rule such as adam:lr=0.001."
+LOAD_OPTIMIZER_HELP = (
+    "A pretrained name (e.g. lstm-digits-mlp), a MetaOptimizer checkpoint file, or a hand-designed rule "
+    "such as adam:lr=0.001."
+)
 
 
 def make_eval_command(

@@ -70,14 +70,20 @@ class FeatureConfig:
     accumulators in a narrower type (``'bfloat16'`` halves their memory); features are computed
     in the parameters' dtype.
 
-    The default keeps 2 floats per coordinate (two momenta, as Adam's two moments) plus factored
-    second moments.
+    The default keeps Adam's state, 2 floats per coordinate (a momentum and an RMS). Factored
+    statistics cost an extra pass over each tensor (row and column reductions); a typical richer
+    configuration keeps two momenta and a factored second moment, still 2 floats per coordinate:
+    ``FeatureConfig(momentum_decays=(0.9, 0.99), rms_decays=(), factored_decays=(0.999,),
+    features=('grad', 'param', 'momentum', 'factored', 'mom_ratio', 'grad_ratio'))``.
+
+    ``momentum_slots``, ``rms_slots`` (pairs of slot name and decay) and ``factored_slots``
+    (pairs of (row slot, column slot) and decay) are derived tables the step functions iterate.
     """
 
-    momentum_decays: tuple[float, ...] = (0.9, 0.99)
-    rms_decays: tuple[float, ...] = ()
-    factored_decays: tuple[float, ...] = (0.999,)
-    features: tuple[str, ...] = ("grad", "param", "momentum", "factored", "mom_ratio", "grad_ratio")
+    momentum_decays: tuple[float, ...] = (0.9,)
+    rms_decays: tuple[float, ...] = (0.999,)
+    factored_decays: tuple[float, ...] = ()
+    features: tuple[str, ...] = ("grad", "param", "momentum", "rms", "mom_ratio", "grad_ratio")
     step_timescales: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0, 10000.0)
     num_steps: int | None = None
     eps: float = 1e-12
@@ -271,20 +277,20 @@ def tensor_features(
     """The per-coordinate features of one tensor, all flat, from its *updated* accumulators.
 
     ``inv_roots`` come from :func:`factored_pass`; the ``'factored'`` features are their
-    reciprocals ``sqrt(v + eps)``.
+    reciprocals and the ``'rms'`` ones ``(v + eps) / sqrt(v + eps)``: both ``sqrt(v + eps)``,
+    written so that the square root shared with the ratios is computed once.
     """
     dtype = grad.dtype
     momenta = [acc[slot].to(dtype) for slot, _ in config.momentum_slots]
-    rms = [acc[slot].to(dtype) for slot, _ in config.rms_slots]
-    if inv_roots:
-        inv_root = inv_roots[0]
-    elif rms:
-        inv_root = torch.rsqrt(rms[0] + config.eps)
+    rms = [acc[slot].to(dtype) + config.eps for slot, _ in config.rms_slots]
+    inv_rms = [torch.rsqrt(v) for v in rms]
+    denominators = [*inv_roots, *inv_rms]
+    inv_root = denominators[0] if denominators else None
     per_kind = {
         "grad": lambda: [grad],
         "param": lambda: [param],
         "momentum": lambda: momenta,
-        "rms": lambda: [torch.sqrt(v) for v in rms],
+        "rms": lambda: [v * r for v, r in zip(rms, inv_rms, strict=True)],
         "factored": lambda: [torch.reciprocal(r) for r in inv_roots],
         "mom_ratio": lambda: [m * inv_root for m in momenta],
         "grad_ratio": lambda: [grad * inv_root],

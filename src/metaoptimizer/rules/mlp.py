@@ -14,13 +14,13 @@ normalised ``m / sqrt(v)`` feature (or ``g / sqrt(v)``, or the gradient: the fir
 to the direction with weight -1, and the MLP's output layer starts small, so the first updates
 are Adam-like steps of relative size ``step_mult``.
 
-The step runs per tensor in two passes: a reduction pass (accumulators, feature statistics, see
-:func:`~metaoptimizer.rules.features.tensor_statistics`) and a pointwise pass
-(:func:`tensor_update`). ``backend`` picks how the MLP is evaluated: ``'matmul'`` (eager matrix
-products, the reference and the fastest eager path on small tasks), ``'pointwise'`` (eager,
-unrolled into pointwise arithmetic) or ``'compiled'`` (the pointwise form through
-``torch.compile``, for large models; used only when no autograd graph is recorded, the matmul
-path otherwise).
+The step runs tensor by tensor in up to three passes over the coordinates (:class:`TensorPasses`):
+factored statistics (only with factored features), accumulators and feature statistics, and
+the pointwise update. ``backend`` picks how they run: ``'matmul'`` (eager, the MLP as matrix
+products: the reference, and the fastest eager path on small tasks), ``'pointwise'`` (eager, the
+MLP unrolled into pointwise arithmetic, :mod:`metaoptimizer.rules.fused`) or ``'compiled'`` (the
+pointwise form through ``torch.compile``, for large models; used only when no autograd graph is
+recorded, the matmul path otherwise). All three give the same numbers up to rounding.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ from metaoptimizer.rules.features import (
     FeatureConfig,
     as_matrix,
     check_update_inputs,
+    factored_pass,
     global_features,
     init_slots,
-    factored_pass,
     normalisation_scales,
     tensor_accumulators,
     tensor_features,
@@ -59,14 +59,65 @@ MAX_LOG_MAGNITUDE = 10.0
 PRIOR_FEATURES = ("mom_ratio", "grad_ratio", "momentum", "grad")
 
 
-def prior_index(config: FeatureConfig) -> int:
-    """Index of the feature the skip path follows at initialisation (see :data:`PRIOR_FEATURES`)."""
+def prior_index(config: FeatureConfig) -> int | None:
+    """Index of the feature the skip path follows at initialisation (see :data:`PRIOR_FEATURES`).
+
+    None when the features include none of them: the skip path then starts at zero.
+    """
     names = config.feature_names
     for prefix in PRIOR_FEATURES:
         for i, name in enumerate(names):
             if name.startswith(prefix):
                 return i
-    return 0
+    return None
+
+
+@dataclass(frozen=True)
+class StepScale:
+    """How a direction and a log-magnitude become an update's size (see the module docstring)."""
+
+    step_mult: float = 1e-2
+    magnitude_scale: float = 1.0
+    param_relative: bool = True
+    param_scale_floor: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_positive("step_mult", self.step_mult)
+        check_positive("magnitude_scale", self.magnitude_scale, allow_zero=True)
+        check_positive("param_scale_floor", self.param_scale_floor, allow_zero=True)
+        if not isinstance(self.param_relative, bool):
+            raise ValueError(f"param_relative must be True or False, got {self.param_relative!r}")
+        if self.param_relative and self.param_scale_floor == 0:
+            raise ValueError("param_relative=True needs param_scale_floor > 0, or zero tensors would never move")
+
+    def step_size(self, param_mean_square: Tensor) -> Tensor:
+        """Per-tensor step size: ``step_mult`` times the parameter RMS (floored), or ``step_mult``."""
+        if not self.param_relative:
+            return torch.full_like(param_mean_square, self.step_mult)
+        return self.step_mult * torch.sqrt(param_mean_square + self.param_scale_floor**2)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; accepted values: {', '.join(map(repr, BACKENDS))}")
+    return backend
+
+
+def updated_slots(state: OptimizerState, accumulators: Mapping[str, Accumulators]) -> dict[str, dict[str, Tensor]]:
+    """``state.slots`` with the accumulators of the parameters in ``accumulators`` replaced."""
+    slots = {slot: dict(values) for slot, values in state.slots.items()}
+    for name, acc in accumulators.items():
+        for slot, value in acc.items():
+            slots[slot][name] = value
+    return slots
+
+
+def autograd_needed(rule: nn.Module, *tensor_dicts: Mapping[str, Tensor]) -> bool:
+    """Whether this call records an autograd graph (then compiled steps are not used)."""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [*rule.parameters(), *(t for d in tensor_dicts for t in d.values())]
+    return any(t.requires_grad for t in tensors)
 
 
 class PerCoordinateMLP(nn.Module):
@@ -79,7 +130,7 @@ class PerCoordinateMLP(nn.Module):
     """
 
     def __init__(
-        self, num_features: int, num_global: int, hidden_size: int, num_layers: int, prior: int,
+        self, num_features: int, num_global: int, hidden_size: int, num_layers: int, prior: int | None,
         bank_size: int = 1, output_init: float = 1e-2, seed: int = 0,
     ) -> None:
         super().__init__()
@@ -95,7 +146,8 @@ class PerCoordinateMLP(nn.Module):
         self.weights = nn.ParameterList(weights)
         self.biases = nn.ParameterList(biases)
         skip = torch.zeros(bank_size, num_features)
-        skip[:, prior] = -1.0
+        if prior is not None:
+            skip[:, prior] = -1.0
         self.skip = nn.Parameter(skip)
 
     def layers(self, global_feats: Tensor, mixture: Tensor | None = None) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
@@ -197,57 +249,17 @@ class TensorPasses:
         return Reduction({**acc, **factored, **per_coordinate}, inv_roots, mean, mean_square, param_ms)
 
     def apply(
-        self, grad: Tensor, param: Tensor, reduced: Reduction, layers: Layers, skip: Tensor, scale: StepScale,
-        config: FeatureConfig,
+        self, grad: Tensor, param: Tensor, reduced: Reduction, layers: Layers, skip: Tensor, step_size: Tensor,
+        magnitude_scale: float, config: FeatureConfig,
     ) -> Tensor:
-        """The update of one tensor, in its shape, from its reduction and the MLP to evaluate."""
+        """The update of one tensor, in its shape, from its reduction, the MLP and its step size."""
         scales = normalisation_scales(reduced.mean_square, config.eps)
         layers, skip = normalised_network(layers, skip, scales, grad.dtype)
-        step_size = scale.step_size(reduced.param_mean_square).to(grad.dtype)
         update = self.update(
-            grad.reshape(-1), param.reshape(-1), reduced.acc, reduced.inv_roots, layers, skip, step_size,
-            scale.magnitude_scale, config, self.pointwise,
+            grad.reshape(-1), param.reshape(-1), reduced.acc, reduced.inv_roots, layers, skip,
+            step_size.to(grad.dtype), magnitude_scale, config, self.pointwise,
         )
         return update.reshape(grad.shape)
-
-
-def autograd_needed(rule: nn.Module, *tensor_dicts: Mapping[str, Tensor]) -> bool:
-    """Whether this call records an autograd graph (then compiled steps are not used)."""
-    if not torch.is_grad_enabled():
-        return False
-    tensors = [*rule.parameters(), *(t for d in tensor_dicts for t in d.values())]
-    return any(t.requires_grad for t in tensors)
-
-
-@dataclass(frozen=True)
-class StepScale:
-    """How a direction and a log-magnitude become an update's size (see the module docstring)."""
-
-    step_mult: float = 1e-2
-    magnitude_scale: float = 1.0
-    param_relative: bool = True
-    param_scale_floor: float = 1e-3
-
-    def __post_init__(self) -> None:
-        check_positive("step_mult", self.step_mult)
-        check_positive("magnitude_scale", self.magnitude_scale, allow_zero=True)
-        check_positive("param_scale_floor", self.param_scale_floor, allow_zero=True)
-        if not isinstance(self.param_relative, bool):
-            raise ValueError(f"param_relative must be True or False, got {self.param_relative!r}")
-        if self.param_relative and self.param_scale_floor == 0:
-            raise ValueError("param_relative=True needs param_scale_floor > 0, or zero tensors would never move")
-
-    def step_size(self, param_mean_square: Tensor) -> Tensor:
-        """Per-tensor step size: ``step_mult`` times the parameter RMS (floored), or ``step_mult``."""
-        if not self.param_relative:
-            return torch.full_like(param_mean_square, self.step_mult)
-        return self.step_mult * torch.sqrt(param_mean_square + self.param_scale_floor**2)
-
-
-def check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not supported; accepted values: {', '.join(map(repr, BACKENDS))}")
-    return backend
 
 
 class MLPRule(UpdateRule):
@@ -320,11 +332,13 @@ class MLPRule(UpdateRule):
         device = next(iter(grads.values())).device
         layers, skip = self.mlp.layers(global_features(step, config, device=device, dtype=self.mlp.skip.dtype))
         passes = TensorPasses.select(self.backend, autograd_needed(self, grads, params))
-        slots = {slot: dict(values) for slot, values in state.slots.items()}
         updates: Params = {}
+        accumulators: dict[str, Accumulators] = {}
         for name, grad in grads.items():
             reduced = passes.reduce(grad, params[name], tensor_accumulators(state.slots, name, config), config)
-            updates[name] = passes.apply(grad, params[name], reduced, layers, skip, self.scale, config)
-            for slot, value in reduced.acc.items():
-                slots[slot][name] = value
-        return updates, state.replace(step_count=step, slots=slots)
+            step_size = self.scale.step_size(reduced.param_mean_square)
+            updates[name] = passes.apply(
+                grad, params[name], reduced, layers, skip, step_size, self.scale.magnitude_scale, config
+            )
+            accumulators[name] = reduced.acc
+        return updates, state.replace(step_count=step, slots=updated_slots(state, accumulators))
