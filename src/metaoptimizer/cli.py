@@ -10,6 +10,7 @@ import typer
 from metaoptimizer import __version__
 from metaoptimizer.evaluate.commands import eval_command
 from metaoptimizer.meta.hyperparams import lr_example_command
+from metaoptimizer.meta.loop import meta_train_command
 
 app = typer.Typer(
     name="metaopt",
@@ -66,4 +67,5 @@ def pretrain(
 
 # Commands whose implementation lives beside the library code they wrap.
 app.command("eval")(eval_command)
+app.command("meta-train")(meta_train_command)
 app.command("lr-example")(lr_example_command)

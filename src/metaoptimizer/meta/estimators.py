@@ -69,8 +69,9 @@ class TruncatedES(RowEstimator):
     """Antithetic ES over each truncation; particles restart from the run's state every time.
 
     ``sigma`` is the perturbation scale, ``num_pairs`` the number of antithetic pairs per run,
-    ``normalization`` an optional :class:`TaskNormalization`, ``vectorize`` runs particles and
-    equal-shaped tasks in one ``vmap`` call.
+    ``normalization`` an optional :class:`TaskNormalization` (the estimate and the reported
+    meta-losses are then those of the normalised losses), ``vectorize`` runs particles and
+    equal-shaped tasks in one ``vmap`` call. Each row counts the inner steps of every particle.
     """
 
     sigma: float = 0.01

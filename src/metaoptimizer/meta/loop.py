@@ -29,6 +29,7 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from metaoptimizer.checkpoint import load_checkpoint, save_checkpoint
 from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, check_positive
@@ -366,8 +367,6 @@ def meta_train_command(
     Under torchrun (``torchrun --nproc-per-node N -m metaoptimizer.meta.loop --config FILE``) the
     meta-batch is split over the processes.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     settings = TrainingConfig.from_toml(config)
     total = steps if steps is not None else settings.steps
     every = checkpoint_every if checkpoint_every is not None else settings.checkpoint_every

@@ -163,11 +163,12 @@ class PerCoordinateMLP(nn.Module):
             mix = lambda t: t[0]  # noqa: E731
         else:
             mix = lambda t: torch.tensordot(mixture, t, dims=1)  # noqa: E731
-        first = mix(self.weights[0])
+        # Iterate, never slice: a slice of a ParameterList re-wraps its entries as new leaf
+        # Parameters, which would cut the graph to weights substituted by functional_call.
+        (first, *weights), (first_bias, *biases) = [mix(w) for w in self.weights], [mix(b) for b in self.biases]
         n = self.num_features
-        first_bias = mix(self.biases[0]) + global_feats.to(first.dtype) @ first[..., n:, :]
-        layers = [(first[..., :n, :], first_bias)]
-        layers += [(mix(w), mix(b)) for w, b in zip(self.weights[1:], self.biases[1:], strict=True)]
+        first_bias = first_bias + global_feats.to(first.dtype) @ first[..., n:, :]
+        layers = [(first[..., :n, :], first_bias), *zip(weights, biases, strict=True)]
         return layers, mix(self.skip)
 
 
@@ -238,7 +239,7 @@ class TensorPasses:
         """The passes for ``backend``; compiled ones only when no autograd graph is recorded."""
         if backend == "compiled" and not autograd:
             return cls(compiled(factored_pass), compiled(tensor_statistics), compiled(tensor_update), True)
-        return cls(factored_pass, tensor_statistics, tensor_update, backend != "matmul")
+        return cls(factored_pass, tensor_statistics, tensor_update, backend == "pointwise")
 
     def reduce(self, grad: Tensor, param: Tensor, acc: Accumulators, config: FeatureConfig) -> Reduction:
         """New accumulators and the per-tensor statistics of one tensor."""
