@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -62,6 +64,24 @@ def print_comparison(results: list[FewShotResult], reference: str, scale: float,
     return summary
 
 
+def _run(job: tuple) -> FewShotResult:
+    method, dataset, train, test, options, threads = job
+    torch.set_num_threads(threads)
+    result = run_method(method, dataset, train, test, **options)
+    print(f"done {method}: {result.metric} {result.mean:.4f} after {result.meta_train_seconds:.0f} s", flush=True)
+    return result
+
+
+def run_methods(args: argparse.Namespace, jobs: list[tuple]) -> list[FewShotResult]:
+    """``run_method`` for each job, in ``args.jobs`` worker processes (results are identical to a
+    sequential run: every method is seeded and single-process deterministic)."""
+    jobs = [(*job, args.threads) for job in jobs]
+    if args.jobs == 1:
+        return [_run(job) for job in jobs]
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_run, jobs))
+
+
 def classification(args: argparse.Namespace) -> None:
     samplers = {
         split: make_sampler(
@@ -70,17 +90,14 @@ def classification(args: argparse.Namespace) -> None:
         )
         for split in ("train", "test")
     }
-    results = []
-    for method in args.methods:
-        results.append(
-            run_method(
-                method, args.dataset, samplers["train"], samplers["test"], n_way=args.n_way, width=args.width,
-                inner_steps=args.inner_steps, inner_lr=args.inner_lr, first_order=args.first_order,
-                meta_lr=args.meta_lr, meta_steps=args.meta_steps, meta_batch_size=args.meta_batch_size,
-                test_episodes=args.test_episodes, test_inner_steps=args.test_inner_steps, seed=args.seed,
-            )
-        )
-        print(f"done {method}: {100 * results[-1].mean:.2f}% in {results[-1].meta_train_seconds:.0f} s", flush=True)
+    options = dict(
+        n_way=args.n_way, width=args.width, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
+        first_order=args.first_order, meta_lr=args.meta_lr, meta_steps=args.meta_steps,
+        meta_batch_size=args.meta_batch_size, test_episodes=args.test_episodes,
+        test_inner_steps=args.test_inner_steps, seed=args.seed,
+    )
+    jobs = [(method, args.dataset, samplers["train"], samplers["test"], options) for method in args.methods]
+    results = run_methods(args, jobs)
     summary = print_comparison(results, args.reference, 100.0, "points")
     setup = common_setup(args) | {
         "episodes": f"{args.n_way}-way {args.k_shot}-shot", "query per class": args.query_shots
@@ -94,15 +111,12 @@ def sinusoid(args: argparse.Namespace) -> None:
     for shots in args.shots:
         train = SinusoidSampler(shots, shots, "train")
         test = SinusoidSampler(shots, args.test_query, "test")
-        results = [
-            run_method(
-                method, "sinusoid", train, test, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
-                first_order=args.first_order, meta_lr=args.meta_lr, meta_steps=args.meta_steps,
-                meta_batch_size=args.meta_batch_size, test_episodes=args.test_episodes,
-                test_inner_steps=args.test_inner_steps, seed=args.seed,
-            )
-            for method in args.methods
-        ]
+        options = dict(
+            inner_steps=args.inner_steps, inner_lr=args.inner_lr, first_order=args.first_order,
+            meta_lr=args.meta_lr, meta_steps=args.meta_steps, meta_batch_size=args.meta_batch_size,
+            test_episodes=args.test_episodes, test_inner_steps=args.test_inner_steps, seed=args.seed,
+        )
+        results = run_methods(args, [(method, "sinusoid", train, test, options) for method in args.methods])
         print(f"-- {shots}-shot sinusoid (MSE over {args.test_episodes} test tasks, {args.test_query} points each)")
         print_comparison(results, args.reference, 1.0, "MSE")
         for r in results:
@@ -121,7 +135,8 @@ def common_setup(args: argparse.Namespace) -> dict[str, object]:
         "test inner steps": args.test_inner_steps or args.inner_steps,
         "inner lr (init)": args.inner_lr, "first order": args.first_order, "meta lr": args.meta_lr,
         "meta-steps": args.meta_steps, "meta-batch": args.meta_batch_size, "test episodes": args.test_episodes,
-        "width": args.width or "default", "seed": args.seed, "torch threads": torch.get_num_threads(),
+        "width": args.width or "default", "seed": args.seed, "torch threads per method": args.threads,
+        "parallel jobs": args.jobs,
         "machine": f"{platform.machine()}, torch {torch.__version__}",
     }
 
@@ -146,7 +161,8 @@ def main() -> None:
     parser.add_argument("--test-episodes", type=int, default=600)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per method (the machine is shared)")
+    parser.add_argument("--jobs", type=int, default=1, help="methods meta-trained in parallel processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="fewshot-bench")
     args = parser.parse_args()
@@ -160,7 +176,7 @@ def main() -> None:
     args.meta_batch_size = args.meta_batch_size or (4 if regression else 8)
     start = time.perf_counter()
     (sinusoid if regression else classification)(args)
-    print(f"total wall time {time.perf_counter() - start:.0f} s with {torch.get_num_threads()} torch thread(s)")
+    print(f"total wall time {time.perf_counter() - start:.0f} s ({args.jobs} job(s) x {args.threads} torch thread(s))")
 
 
 if __name__ == "__main__":

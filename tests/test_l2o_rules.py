@@ -312,3 +312,11 @@ def test_hierarchical_needs_its_lstm_state():
     state = rule.init(params).replace(hidden={})
     with pytest.raises(ValueError, match="no LSTM state for \\['w'\\]"):
         rule.update({"w": torch.zeros(6, 4)}, state, params, 1)
+
+
+def test_a_bank_needs_mixture_coefficients():
+    bank = HierarchicalRule(bank_size=3).bank
+    with pytest.raises(ValueError, match="a bank of 3 networks needs mixture coefficients"):
+        bank.layers(torch.zeros(5))
+    layers, skip = bank.layers(torch.zeros(5), torch.full((2, 3), 1 / 3))
+    assert skip.shape == (2, bank.num_features) and layers[0][0].shape[0] == 2

@@ -32,7 +32,7 @@ from torch import Tensor
 from metaoptimizer.config import OptimizerState, check_positive
 from metaoptimizer.rules.base import check_unit_interval
 
-#: Per-coordinate features a rule may read, in the order they are produced.
+#: Kinds of per-coordinate feature a rule may read (see :class:`FeatureConfig`).
 FEATURE_KINDS = ("grad", "param", "momentum", "rms", "factored", "mom_ratio", "grad_ratio")
 #: Accepted ``state_dtype`` names.
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
