@@ -97,7 +97,9 @@ RULES = {
 }
 
 
-def torch_adam(model: nn.Module, **kwargs) -> tuple[Callable[[], None], Callable[[], int]]:
+def torch_adam(model: nn.Module, grads: dict[str, torch.Tensor], **kwargs) -> tuple[Callable[[], None], Callable[[], int]]:
+    for name, p in model.named_parameters():
+        p.grad = grads[name]
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, **kwargs)
     state_bytes = lambda: sum(  # noqa: E731
         t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim() > 0
@@ -124,9 +126,9 @@ def rule_stepper(rule: UpdateRule, model: nn.Module, grads: dict[str, torch.Tens
 def make_optimizer(name: str, model: nn.Module, grads: dict[str, torch.Tensor]):
     """(step function, state-bytes function) for ``name``: adam, adam_foreach, or a rule of RULES."""
     if name == "adam":
-        return torch_adam(model, fused=True)
+        return torch_adam(model, grads, fused=True)
     if name == "adam_foreach":
-        return torch_adam(model, foreach=True)
+        return torch_adam(model, grads, foreach=True)
     step, state_bytes, _ = rule_stepper(RULES[name](), model, grads)
     return step, state_bytes
 
@@ -332,7 +334,8 @@ def scaling(sizes: tuple[int, ...], repeats: int, plot: Path | None) -> dict:
 
 def quality(budget: float, num_tasks: int, seeds: int) -> dict:
     """Meta-train the LSTM, the l2o rule and the hierarchical rule on digits_mlp for the same
-    wall-clock budget (truncated BPTT), then compare them with tuned Adam on held-out tasks."""
+    wall-clock budget (truncated BPTT), then compare them, and the untrained hierarchical rule,
+    with tuned Adam on held-out tasks."""
     from metaoptimizer.evaluate.baselines import default_baselines
     from metaoptimizer.evaluate.runner import run_suite
     from metaoptimizer.evaluate.suites import heldout_suite
@@ -344,7 +347,8 @@ def quality(budget: float, num_tasks: int, seeds: int) -> dict:
     makers = {"lstm": LSTMRule, "l2o": MLPRule, "hierarchical": HierarchicalRule}
     print(f"digits_mlp, horizon {horizon}, unroll {unroll_steps}, {tasks_per_step} tasks per meta-step, Adam meta_lr 1e-3, "
           f"truncated BPTT, {budget:.0f} s of meta-training each; load average {os.getloadavg()}")
-    trained, training = {}, {}
+    torch.manual_seed(0)
+    trained, training = {"hierarchical_untrained": HierarchicalRule()}, {}
     for name, make in makers.items():
         torch.manual_seed(0)
         trainer = MetaTrainer(make(), make_family("digits_mlp"), meta_lr=1e-3, unroll_steps=unroll_steps,

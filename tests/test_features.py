@@ -240,6 +240,9 @@ def test_statistics_pass_returns_param_mean_square():
     _, mean, mean_square, param_ms = tensor_statistics(p, p, acc, [], config)
     assert mean.shape == mean_square.shape == (config.num_features,)
     torch.testing.assert_close(param_ms, (p**2).mean())
+    _, no_mean, same_square, _ = tensor_statistics(p, p, acc, [], config, with_means=False)
+    assert no_mean is None
+    torch.testing.assert_close(same_square, mean_square)
 
 
 def test_bfloat16_state_is_rounded_but_computed_in_the_parameter_dtype():

@@ -298,9 +298,10 @@ def tensor_features(
     return [f for kind in config.features for f in per_kind[kind]()]
 
 
-def feature_moments(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Per-feature mean and mean square over the tensor, each of shape (num_features,)."""
-    return torch.stack([f.mean() for f in features]), torch.stack([f.square().mean() for f in features])
+def feature_moments(features: Sequence[Tensor], with_means: bool = True) -> tuple[Tensor | None, Tensor]:
+    """Per-feature mean (None without ``with_means``) and mean square, each of shape (num_features,)."""
+    mean = torch.stack([f.mean() for f in features]) if with_means else None
+    return mean, torch.stack([f.square().mean() for f in features])
 
 
 def normalisation_scales(mean_square: Tensor, eps: float) -> Tensor:
@@ -309,16 +310,18 @@ def normalisation_scales(mean_square: Tensor, eps: float) -> Tensor:
 
 
 def tensor_statistics(
-    grad: Tensor, param: Tensor, acc: Accumulators, inv_roots: Sequence[Tensor], config: FeatureConfig
-) -> tuple[Accumulators, Tensor, Tensor, Tensor]:
+    grad: Tensor, param: Tensor, acc: Accumulators, inv_roots: Sequence[Tensor], config: FeatureConfig,
+    with_means: bool = True,
+) -> tuple[Accumulators, Tensor | None, Tensor, Tensor]:
     """One tensor's pointwise-and-reduce pass over flat tensors, after :func:`factored_pass`.
 
-    Returns the new per-coordinate accumulators, the features' means and mean squares, and
-    ``mean(param^2)``. The features themselves are not kept: the update pass recomputes them,
-    which costs less memory traffic than storing them.
+    Returns the new per-coordinate accumulators, the features' means (None without
+    ``with_means``: each is one more sum in the loop) and mean squares, and ``mean(param^2)``.
+    The features themselves are not kept: the update pass recomputes them, which costs less
+    memory traffic than storing them.
     """
     new_acc = advance_per_coordinate(grad, acc, config)
-    mean, mean_square = feature_moments(tensor_features(grad, param, new_acc, inv_roots, config))
+    mean, mean_square = feature_moments(tensor_features(grad, param, new_acc, inv_roots, config), with_means)
     return new_acc, mean, mean_square, param.square().mean()
 
 

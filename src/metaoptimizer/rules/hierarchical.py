@@ -173,7 +173,9 @@ class HierarchicalRule(UpdateRule):
         global_feats = global_features(step, config, device=grads[names[0]].device, dtype=dtype)
         passes = TensorPasses.select(self.backend, autograd_needed(self, grads, params))
         reduced = {
-            name: passes.reduce(grads[name], params[name], tensor_accumulators(state.slots, name, config), config)
+            name: passes.reduce(
+                grads[name], params[name], tensor_accumulators(state.slots, name, config), config, with_means=True
+            )
             for name in names
         }
         summaries = torch.stack([

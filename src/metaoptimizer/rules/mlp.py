@@ -214,7 +214,7 @@ class Reduction(NamedTuple):
 
     acc: Accumulators
     inv_roots: list[Tensor]
-    mean: Tensor
+    mean: Tensor | None
     mean_square: Tensor
     param_mean_square: Tensor
 
@@ -241,11 +241,13 @@ class TensorPasses:
             return cls(compiled(factored_pass), compiled(tensor_statistics), compiled(tensor_update), True)
         return cls(factored_pass, tensor_statistics, tensor_update, backend == "pointwise")
 
-    def reduce(self, grad: Tensor, param: Tensor, acc: Accumulators, config: FeatureConfig) -> Reduction:
-        """New accumulators and the per-tensor statistics of one tensor."""
+    def reduce(
+        self, grad: Tensor, param: Tensor, acc: Accumulators, config: FeatureConfig, with_means: bool = False
+    ) -> Reduction:
+        """New accumulators and the per-tensor statistics of one tensor (feature means if asked)."""
         factored, inv_roots = self.factored(as_matrix(grad), acc, config)
         per_coordinate, mean, mean_square, param_ms = self.statistics(
-            grad.reshape(-1), param.reshape(-1), acc, inv_roots, config
+            grad.reshape(-1), param.reshape(-1), acc, inv_roots, config, with_means
         )
         return Reduction({**acc, **factored, **per_coordinate}, inv_roots, mean, mean_square, param_ms)
 
