@@ -258,8 +258,9 @@ def step_benchmark(model_name: str, repeats: int, rss_steps: int) -> dict:
     for name in names:
         rss = measure_rss(name, model_name, 10_000_000, rss_steps)
         figures[name]["rss"] = rss
-        print(f"  {name:13s} RSS: model+grads {rss['baseline_mib']:7.0f} MiB, peak over {rss_steps} steps "
-              f"{rss['peak_mib']:7.0f} MiB (+{rss['peak_mib'] - rss['baseline_mib']:.0f}), state {rss['state_mib']:.0f} MiB")
+        print(f"  {name:13s} RSS: model+grads {rss['baseline_mib']:5.0f} MiB, after the warm-up step "
+              f"{rss['after_warmup_mib']:5.0f} MiB, peak over {rss_steps} more steps {rss['peak_mib']:5.0f} MiB "
+              f"(+{rss['peak_mib'] - rss['baseline_mib']:.0f} over model+grads), state {rss['state_mib']:.0f} MiB")
     rule = HierarchicalRule()
     params = dict(model.named_parameters())
     counts = state_numel(rule.init(params))

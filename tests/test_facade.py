@@ -123,10 +123,70 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
         MetaOptimizer.load(tmp_path / "junk.pt")
 
 
-def test_constructor_type_errors_and_unbuilt_methods():
+def test_constructor_type_errors():
     with pytest.raises(TypeError, match="MetaOptimizerConfig"):
         MetaOptimizer(_model(), {"method": "lstm"})
     with pytest.raises(TypeError, match="nn.Module"):
         MetaOptimizer("model")
     with pytest.raises(ValueError, match="base_model"):
         MetaOptimizer(None).reset_optimizer_state()
+
+
+def _few_shot_episodes(n=2):
+    from metaoptimizer.tasks.episodes import Episode
+
+    gen = torch.Generator().manual_seed(0)
+    return [
+        Episode(
+            support_x=torch.randn(6, 4, generator=gen), support_y=torch.arange(6) % 3,
+            query_x=torch.randn(6, 4, generator=gen), query_y=torch.arange(6) % 3, task_id=f"t{i}", num_classes=3,
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("method", ["meta_sgd", "warp_grad"])
+def test_episode_methods_meta_train_and_save(method, tmp_path):
+    model = _model()
+    meta = MetaOptimizer(model, MetaOptimizerConfig(method=method, meta_lr=1e-2, rule_options={"inner_steps": 2}))
+    result = meta.meta_train_step(_few_shot_episodes())
+    assert not result.skipped and result.steps == 1
+    if method == "meta_sgd":
+        lrs = meta.get_learned_lr()
+        assert set(lrs) == {n for n, _ in model.named_parameters()}
+    else:
+        assert meta.learner.warp_parameter_names()
+    meta.save(tmp_path / "m.pt")
+    assert MetaOptimizer.load(tmp_path / "m.pt", meta.base_model).config.method == method
+    with pytest.raises(ValueError, match="base_model it was built with"):
+        meta.meta_train_step(_few_shot_episodes(), base_model=_model())
+
+
+def test_l2o_rules_through_the_facade():
+    model = _model()
+    for architecture in ("mlp", "hierarchical"):
+        meta = MetaOptimizer(model, MetaOptimizerConfig(method="l2o", rule_options={"architecture": architecture}))
+        updates, state = meta.compute_update(_grads(model))
+        assert state.step_count == 1 and set(updates) == {n for n, _ in model.named_parameters()}
+    with pytest.raises(ValueError, match="hierarchical"):
+        MetaOptimizer(model, MetaOptimizerConfig(method="l2o", rule_options={"architecture": "rnn"}))
+
+
+def test_warp_grad_needs_a_sequential_or_warped_model():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.layer(x)
+
+    with pytest.raises(ValueError, match="nn.Sequential"):
+        MetaOptimizer(Custom(), MetaOptimizerConfig(method="warp_grad"))
+    plain = MetaOptimizer(Custom(), MetaOptimizerConfig(method="warp_grad", preconditioning=False))
+    assert plain.learner.warp_parameter_names() == []
+
+
+def test_episode_methods_without_a_model_cannot_meta_train():
+    with pytest.raises(ValueError, match="needs a base_model"):
+        MetaOptimizer(None, MetaOptimizerConfig(method="meta_sgd")).meta_train_step(_few_shot_episodes())

@@ -52,13 +52,68 @@ class MetaOptimizer:
         self.config = config
         self.base_model = base_model
         self.rule = rule if rule is not None else build_rule(config)
-        self.meta_optimizer = torch.optim.Adam(self._meta_parameters(), lr=config.meta_lr)
+        meta_parameters = self._meta_parameters()
+        # Episode learners (meta_sgd, warp_grad) hold their own meta-optimizer.
+        self.meta_optimizer = torch.optim.Adam(meta_parameters, lr=config.meta_lr) if meta_parameters else None
         self.estimator = TruncatedBPTT(config.meta_objective, config.second_order)
         self.meta_steps = 0
         self.skipped_meta_steps = 0
         self._episodes_seen = 0
         self._effective_lr: dict[str, float] = {}
         self.state = self.rule.init(self._model_params()) if base_model is not None else OptimizerState()
+        self.learner = self._episode_learner()
+
+    def _episode_learner(self) -> Any:
+        """The few-shot meta-learner that ``meta_train_step`` delegates to for 'meta_sgd' and
+        'warp_grad' (None for rules meta-trained by unrolls: 'lstm', 'l2o').
+
+        ``rule_options`` keys ``inner_steps``, ``inner_lr`` and ``lr_mode`` ('per_parameter' is
+        Meta-SGD, 'scalar' MAML with a learned scalar rate) configure it; ``second_order=False``
+        makes it first-order.
+        """
+        if self.config.method not in ("meta_sgd", "warp_grad") or self.base_model is None:
+            return None
+        options = self.config.rule_options
+        common = {
+            "inner_steps": options.get("inner_steps", 1 if self.config.method == "meta_sgd" else 5),
+            "meta_lr": self.config.meta_lr,
+            "first_order": not self.config.second_order,
+            "loss": self.config.loss,
+            "gradient_clipping": self.config.gradient_clipping,
+        }
+        if self.config.method == "meta_sgd":
+            from metaoptimizer.meta.gradient_learner import GradientMetaLearner
+
+            return GradientMetaLearner(
+                self.base_model, inner_lr=options.get("inner_lr", 0.01),
+                lr_mode=options.get("lr_mode", "per_parameter"), **common,
+            )
+        return self._warp_grad_learner(common)
+
+    def _warp_grad_learner(self, common: dict[str, Any]) -> Any:
+        """Warp-Grad over the base model: with ``preconditioning`` a plain ``nn.Sequential`` gets warp
+        layers interleaved (and becomes ``self.base_model``); without it no layer is a warp, which
+        is a MAML-like baseline through the same code."""
+        from metaoptimizer.meta.warp_grad import WarpGradLearner
+        from metaoptimizer.tasks.warp_models import interleave_warps
+
+        model = self.base_model
+        warp_layers: list[str] | None = []
+        if self.config.preconditioning:
+            warp_layers = None
+            if not getattr(model, "warp_layer_names", ()):
+                if not isinstance(model, nn.Sequential):
+                    raise ValueError(
+                        "method='warp_grad' needs a warped model (tasks.warp_models) or an nn.Sequential "
+                        f"to interleave warp layers into; got {type(model).__name__}"
+                    )
+                model = interleave_warps(model, seed=self.config.seed)
+                self.base_model = model
+                self.state = self.rule.init(self._model_params())
+        options = self.config.rule_options
+        return WarpGradLearner(
+            model, warp_layers=warp_layers, inner_lr=options.get("inner_lr", 0.1), seed=self.config.seed, **common
+        )
 
     # -- helpers -----------------------------------------------------------------------------
     def _meta_parameters(self) -> list[Tensor]:
@@ -136,6 +191,14 @@ class MetaOptimizer:
         ``config.gradient_clipping`` and applied with Adam(``config.meta_lr``). Non-finite steps are
         skipped and counted.
         """
+        if self.learner is not None:
+            if base_model is not None and base_model is not self.base_model:
+                raise ValueError(f"method={self.config.method!r} meta-trains the base_model it was built with")
+            return self.learner.meta_train_step(list(episodes))
+        if self.meta_optimizer is None:
+            raise ValueError(
+                f"method={self.config.method!r} needs a base_model to meta-train (its episode learner adapts it)"
+            )
         model = base_model if base_model is not None else self.base_model
         runs = [self._run_for(episode, model) for episode in episodes]
         if not runs:
@@ -160,12 +223,13 @@ class MetaOptimizer:
     def get_learned_lr(self) -> dict[str, float]:
         """Per-parameter-tensor learning rates the rule applies.
 
-        Rules that learn rates explicitly report them (``rule.learned_lr()``). For rules without an
+        Methods that learn rates explicitly report them (Meta-SGD: mean |alpha| per tensor). For rules without an
         explicit rate (the LSTM) this is the effective rate of the last ``compute_update``:
         ``||update|| / ||gradient||`` per tensor.
         """
-        if hasattr(self.rule, "learned_lr"):
-            return self.rule.learned_lr()
+        for owner in (self.learner, self.rule):
+            if hasattr(owner, "learned_lr"):
+                return owner.learned_lr()
         if not self._effective_lr:
             raise RuntimeError("no update has been computed yet; call compute_update first")
         return dict(self._effective_lr)
@@ -194,9 +258,10 @@ class MetaOptimizer:
             config=self.config.to_dict(),
             payload={
                 "rule": self.rule.state_dict(),
-                "meta_optimizer": self.meta_optimizer.state_dict(),
+                "meta_optimizer": self.meta_optimizer.state_dict() if self.meta_optimizer is not None else {},
                 "meta_steps": self.meta_steps,
                 "skipped_meta_steps": self.skipped_meta_steps,
+                "learner": self.learner.state_dict() if self.learner is not None else {},
             },
         )
 
@@ -207,7 +272,10 @@ class MetaOptimizer:
         meta = cls(base_model, MetaOptimizerConfig.from_dict(data["config"]))
         try:
             meta.rule.load_state_dict(data["rule"])
-            meta.meta_optimizer.load_state_dict(data["meta_optimizer"])
+            if meta.meta_optimizer is not None:
+                meta.meta_optimizer.load_state_dict(data["meta_optimizer"])
+            if meta.learner is not None and data.get("learner"):
+                meta.learner.load_state_dict(data["learner"])
         except (RuntimeError, KeyError, ValueError) as error:
             raise ValueError(f"checkpoint {os.fspath(path)!r} does not match its config: {error}") from error
         meta.meta_steps = int(data["meta_steps"])
