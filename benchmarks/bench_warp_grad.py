@@ -60,7 +60,9 @@ MEMORY_METHODS = ("maml", "warp_grad", "warp_grad_sampled")
 def build(method: str, args: argparse.Namespace, inner_steps: int):
     """The learner of ``method`` on the seeded task learner of ``args.dataset``."""
     plain = make_model(args.dataset, args.n_way, width=args.width, seed=args.seed)
-    warped = lambda: interleave_warps(plain, kernel_size=args.warp_kernel_size, seed=args.seed)  # noqa: E731
+    warped = lambda: interleave_warps(  # noqa: E731
+        plain, kernel_size=args.warp_kernel_size, residual=args.warp_residual, seed=args.seed
+    )
     common = dict(inner_steps=inner_steps, inner_lr=args.inner_lr, meta_lr=args.meta_lr)
     if method in ("no_meta_training", "maml", "meta_sgd", "maml_warped"):
         model = warped() if method == "maml_warped" else plain
@@ -177,6 +179,7 @@ def main() -> None:
     parser.add_argument("--query-shots", type=int, default=15)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--warp-kernel-size", type=int, default=3)
+    parser.add_argument("--warp-residual", action="store_true", help="residual warp layers: x + warp(x)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--meta-steps", type=int, default=300)
     parser.add_argument("--meta-batch-size", type=int, default=4)
@@ -192,7 +195,7 @@ def main() -> None:
     torch.set_num_threads(1)
     result = accuracy(args) if args.part == "accuracy" else memory(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.part}_{args.dataset}.json"
+    path = args.out / f"{args.part}_{args.dataset}{'_residual' if args.warp_residual else ''}.json"
     path.write_text(json.dumps(result, indent=1), encoding="utf-8")
     print(f"\nwrote {path}")
 

@@ -19,6 +19,7 @@ from metaoptimizer.evaluate.fewshot import conv_learner, evaluate_fewshot
 from metaoptimizer.meta.gradient_learner import GradientMetaLearner
 from metaoptimizer.meta.warp_grad import (
     DEFAULT_INNER_LR,
+    DEFAULT_INNER_STEPS,
     SavedTensorMeter,
     WarpGradLearner,
     sample_trajectory_points,
@@ -381,8 +382,10 @@ def test_classification_evaluate_plugs_into_fewshot_evaluation():
 
 def test_from_config_enables_warps_with_preconditioning():
     config = MetaOptimizerConfig(
-        method="warp_grad", unroll_steps=3, meta_lr=0.02, second_order=True, loss="mse", seed=4,
-        rule_options={"inner_lr": 0.2, "trajectory_samples": 2, "warp_activation": False, "learn_init": False},
+        method="warp_grad", meta_lr=0.02, second_order=True, loss="mse", seed=4,
+        rule_options={
+            "inner_steps": 3, "inner_lr": 0.2, "trajectory_samples": 2, "warp_activation": False, "learn_init": False,
+        },
     )
     meta = WarpGradLearner.from_config(plain_mlp(), config)
     assert meta.warp_layers == ("warp1", "warp2") and isinstance(meta.model.warp1.transform[-1], nn.Linear)
@@ -392,9 +395,14 @@ def test_from_config_enables_warps_with_preconditioning():
         "first_order": False, "trajectory_samples": 2, "learn_init": False, "loss": "mse", "gradient_clipping": 1.0,
         "seed": 4,
     }
+    warped = warped_mlp()
+    assert WarpGradLearner.from_config(warped, MetaOptimizerConfig(method="warp_grad")).model is warped
     baseline = WarpGradLearner.from_config(plain_mlp(), MetaOptimizerConfig(method="warp_grad", preconditioning=False))
     assert baseline.warp_parameter_names() == [] and baseline.first_order and baseline.inner_lr == DEFAULT_INNER_LR
+    assert baseline.inner_steps == DEFAULT_INNER_STEPS
     assert baseline.meta_parameter_names() == baseline.task_parameter_names()
+    every_layer = WarpGradLearner.from_config(warped, MetaOptimizerConfig(method="warp_grad", preconditioning=False))
+    assert every_layer.warp_parameter_names() == [] and len(every_layer.task_parameter_names()) == 10
 
 
 @pytest.mark.parametrize(
@@ -403,7 +411,11 @@ def test_from_config_enables_warps_with_preconditioning():
         (plain_mlp(), MetaOptimizerConfig(method="lstm"), ValueError, "needs method='warp_grad'"),
         (plain_mlp(), {"method": "warp_grad"}, TypeError, "MetaOptimizerConfig"),
         (plain_mlp(), MetaOptimizerConfig(method="warp_grad", rule_options={"hidden": 3}), ValueError, "unknown"),
-        (warped_mlp(), MetaOptimizerConfig(method="warp_grad"), ValueError, "pass the plain task learner"),
+        (
+            warped_mlp(), MetaOptimizerConfig(method="warp_grad", rule_options={"warp_kernel_size": 1}),
+            ValueError, "already has warp layers",
+        ),
+        (nn.Linear(2, 2), MetaOptimizerConfig(method="warp_grad"), TypeError, "nn.Sequential"),
         (
             plain_mlp(),
             MetaOptimizerConfig(method="warp_grad", preconditioning=False, rule_options={"warp_residual": True}),

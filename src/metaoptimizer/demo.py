@@ -32,7 +32,7 @@ FAMILY = "digits_mlp"
 #: The demo's rule: the spec's defaults plus a skip path that starts the LSTM as RMSProp(lr=3e-3),
 #: meta-trained on log training loss (see docs in rules/lstm.py and meta/unroll.py).
 DEMO_CONFIG = MetaOptimizerConfig(
-    method="lstm", meta_lr=3e-3, unroll_steps=20, meta_objective="log_train_loss", rule_options={"init_lr": 3e-3}
+    method="lstm", meta_lr=1e-3, unroll_steps=20, meta_objective="log_train_loss", rule_options={"init_lr": 3e-3}
 )
 HORIZON = 200
 

@@ -49,13 +49,15 @@ from metaoptimizer.rules.base import Params, UpdateRule, apply_updates
 from metaoptimizer.rules.hand import HAND_RULES, make_hand_rule
 from metaoptimizer.tasks.base import LossFn, loss_fn
 from metaoptimizer.tasks.episodes import Episode
-from metaoptimizer.tasks.warp_models import WarpedSequential, interleave_warps
+from metaoptimizer.tasks.warp_models import interleave_warps
 
 #: Learning rate of a named inner rule when ``inner_lr`` is not given.
 DEFAULT_INNER_LR = 0.1
+#: Inner steps per episode that :meth:`WarpGradLearner.from_config` uses unless ``rule_options`` say.
+DEFAULT_INNER_STEPS = 5
 #: ``MetaOptimizerConfig.rule_options`` keys that :meth:`WarpGradLearner.from_config` accepts.
 RULE_OPTIONS = (
-    "inner_lr", "inner_rule", "trajectory_samples", "learn_init",
+    "inner_steps", "inner_lr", "inner_rule", "trajectory_samples", "learn_init",
     "warp_kernel_size", "warp_activation", "warp_residual",
 )
 
@@ -261,10 +263,17 @@ class WarpGradLearner:
 
     @classmethod
     def from_config(cls, model: nn.Module, config: MetaOptimizerConfig) -> WarpGradLearner:
-        """The learner for ``method='warp_grad'``: ``unroll_steps`` inner steps, ``second_order``
-        selects the one-step second-order objective, ``preconditioning=True`` interleaves warp
-        layers into the plain ``nn.Sequential`` ``model`` (False: the model as given, a MAML-like
-        baseline). ``rule_options`` may set any of :data:`RULE_OPTIONS`."""
+        """The learner for ``method='warp_grad'`` (the facade's conventions).
+
+        ``preconditioning=True``: a warped model is used as it is, a plain ``nn.Sequential`` gets
+        warp layers interleaved (``rule_options`` ``warp_kernel_size`` / ``warp_activation`` /
+        ``warp_residual``, seeded by ``config.seed``); ``preconditioning=False``: no layer is a warp
+        (every layer is adapted), the MAML-like baseline. ``second_order=False`` selects the
+        first-order objective. ``rule_options`` may also set ``inner_steps`` (default
+        :data:`DEFAULT_INNER_STEPS`), ``inner_lr``, ``inner_rule``, ``trajectory_samples`` and
+        ``learn_init``; see :data:`RULE_OPTIONS`. The returned learner's ``model`` is the
+        (possibly new) warped model.
+        """
         if not isinstance(config, MetaOptimizerConfig):
             raise TypeError(f"config must be a MetaOptimizerConfig, got {type(config).__name__}")
         if config.method != "warp_grad":
@@ -278,17 +287,22 @@ class WarpGradLearner:
             for key in ("kernel_size", "activation", "residual")
             if f"warp_{key}" in options
         }
-        if isinstance(model, WarpedSequential):
-            raise ValueError(
-                "pass the plain task learner: warp layers are added when config.preconditioning is True"
-            )
-        if config.preconditioning:
+        warp_layers: list[str] | None = None
+        if not config.preconditioning:
+            if warp_options:
+                raise ValueError(f"rule_options {sorted('warp_' + k for k in warp_options)} need preconditioning=True")
+            warp_layers = []
+        elif not getattr(model, "warp_layer_names", ()):
             model = interleave_warps(model, seed=config.seed, **warp_options)
         elif warp_options:
-            raise ValueError(f"rule_options {sorted('warp_' + k for k in warp_options)} need preconditioning=True")
+            raise ValueError(
+                f"rule_options {sorted('warp_' + k for k in warp_options)} shape new warp layers, "
+                "but the model already has warp layers"
+            )
+        options.setdefault("inner_steps", DEFAULT_INNER_STEPS)
         return cls(
             model,
-            inner_steps=config.unroll_steps,
+            warp_layers=warp_layers,
             meta_lr=config.meta_lr,
             first_order=not config.second_order,
             loss=config.loss,
