@@ -43,8 +43,9 @@ from metaoptimizer.rules.lstm import LSTMRule
 from metaoptimizer.rules.mlp import MLPRule
 
 SCALING_SIZES = (100_000, 300_000, 1_000_000, 3_000_000, 10_000_000, 30_000_000)
-#: The LSTM keeps 2 x 2 x 20 floats per coordinate; above this many state bytes it is skipped.
-LSTM_STATE_BUDGET = 6e9
+#: The LSTM keeps 2 x 2 x 20 bfloat16 state values per coordinate and transiently several times
+#: that; above this many state bytes (so above about 1.2e7 parameters) it is skipped.
+LSTM_STATE_BUDGET = 2e9
 
 # -- models with real gradients -------------------------------------------------------------------
 
