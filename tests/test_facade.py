@@ -181,7 +181,7 @@ def test_warp_grad_needs_a_sequential_or_warped_model():
         def forward(self, x):
             return self.layer(x)
 
-    with pytest.raises(ValueError, match="nn.Sequential"):
+    with pytest.raises(TypeError, match="nn.Sequential"):
         MetaOptimizer(Custom(), MetaOptimizerConfig(method="warp_grad"))
     plain = MetaOptimizer(Custom(), MetaOptimizerConfig(method="warp_grad", preconditioning=False))
     assert plain.learner.warp_parameter_names() == []

@@ -73,47 +73,27 @@ class MetaOptimizer:
         """
         if self.config.method not in ("meta_sgd", "warp_grad") or self.base_model is None:
             return None
+        if self.config.method == "warp_grad":
+            return self._warp_grad_learner()
         options = self.config.rule_options
-        common = {
-            "inner_steps": options.get("inner_steps", 1 if self.config.method == "meta_sgd" else 5),
-            "meta_lr": self.config.meta_lr,
-            "first_order": not self.config.second_order,
-            "loss": self.config.loss,
-            "gradient_clipping": self.config.gradient_clipping,
-        }
-        if self.config.method == "meta_sgd":
-            from metaoptimizer.meta.gradient_learner import GradientMetaLearner
+        from metaoptimizer.meta.gradient_learner import GradientMetaLearner
 
-            return GradientMetaLearner(
-                self.base_model, inner_lr=options.get("inner_lr", 0.01),
-                lr_mode=options.get("lr_mode", "per_parameter"), **common,
-            )
-        return self._warp_grad_learner(common)
-
-    def _warp_grad_learner(self, common: dict[str, Any]) -> Any:
-        """Warp-Grad over the base model: with ``preconditioning`` a plain ``nn.Sequential`` gets warp
-        layers interleaved (and becomes ``self.base_model``); without it no layer is a warp, which
-        is a MAML-like baseline through the same code."""
-        from metaoptimizer.meta.warp_grad import WarpGradLearner
-        from metaoptimizer.tasks.warp_models import interleave_warps
-
-        model = self.base_model
-        warp_layers: list[str] | None = []
-        if self.config.preconditioning:
-            warp_layers = None
-            if not getattr(model, "warp_layer_names", ()):
-                if not isinstance(model, nn.Sequential):
-                    raise ValueError(
-                        "method='warp_grad' needs a warped model (tasks.warp_models) or an nn.Sequential "
-                        f"to interleave warp layers into; got {type(model).__name__}"
-                    )
-                model = interleave_warps(model, seed=self.config.seed)
-                self.base_model = model
-                self.state = self.rule.init(self._model_params())
-        options = self.config.rule_options
-        return WarpGradLearner(
-            model, warp_layers=warp_layers, inner_lr=options.get("inner_lr", 0.1), seed=self.config.seed, **common
+        return GradientMetaLearner(
+            self.base_model, inner_steps=options.get("inner_steps", 1), inner_lr=options.get("inner_lr", 0.01),
+            lr_mode=options.get("lr_mode", "per_parameter"), first_order=not self.config.second_order,
+            meta_lr=self.config.meta_lr, loss=self.config.loss, gradient_clipping=self.config.gradient_clipping,
         )
+
+    def _warp_grad_learner(self) -> Any:
+        """Warp-Grad over the base model (see ``WarpGradLearner.from_config``); a plain
+        ``nn.Sequential`` gets warp layers interleaved and the warped model becomes ``self.base_model``."""
+        from metaoptimizer.meta.warp_grad import WarpGradLearner
+
+        learner = WarpGradLearner.from_config(self.base_model, self.config)
+        if learner.model is not self.base_model:
+            self.base_model = learner.model
+            self.state = self.rule.init(self._model_params())
+        return learner
 
     # -- helpers -----------------------------------------------------------------------------
     def _meta_parameters(self) -> list[Tensor]:
