@@ -12,7 +12,7 @@ runner = CliRunner()
 def test_version_and_help_list_every_command():
     assert __version__ in runner.invoke(app, ["--version"]).output
     result = runner.invoke(app, ["--help"])
-    for command in ("demo", "pretrain", "eval", "meta-train", "lr-example"):
+    for command in ("demo", "pretrain", "eval", "meta-train", "fewshot", "lr-example"):
         assert command in result.output
 
 

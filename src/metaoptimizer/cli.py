@@ -9,6 +9,7 @@ import typer
 
 from metaoptimizer import __version__
 from metaoptimizer.evaluate.commands import eval_command
+from metaoptimizer.evaluate.fewshot import fewshot_command
 from metaoptimizer.meta.hyperparams import lr_example_command
 from metaoptimizer.meta.loop import meta_train_command
 
@@ -68,4 +69,5 @@ def pretrain(
 # Commands whose implementation lives beside the library code they wrap.
 app.command("eval")(eval_command)
 app.command("meta-train")(meta_train_command)
+app.command("fewshot")(fewshot_command)
 app.command("lr-example")(lr_example_command)
