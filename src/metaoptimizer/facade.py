@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from metaoptimizer.checkpoint import load_checkpoint, save_checkpoint
 from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, OptimizerState
 from metaoptimizer.meta.step import apply_meta_gradient
-from metaoptimizer.meta.trainer import ReplayableBatches, TaskRun, TruncatedBPTT
+from metaoptimizer.meta.trainer import TaskRun, TruncatedBPTT
 from metaoptimizer.rules import build_rule
 from metaoptimizer.rules.base import Params, UpdateRule, check_grads
 from metaoptimizer.tasks.base import TRAIN, ModuleTask, Task, split_seed
@@ -125,16 +125,7 @@ class MetaOptimizer:
                 f"episodes must be Task objects or episodes with support_x/support_y/query_x/query_y, "
                 f"got {type(episode).__name__}"
             )
-        return TaskRun(
-            task=task,
-            task_index=seed,
-            params=params,
-            state=self.rule.init(params),
-            train_batches=ReplayableBatches(task.train_batches, seed),
-            valid_batches=ReplayableBatches(task.valid_batches, seed),
-            steps_done=0,
-            horizon=self.config.unroll_steps,
-        )
+        return TaskRun.start(task, seed, seed, params, self.rule, self.config.unroll_steps)
 
     # -- the spec's API ------------------------------------------------------------------------
     def compute_update(

@@ -83,6 +83,23 @@ class TaskRun:
     estimator_state: dict[str, Any] = field(default_factory=dict)
     diverged: bool = False
 
+    @classmethod
+    def start(
+        cls, task: Task, task_index: int, seed: int, params: Params, rule: UpdateRule, horizon: int, **extra: Any
+    ) -> TaskRun:
+        """A run at step 0 from ``params``, with fresh rule state and batch streams seeded by ``seed``."""
+        return cls(
+            task=task,
+            task_index=task_index,
+            params=params,
+            state=rule.init(params),
+            train_batches=ReplayableBatches(task.train_batches, seed),
+            valid_batches=ReplayableBatches(task.valid_batches, seed),
+            steps_done=0,
+            horizon=horizon,
+            **extra,
+        )
+
     @property
     def finished(self) -> bool:
         return self.steps_done >= self.horizon or self.diverged
@@ -355,18 +372,9 @@ class MetaTrainer:
         task_index = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         seed = split_seed(TRAIN, task_index)
         task = self.family.sample(seed)
-        params = task.init_params(seed)
-        return TaskRun(
-            task=task,
-            task_index=task_index,
-            params=params,
-            state=self.rule.init(params),
-            train_batches=ReplayableBatches(task.train_batches, seed),
-            valid_batches=ReplayableBatches(task.valid_batches, seed),
-            steps_done=0,
-            horizon=self._sample_horizon(generator),
-            slot=slot,
-            generator=generator,
+        return TaskRun.start(
+            task, task_index, seed, task.init_params(seed), self.rule, self._sample_horizon(generator),
+            slot=slot, generator=generator,
         )
 
     def _restore_run(self, saved: dict[str, Any]) -> TaskRun:
