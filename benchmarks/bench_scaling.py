@@ -3,6 +3,7 @@
     python benchmarks/bench_scaling.py check                  # compiled kernels == eager reference
     python benchmarks/bench_scaling.py step --model mlp       # ~12M-parameter MLP: time, state, peak RSS
     python benchmarks/bench_scaling.py step --model transformer
+    python benchmarks/bench_scaling.py step --model mlp --features factored
     python benchmarks/bench_scaling.py lstm                   # chunked coordinatewise LSTM, one step at ~12M
     python benchmarks/bench_scaling.py scaling --plot docs/results/scaling.png
     python benchmarks/bench_scaling.py quality --budget 600   # held-out speedup after meta-training
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaoptimizer.rules.base import UpdateRule
-from metaoptimizer.rules.features import state_numel
+from metaoptimizer.rules.features import FeatureConfig, state_numel
 from metaoptimizer.rules.hierarchical import HierarchicalRule
 from metaoptimizer.rules.lstm import LSTMRule
 from metaoptimizer.rules.mlp import MLPRule
@@ -92,9 +93,15 @@ def build(model_name: str, num_params: int) -> tuple[nn.Module, dict[str, torch.
 
 # -- optimizers as step functions -----------------------------------------------------------------
 
+#: ``--features factored``: two momenta and a factored second moment (still 2 floats per coordinate).
+FACTORED = FeatureConfig(
+    momentum_decays=(0.9, 0.99), rms_decays=(), factored_decays=(0.999,),
+    features=("grad", "param", "momentum", "factored", "mom_ratio", "grad_ratio"),
+)
+FEATURES = {"default": FeatureConfig(), "factored": FACTORED}
 RULES = {
-    "l2o": lambda: MLPRule(backend="compiled"),
-    "hierarchical": lambda: HierarchicalRule(backend="compiled"),
+    "l2o": lambda features="default": MLPRule(features=FEATURES[features], backend="compiled"),
+    "hierarchical": lambda features="default": HierarchicalRule(features=FEATURES[features], backend="compiled"),
 }
 
 
@@ -124,13 +131,13 @@ def rule_stepper(rule: UpdateRule, model: nn.Module, grads: dict[str, torch.Tens
     return step, state_bytes, holder
 
 
-def make_optimizer(name: str, model: nn.Module, grads: dict[str, torch.Tensor]):
+def make_optimizer(name: str, model: nn.Module, grads: dict[str, torch.Tensor], features: str = "default"):
     """(step function, state-bytes function) for ``name``: adam, adam_foreach, or a rule of RULES."""
     if name == "adam":
         return torch_adam(model, grads, fused=True)
     if name == "adam_foreach":
         return torch_adam(model, grads, foreach=True)
-    step, state_bytes, _ = rule_stepper(RULES[name](), model, grads)
+    step, state_bytes, _ = rule_stepper(RULES[name](features), model, grads)
     return step, state_bytes
 
 
@@ -175,7 +182,7 @@ def _proc_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def rss_child(optimizer: str, model_name: str, num_params: int, steps: int, lstm_options: str) -> None:
+def rss_child(optimizer: str, model_name: str, num_params: int, steps: int, lstm_options: str, features: str) -> None:
     """Runs in a fresh process: prints JSON with RSS before the optimizer and peak RSS over its steps."""
     torch.set_num_threads(1)
     model, grads = build(model_name, num_params)
@@ -183,7 +190,7 @@ def rss_child(optimizer: str, model_name: str, num_params: int, steps: int, lstm
     if optimizer == "lstm":
         step, state_bytes, _ = rule_stepper(LSTMRule(**json.loads(lstm_options)), model, grads)
     else:
-        step, state_bytes = make_optimizer(optimizer, model, grads)
+        step, state_bytes = make_optimizer(optimizer, model, grads, features)
     started = time.perf_counter()
     step()  # warm-up: allocates the state and compiles
     warmup = time.perf_counter() - started
@@ -201,10 +208,13 @@ def rss_child(optimizer: str, model_name: str, num_params: int, steps: int, lstm
     }))
 
 
-def measure_rss(optimizer: str, model_name: str, num_params: int, steps: int, lstm_options: dict | None = None) -> dict:
+def measure_rss(
+    optimizer: str, model_name: str, num_params: int, steps: int, lstm_options: dict | None = None,
+    features: str = "default",
+) -> dict:
     command = [
         sys.executable, __file__, "_rss", optimizer, "--model", model_name, "--params", str(num_params),
-        "--steps", str(steps), "--lstm-options", json.dumps(lstm_options or {}),
+        "--steps", str(steps), "--lstm-options", json.dumps(lstm_options or {}), "--features", features,
     ]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -236,15 +246,17 @@ def check() -> dict:
     return results
 
 
-def step_benchmark(model_name: str, repeats: int, rss_steps: int) -> dict:
+def step_benchmark(model_name: str, repeats: int, rss_steps: int, features: str) -> dict:
     torch.set_num_threads(1)
     model, grads = build(model_name, 10_000_000)
     num_params = sum(p.numel() for p in model.parameters())
     names = ["adam", "adam_foreach", *RULES]
-    optimizers = {name: make_optimizer(name, copy.deepcopy(model) if name != "adam" else model, grads) for name in names}
+    optimizers = {
+        name: make_optimizer(name, copy.deepcopy(model) if name != "adam" else model, grads, features) for name in names
+    }
     steps = {name: opt[0] for name, opt in optimizers.items()}
-    print(f"model: {model_name}, {num_params / 1e6:.2f}M parameters in {len(grads)} tensors; 1 torch thread; "
-          f"load average {os.getloadavg()}")
+    print(f"model: {model_name}, {num_params / 1e6:.2f}M parameters in {len(grads)} tensors; rule features: "
+          f"{features}; 1 torch thread; load average {os.getloadavg()}")
     compile_s = warm_up(steps)
     timings = interleaved_ratios(steps, repeats)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -257,12 +269,12 @@ def step_benchmark(model_name: str, repeats: int, rss_steps: int) -> dict:
               f"ratio to fused Adam: CPU {t['cpu_ratio']:5.2f}  wall {t['wall_ratio']:5.2f}  "
               f"state {state / param_bytes:.3f} x params  first step {compile_s[name]:.1f} s")
     for name in names:
-        rss = measure_rss(name, model_name, 10_000_000, rss_steps)
+        rss = measure_rss(name, model_name, 10_000_000, rss_steps, features=features)
         figures[name]["rss"] = rss
         print(f"  {name:13s} RSS: model+grads {rss['baseline_mib']:5.0f} MiB, after the warm-up step "
               f"{rss['after_warmup_mib']:5.0f} MiB, peak over {rss_steps} more steps {rss['peak_mib']:5.0f} MiB "
               f"(+{rss['peak_mib'] - rss['baseline_mib']:.0f} over model+grads), state {rss['state_mib']:.0f} MiB")
-    rule = HierarchicalRule()
+    rule = HierarchicalRule(features=FEATURES[features])
     params = dict(model.named_parameters())
     counts = state_numel(rule.init(params))
     figures["hierarchical_state_elements"] = {**counts, "params": num_params}
@@ -390,6 +402,7 @@ def main() -> None:
     step.add_argument("--model", choices=["mlp", "transformer"], default="mlp")
     step.add_argument("--repeats", type=int, default=11)
     step.add_argument("--rss-steps", type=int, default=3)
+    step.add_argument("--features", choices=sorted(FEATURES), default="default")
     lstm = sub.add_parser("lstm")
     lstm.add_argument("--chunk-size", type=int, default=2**20)
     lstm.add_argument("--steps", type=int, default=2)
@@ -407,16 +420,17 @@ def main() -> None:
     child.add_argument("--params", type=int, default=10_000_000)
     child.add_argument("--steps", type=int, default=3)
     child.add_argument("--lstm-options", default="{}")
+    child.add_argument("--features", choices=sorted(FEATURES), default="default")
     for p in (step, lstm, scale, qual, sub.choices["check"]):
         p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.command == "_rss":
-        rss_child(args.optimizer, args.model, args.params, args.steps, args.lstm_options)
+        rss_child(args.optimizer, args.model, args.params, args.steps, args.lstm_options, args.features)
         return
     if args.command == "check":
         figures = check()
     elif args.command == "step":
-        figures = step_benchmark(args.model, args.repeats, args.rss_steps)
+        figures = step_benchmark(args.model, args.repeats, args.rss_steps, args.features)
     elif args.command == "lstm":
         figures = lstm_benchmark(args.chunk_size, args.steps)
     elif args.command == "scaling":
