@@ -105,7 +105,8 @@ RULES = {
 }
 
 
-def torch_adam(model: nn.Module, grads: dict[str, torch.Tensor], **kwargs) -> tuple[Callable[[], None], Callable[[], int]]:
+def torch_adam(model: nn.Module, grads: dict[str, torch.Tensor], **kwargs):
+    """(step, state bytes) of ``torch.optim.Adam`` over ``model`` with ``grads`` as its ``.grad``."""
     for name, p in model.named_parameters():
         p.grad = grads[name]
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, **kwargs)
@@ -314,8 +315,8 @@ def scaling(sizes: tuple[int, ...], repeats: int, plot: Path | None) -> dict:
         lstm_repeats = {"lstm"} if "lstm" in steps and num_params > 1_000_000 else set()
         timings = interleaved_ratios({k: v for k, v in steps.items() if k not in lstm_repeats}, repeats)
         if lstm_repeats:  # one timed step against one Adam step: the LSTM takes seconds here
-            timings.update({k: v for k, v in interleaved_ratios({"adam": steps["adam"], "lstm": steps["lstm"]}, 1).items()
-                            if k == "lstm"})
+            pair = interleaved_ratios({"adam": steps["adam"], "lstm": steps["lstm"]}, 1)
+            timings["lstm"] = pair["lstm"]
         row = {"params": num_params, **{name: timings.get(name) for name in ("adam", *RULES, "lstm")}}
         rows.append(row)
         cells = "  ".join(
@@ -359,8 +360,8 @@ def quality(budget: float, num_tasks: int, seeds: int) -> dict:
     torch.set_num_threads(1)
     horizon, unroll_steps, tasks_per_step = 200, 20, 4
     makers = {"lstm": LSTMRule, "l2o": MLPRule, "hierarchical": HierarchicalRule}
-    print(f"digits_mlp, horizon {horizon}, unroll {unroll_steps}, {tasks_per_step} tasks per meta-step, Adam meta_lr 1e-3, "
-          f"truncated BPTT, {budget:.0f} s of meta-training each; load average {os.getloadavg()}")
+    print(f"digits_mlp, horizon {horizon}, unroll {unroll_steps}, {tasks_per_step} tasks per meta-step, "
+          f"Adam meta_lr 1e-3, truncated BPTT, {budget:.0f} s of meta-training each; load average {os.getloadavg()}")
     torch.manual_seed(0)
     trained, training = {"hierarchical_untrained": HierarchicalRule()}, {}
     for name, make in makers.items():

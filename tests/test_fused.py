@@ -65,6 +65,7 @@ def test_backend_selection():
     )
     assert TensorPasses.select("pointwise", autograd=True).pointwise
     fused = TensorPasses.select("compiled", autograd=False)
-    assert fused.pointwise and fused.update is compiled(tensor_update) and fused.statistics is compiled(tensor_statistics)
+    assert fused.pointwise and fused.update is compiled(tensor_update)
+    assert fused.statistics is compiled(tensor_statistics) and fused.factored is compiled(factored_pass)
     # Under autograd the compiled backend falls back to the differentiable matrix form.
     assert TensorPasses.select("compiled", autograd=True) == eager

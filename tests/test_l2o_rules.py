@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
-from metaoptimizer.config import MetaOptimizerConfig
 from metaoptimizer.meta.trainer import MetaTrainer, TruncatedBPTT
 from metaoptimizer.rules.base import apply_updates
 from metaoptimizer.rules.features import FeatureConfig, matrix_shape, state_numel
@@ -218,12 +217,6 @@ def test_rebuilt_from_hyperparameters_gives_the_same_updates(cls):
     for a, b in zip(rule.update(grads, rule.init(params), params, 2)[0].values(),
                     copy.update(grads, copy.init(params), params, 2)[0].values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_l2o_from_config():
-    config = MetaOptimizerConfig(method="l2o", hidden_size=5, num_layers=1, seed=3, rule_options={"step_mult": 0.1})
-    rule = MLPRule.from_config(config)
-    assert (rule.hidden_size, rule.num_layers, rule.seed, rule.scale.step_mult) == (5, 1, 3, 0.1)
 
 
 def test_linear_rule_and_zero_tensors_move():

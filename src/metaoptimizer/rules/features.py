@@ -35,7 +35,9 @@ from metaoptimizer.rules.base import check_unit_interval
 #: Kinds of per-coordinate feature a rule may read (see :class:`FeatureConfig`).
 FEATURE_KINDS = ("grad", "param", "momentum", "rms", "factored", "mom_ratio", "grad_ratio")
 #: Accepted ``state_dtype`` names.
-STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+STATE_DTYPES = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+}
 #: Scale applied to logarithms of tensor statistics so that they enter networks at O(1).
 LOG_SCALE = 0.1
 
@@ -93,7 +95,9 @@ class FeatureConfig:
         for name in ("momentum_decays", "rms_decays", "factored_decays"):
             object.__setattr__(self, name, _decays(name, getattr(self, name)))
         if isinstance(self.features, str) or not isinstance(self.features, Sequence) or not self.features:
-            raise ValueError(f"features must be a non-empty sequence of names from {FEATURE_KINDS}, got {self.features!r}")
+            raise ValueError(
+                f"features must be a non-empty sequence of names from {FEATURE_KINDS}, got {self.features!r}"
+            )
         unknown = [f for f in self.features if f not in FEATURE_KINDS]
         if unknown:
             raise ValueError(f"unknown features {unknown}; accepted values: {', '.join(map(repr, FEATURE_KINDS))}")
@@ -109,7 +113,9 @@ class FeatureConfig:
             check_positive("num_steps", self.num_steps, integer=True)
         check_positive("eps", self.eps)
         if self.state_dtype is not None and self.state_dtype not in STATE_DTYPES:
-            raise ValueError(f"state_dtype={self.state_dtype!r} is not supported; accepted values: {sorted(STATE_DTYPES)} or None")
+            raise ValueError(
+                f"state_dtype={self.state_dtype!r} is not supported; accepted values: {sorted(STATE_DTYPES)} or None"
+            )
         self._check_consistent()
         # Slot names are built here, not while a compiler traces the step (where decays are symbolic).
         object.__setattr__(self, "momentum_slots", tuple((f"momentum_{d}", d) for d in self.momentum_decays))
@@ -129,13 +135,17 @@ class FeatureConfig:
         if ratios:
             needs["factored_decays" if self.factored_decays else "rms_decays"] |= ratios
             if not self.factored_decays and not self.rms_decays:
-                raise ValueError(f"features {sorted(ratios)} divide by a second moment: keep rms_decays or factored_decays")
+                raise ValueError(
+                    f"features {sorted(ratios)} divide by a second moment: keep rms_decays or factored_decays"
+                )
         for kind, readers in needs.items():
             kept = getattr(self, kind)
             if readers and not kept:
                 raise ValueError(f"features {sorted(readers)} need at least one decay in {kind}")
             if kept and not readers:
-                raise ValueError(f"{kind}={kept!r} are kept but no feature reads them; add a feature or drop the decays")
+                raise ValueError(
+                    f"{kind}={kept!r} are kept but no feature reads them; add a feature or drop the decays"
+                )
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -345,7 +355,8 @@ def check_update_inputs(
             raise ValueError(f"gradient for unknown parameter {name!r}; known parameters: {sorted(params)}")
         if g.shape != params[name].shape:
             raise ValueError(
-                f"gradient of {name!r} has shape {tuple(g.shape)} but the parameter has shape {tuple(params[name].shape)}"
+                f"gradient of {name!r} has shape {tuple(g.shape)} "
+                f"but the parameter has shape {tuple(params[name].shape)}"
             )
         if not g.is_floating_point():
             raise TypeError(f"gradient of {name!r} must be a floating-point tensor, got dtype {g.dtype}")

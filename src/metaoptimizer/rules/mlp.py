@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from metaoptimizer.config import MetaOptimizerConfig, OptimizerState, check_positive
+from metaoptimizer.config import OptimizerState, check_positive
 from metaoptimizer.rules.base import Params, UpdateRule
 from metaoptimizer.rules.features import (
     Accumulators,
@@ -304,12 +304,6 @@ class MLPRule(UpdateRule):
             self.features.num_features, self.features.num_global, hidden_size, num_layers,
             prior_index(self.features), output_init=output_init, seed=seed,
         )
-
-    @classmethod
-    def from_config(cls, config: MetaOptimizerConfig) -> MLPRule:
-        """The rule for ``config`` (``hidden_size``, ``num_layers``, ``seed`` and ``rule_options``)."""
-        options = {"hidden_size": config.hidden_size, "num_layers": config.num_layers, "seed": config.seed}
-        return cls(**{**options, **config.rule_options})
 
     def hyperparameters(self) -> dict[str, object]:
         return {
