@@ -17,7 +17,7 @@ are Adam-like steps of relative size ``step_mult``.
 The step runs tensor by tensor in up to three passes over the coordinates (:class:`TensorPasses`):
 factored statistics (only with factored features), accumulators and feature statistics, and
 the pointwise update. ``backend`` picks how they run: ``'matmul'`` (eager, the MLP as matrix
-products: the reference, and the fastest eager path on small tasks), ``'pointwise'`` (eager, the
+products: the reference, and what meta-training differentiates), ``'pointwise'`` (eager, the
 MLP unrolled into pointwise arithmetic, :mod:`metaoptimizer.rules.fused`) or ``'compiled'`` (the
 pointwise form through ``torch.compile``, for large models; used only when no autograd graph is
 recorded, the matmul path otherwise). All three give the same numbers up to rounding.
