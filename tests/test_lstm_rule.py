@@ -119,3 +119,91 @@ def test_bad_hyperparameters_raise(field, value):
 def test_unknown_choices_list_accepted_values(kw, match):
     with pytest.raises(ValueError, match=match):
         LSTMRule(**kw)
+
+
+def _silence_lstm(rule: LSTMRule) -> None:
+    """Zero the LSTM head so that the update is the skip path alone."""
+    with torch.no_grad():
+        rule.head.weight.zero_()
+        rule.head.bias.zero_()
+
+
+def test_untrained_skip_path_with_momentum_is_adam():
+    """init_lr with momentum_decay starts the rule as Adam (eps under the square root)."""
+    lr, beta1, beta2 = 0.03, 0.9, 0.999
+    rule = LSTMRule(init_lr=lr, momentum_decay=beta1, rms_decay=beta2).double()
+    _silence_lstm(rule)
+    params = {"w": torch.randn(4, 3, dtype=torch.float64)}
+    state = rule.init(params)
+    m = torch.zeros_like(params["w"])
+    v = torch.zeros_like(params["w"])
+    for step in range(1, 6):
+        g = torch.randn_like(params["w"])
+        updates, state = rule.update({"w": g}, state, params, step)
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        expected = -lr * (m / (1 - beta1**step)) / torch.sqrt(v / (1 - beta2**step) + 1e-8)
+        torch.testing.assert_close(updates["w"], expected)
+    assert set(state.slots) == {"rms", "momentum"}
+
+
+def test_horizon_scales_updates_by_the_learned_warmup_cosine_schedule():
+    rule = LSTMRule(init_lr=0.01, momentum_decay=0.9, horizon=100, warmup_fraction=0.1).double()
+    _silence_lstm(rule)
+    plain = LSTMRule(init_lr=0.01, momentum_decay=0.9).double()
+    _silence_lstm(plain)
+    params = {"w": torch.randn(5, dtype=torch.float64)}
+    state, plain_state = rule.init(params), plain.init(params)
+    factors = []
+    for step in range(1, 101):
+        g = {"w": torch.randn(5, dtype=torch.float64)}
+        with torch.no_grad():
+            updates, state = rule.update(g, state, params, step)
+            reference, plain_state = plain.update(g, plain_state, params, step)
+        factors.append(float(updates["w"][0] / reference["w"][0]))
+    peak = max(range(100), key=factors.__getitem__)
+    assert factors[0] == pytest.approx(0.01, rel=1e-6)  # floor of the schedule at step 0
+    assert 8 <= peak <= 12 and factors[peak] == pytest.approx(1.0, abs=0.02)  # end of the warmup
+    assert factors[-1] < 0.05 and all(a >= b - 1e-9 for a, b in zip(factors[peak:], factors[peak + 1 :], strict=False))
+
+
+def test_set_horizon_stretches_the_schedule_and_feeds_progress():
+    rule = LSTMRule(horizon=50)
+    rule.set_horizon(200)
+    assert rule.horizon == 200 and rule.schedule.total_steps == 200
+    assert rule.hyperparameters()["horizon"] == 200
+    # the progress feature is an input of the cells: changing the horizon changes the update
+    params = {"w": torch.randn(6)}
+    grads = {"w": torch.randn(6)}
+    first, _ = rule.update(grads, rule.init(params), params, 40)
+    rule.set_horizon(50)
+    second, _ = rule.update(grads, rule.init(params), params, 40)
+    assert not torch.allclose(first["w"], second["w"])
+    with pytest.raises(ValueError, match="steps"):
+        rule.set_horizon(0)
+    unaware = LSTMRule()
+    unaware.set_horizon(10)
+    assert unaware.horizon is None
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"momentum_decay": 1.0}, "momentum_decay"),
+        ({"momentum_decay": 0.9, "preconditioning": False}, "preconditioning"),
+        ({"horizon": 0}, "horizon"),
+        ({"horizon": 10, "schedule_knots": 0}, "schedule_knots"),
+        ({"warmup_fraction": 1.5}, "warmup_fraction"),
+    ],
+)
+def test_bad_momentum_and_horizon_options_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LSTMRule(**kw)
+
+
+def test_budget_aware_rule_is_differentiable_in_its_schedule():
+    rule = LSTMRule(init_lr=0.01, momentum_decay=0.9, horizon=20)
+    params = {"w": torch.randn(4)}
+    updates, _ = rule.update({"w": torch.randn(4)}, rule.init(params), params, 5)
+    grads = torch.autograd.grad(updates["w"].sum(), [rule.schedule.log_knots, rule.skip])
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

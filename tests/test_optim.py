@@ -617,3 +617,14 @@ def test_sparse_gradients_are_rejected():
 def test_public_names():
     assert "LearnedOptimizer" in optim.__all__
     assert issubclass(LearnedOptimizer, torch.optim.Optimizer)
+
+
+def test_total_steps_sets_the_horizon_of_a_budget_aware_rule_and_its_absence_warns():
+    model = make_model()
+    rule = LSTMRule(hidden_size=4, init_lr=0.01, momentum_decay=0.9, horizon=200)
+    LearnedOptimizer(model.parameters(), rule, total_steps=1000)
+    assert rule.horizon == 1000
+    with pytest.warns(UserWarning, match="total_steps"):
+        LearnedOptimizer(model.parameters(), rule)
+    with pytest.raises(ValueError, match="steps"):
+        LearnedOptimizer(model.parameters(), rule, total_steps=0)

@@ -256,3 +256,11 @@ def test_other_bad_arguments():
     with pytest.raises(ValueError, match="number of processes"):
         MetaTrainer(LSTMRule(hidden_size=2), QuadraticFamily(dim=2), tasks_per_step=2,
                     communicator=Four(rank=0, world_size=4))
+
+
+def test_budget_aware_rule_gets_the_horizon_and_refuses_staggered_horizons():
+    rule = LSTMRule(hidden_size=4, init_lr=0.01, momentum_decay=0.9, horizon=500)
+    MetaTrainer(rule, QuadraticFamily(dim=3), horizon=30)
+    assert rule.horizon == 30 and rule.schedule.total_steps == 30
+    with pytest.raises(ValueError, match="budget-aware"):
+        MetaTrainer(rule, QuadraticFamily(dim=3), horizon=30, min_horizon=10)

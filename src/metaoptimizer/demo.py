@@ -29,12 +29,14 @@ from metaoptimizer.tasks import make_family  # noqa: E402
 
 FAMILY = "digits_mlp"
 
-#: The demo's rule: the spec's defaults plus a skip path that starts the LSTM as RMSProp(lr=3e-3),
-#: meta-trained on log training loss (see docs in rules/lstm.py and meta/unroll.py).
-DEMO_CONFIG = MetaOptimizerConfig(
-    method="lstm", meta_lr=1e-3, unroll_steps=20, meta_objective="log_train_loss", rule_options={"init_lr": 3e-3}
-)
 HORIZON = 200
+#: The demo's rule: the spec's LSTM plus a skip path that starts it as Adam (lr 0.04, betas 0.9 and
+#: 0.999) under a learned schedule of the training fraction, initialised as warmup + cosine over
+#: ``HORIZON`` steps; meta-trained on log training loss (see rules/lstm.py and meta/unroll.py).
+DEMO_CONFIG = MetaOptimizerConfig(
+    method="lstm", meta_lr=1e-3, unroll_steps=20, meta_objective="log_train_loss",
+    rule_options={"init_lr": 0.04, "momentum_decay": 0.9, "rms_decay": 0.999, "horizon": HORIZON},
+)
 
 
 def meta_train(

@@ -11,6 +11,7 @@ schedulers work unchanged.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -88,6 +89,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     naming the parameter, or ``"skip"`` the whole step and count it in ``skipped_steps``; either
     way no parameter and no state changes. ``loss_decay`` is the decay of the exponential average
     of closure losses kept in ``running_loss`` and passed to the rule in ``OptimizerState``.
+    ``total_steps`` tells a budget-aware rule (``rule.horizon`` not None, e.g. an LSTM with a
+    learned schedule) the length of the run, as ``OneCycleLR`` needs it; without it such a rule
+    plans for the horizon it was meta-trained on, and a warning says so.
 
     The rule is not moved: its parameters and buffers must already be on the parameters' device
     (a ValueError says so otherwise). ``state_dict()`` holds only tensors, numbers, strings and
@@ -104,9 +108,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
         maximize: bool = False,
         nonfinite: str = "raise",
         loss_decay: float = 0.9,
+        total_steps: int | None = None,
     ) -> None:
         if not isinstance(rule, UpdateRule):
             raise TypeError(f"rule must be a metaoptimizer UpdateRule, got {type(rule).__name__}")
+        if total_steps is not None:
+            rule.set_horizon(total_steps)
+        elif rule.horizon is not None:
+            warnings.warn(
+                f"{type(rule).__name__} is budget-aware and plans for {rule.horizon} updates (its learned "
+                "schedule ends there); pass total_steps=N for a run of N updates",
+                stacklevel=2,
+            )
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={nonfinite!r} is not supported; accepted values: {NONFINITE_POLICIES}")
         check_unit_interval("loss_decay", loss_decay)

@@ -73,9 +73,12 @@ def evaluate(
     device: str | None = None,
     progress: bool = True,
     extra: Mapping[str, Any] | None = None,
+    cache: str | Path | None = None,
 ) -> tuple[SuiteResult, ReportFiles]:
-    """Run ``suite`` with ``optimizers`` and the tuned default baselines, then write the report."""
-    result = run_suite(suite, optimizers, tuner=tuner, trials=trials, device=device, progress=progress)
+    """Run ``suite`` with ``optimizers`` and the tuned default baselines (reused from the folder
+    ``cache`` when given), then write the report."""
+    result = run_suite(suite, optimizers, tuner=tuner, trials=trials, device=device, progress=progress,
+                       cache=cache)
     return result, write_report(result, out_dir, extra=extra)
 
 
@@ -118,6 +121,9 @@ def make_eval_command(
         data_dir: Annotated[Path | None, typer.Option(help="Tiny Shakespeare folder (architectures suite).")] = None,
         device: Annotated[str | None, typer.Option(help="Torch device for the runs, e.g. cuda.")] = None,
         progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+        baseline_cache: Annotated[Path | None, typer.Option(
+            help="Folder caching the tuned baselines' runs, reused by later evaluations of the same suite.",
+            envvar="METAOPT_BASELINE_CACHE")] = None,
     ) -> ReportFiles:
         """Evaluate an optimizer on a suite against learning-rate-tuned Adam, momentum and RMSProp."""
         overrides = {"num_tasks": num_tasks, "steps": steps, "data_dir": data_dir}
@@ -135,7 +141,7 @@ def make_eval_command(
             raise typer.BadParameter(str(error)) from error
         extra = {"optimizer": optimizer, "label": label}
         result, files = evaluate({label: lambda: rule}, chosen, out_dir, tuner=tuner, trials=trials, device=device,
-                                 progress=progress, extra=extra)
+                                 progress=progress, extra=extra, cache=baseline_cache)
         console = Console()
         console.print(_summary_table(result))
         console.print(f"report: {files.markdown}\nnumbers: {files.json}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from metaoptimizer.config import check_positive
 from metaoptimizer.evaluate import metrics
 from metaoptimizer.evaluate.baselines import TUNERS, Baseline, TuningResult, default_baselines, tune_lr
+from metaoptimizer.evaluate.cache import BaselineCache
 from metaoptimizer.evaluate.suites import Suite, SuiteEntry
 from metaoptimizer.rules.base import UpdateRule, apply_updates
 from metaoptimizer.tasks import make_family
@@ -102,6 +104,7 @@ def run_rule(
     if eval_every is not None:
         check_positive("eval_every", eval_every, integer=True)
     started = time.perf_counter()
+    rule.set_horizon(steps)
     if device is not None:
         rule = rule.to(device)
     params = {name: p.detach().to(device) for name, p in task.init_params(seed).items()}
@@ -284,6 +287,7 @@ def run_suite(
     family_factory: FamilyFactory | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    cache: BaselineCache | str | os.PathLike | None = None,
 ) -> SuiteResult:
     """Run ``optimizers`` and the learning-rate-tuned ``baselines`` on every task of ``suite``.
 
@@ -293,7 +297,12 @@ def run_suite(
     its tuned learning rate) is compared with it. The smoothing window is ``window_fraction`` of
     each entry's step budget (at least one step). ``tuner`` is ``'grid'`` (each baseline's grid)
     or ``'optuna'`` (``trials`` TPE trials in the grid's range). A rich progress bar counts runs.
+    ``cache`` (a :class:`BaselineCache` or its folder) reuses baselines tuned by earlier calls.
     """
+    from metaoptimizer import __version__
+
+    if cache is not None and not isinstance(cache, BaselineCache):
+        cache = BaselineCache(cache)
     baselines = list(default_baselines() if baselines is None else baselines)
     names = [b.name for b in baselines]
     if reference not in names:
@@ -327,9 +336,25 @@ def run_suite(
                         eval_batches=entry.eval_batches, device=device, on_run=advance,
                     )
 
-                tuned = {
-                    b.name: tune_lr(b, run, window=window, method=tuner, trials=trials) for b in baselines
-                }
+                tuned = {}
+                for b in baselines:
+                    tune = lambda b=b, run=run, window=window: tune_lr(  # noqa: E731
+                        b, run, window=window, method=tuner, trials=trials
+                    )
+                    if cache is None:
+                        tuned[b.name] = tune()
+                        continue
+                    key = {
+                        "task": task.name, "baseline": b.name, "lrs": list(b.lrs), "tuner": tuner,
+                        "trials": trials if tuner == "optuna" else None, "steps": entry.steps,
+                        "seeds": list(entry.seeds), "eval_every": entry.eval_every,
+                        "eval_batches": entry.eval_batches, "window": window, "device": str(device or "cpu"),
+                        "version": __version__,
+                    }
+                    hits = cache.hits
+                    tuned[b.name] = cache.tuned(key, tune)
+                    if cache.hits > hits:
+                        bar.advance(job, len(entry.seeds) * (len(b.lrs) if tuner == "grid" else trials))
                 curves = {name: run(factory) for name, factory in optimizers.items()}
                 ref = tuned[reference]
                 comparisons = {name: compare(c, ref, window) for name, c in curves.items()}

@@ -338,6 +338,12 @@ class MetaTrainer:
                 raise ValueError(f"min_horizon ({min_horizon}) must be <= horizon ({horizon})")
         if not meta_parameters(rule):
             raise ValueError(f"rule {type(rule).__name__} has no trainable meta-parameters: there is nothing to meta-train")
+        if rule.horizon is not None and min_horizon is not None:
+            raise ValueError(
+                f"rule {type(rule).__name__} is budget-aware (horizon={rule.horizon}): meta-train it with one "
+                "fixed horizon (min_horizon=None), since all runs share the rule's schedule"
+            )
+        rule.set_horizon(horizon)
         self.communicator = communicator or SingleProcess()
         if tasks_per_step < self.communicator.world_size:
             raise ValueError(

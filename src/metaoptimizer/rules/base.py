@@ -29,6 +29,9 @@ class UpdateRule(nn.Module):
 
     #: Short name used in checkpoints and reports.
     name: str = "rule"
+    #: Number of updates a budget-aware rule plans for (see :meth:`set_horizon`); None: the
+    #: rule's updates do not depend on the training budget.
+    horizon: int | None = None
 
     def init(self, params: Mapping[str, Tensor]) -> OptimizerState:
         raise NotImplementedError
@@ -41,6 +44,10 @@ class UpdateRule(nn.Module):
     def hyperparameters(self) -> dict[str, object]:
         """Constructor arguments needed to rebuild this rule (stored in checkpoints)."""
         return {}
+
+    def set_horizon(self, steps: int) -> None:
+        """Tell a budget-aware rule how many updates the coming run has (as one tells a cosine
+        schedule its length). Rules whose updates ignore the budget (``horizon is None``) ignore it."""
 
 
 def next_step(state: OptimizerState) -> int:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from metaoptimizer.config import PREPROCESSING, OptimizerState, check_positive
 from metaoptimizer.rules.base import Params, UpdateRule, check_unit_interval
+from metaoptimizer.schedules import CosineDecay, LearnedSchedule, warmup_cosine
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -40,11 +41,19 @@ class LSTMRule(UpdateRule):
 
     Inputs per coordinate: the preprocessed gradient (``'log_sign'``: 2 features, ``'none'``: the raw
     gradient) and, with ``preconditioning``, the gradient divided by its running RMS (an
-    Adam/RMSProp-like normalised direction the LSTM can learn to use). The top layer's hidden state
-    goes through a linear head, plus a learned linear skip path from the inputs; the update is
-    ``output_scale`` times the sum. ``init_lr > 0`` initialises the skip path so that the untrained
-    rule already descends (RMSProp-like with ``preconditioning``, sign descent without) and
-    meta-training learns a correction; ``init_lr=0`` is the paper's pure LSTM.
+    Adam/RMSProp-like normalised direction the LSTM can learn to use); with ``momentum_decay > 0``
+    also the bias-corrected momentum divided by the same RMS (Adam's direction). The top layer's
+    hidden state goes through a linear head, plus a learned linear skip path from the inputs; the
+    update is ``output_scale`` times the sum. ``init_lr > 0`` initialises the skip path so that the
+    untrained rule already descends (Adam-like with momentum, RMSProp-like with only
+    ``preconditioning``, sign descent without) and meta-training learns a correction;
+    ``init_lr=0`` is the paper's pure LSTM.
+
+    ``horizon`` makes the rule budget-aware: the LSTM also reads the fraction of training done,
+    and the whole update is multiplied by a :class:`~metaoptimizer.schedules.LearnedSchedule` of
+    that fraction with ``schedule_knots`` knots, initialised as linear warmup over
+    ``warmup_fraction`` of the run then cosine decay (floored at 1%). :meth:`set_horizon` stretches
+    it over another budget, as one would a cosine schedule.
 
     ``chunk_size`` processes a tensor's coordinates in chunks of that many, bounding the size of
     temporaries on large models. ``state_dtype`` stores hidden/cell state in a narrower type
@@ -66,6 +75,10 @@ class LSTMRule(UpdateRule):
         chunk_size: int | None = None,
         state_dtype: str | None = None,
         init_lr: float = 0.0,
+        momentum_decay: float = 0.0,
+        horizon: int | None = None,
+        schedule_knots: int = 20,
+        warmup_fraction: float = 0.05,
     ) -> None:
         super().__init__()
         check_positive("hidden_size", hidden_size, integer=True)
@@ -78,6 +91,13 @@ class LSTMRule(UpdateRule):
         if chunk_size is not None:
             check_positive("chunk_size", chunk_size, integer=True)
         check_positive("init_lr", init_lr, allow_zero=True)
+        check_unit_interval("momentum_decay", momentum_decay)
+        if momentum_decay > 0 and not preconditioning:
+            raise ValueError("momentum_decay > 0 needs preconditioning=True (momentum is divided by the running RMS)")
+        if horizon is not None:
+            check_positive("horizon", horizon, integer=True)
+        check_positive("schedule_knots", schedule_knots, integer=True)
+        check_unit_interval("warmup_fraction", warmup_fraction)
         if state_dtype is not None and state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype={state_dtype!r} is not supported; accepted values: {sorted(STATE_DTYPES)}")
         self.hidden_size = hidden_size
@@ -91,8 +111,14 @@ class LSTMRule(UpdateRule):
         self.chunk_size = chunk_size
         self.state_dtype = state_dtype
         self.init_lr = float(init_lr)
+        self.momentum_decay = float(momentum_decay)
+        self.horizon = horizon
+        self.schedule_knots = schedule_knots
+        self.warmup_fraction = float(warmup_fraction)
 
-        input_size = (2 if preprocessing == "log_sign" else 1) + (1 if preconditioning else 0)
+        # Direction features feed the cells and the skip path; the training fraction only the cells.
+        direction_size = (2 if preprocessing == "log_sign" else 1) + int(preconditioning) + int(momentum_decay > 0)
+        input_size = direction_size + int(horizon is not None)
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
         self.input_weights = nn.ParameterList(nn.Parameter(torch.empty(n, 4 * hidden_size)) for n in sizes)
         self.hidden_weights = nn.ParameterList(
@@ -100,7 +126,8 @@ class LSTMRule(UpdateRule):
         )
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(4 * hidden_size)) for _ in range(num_layers))
         self.head = nn.Linear(hidden_size, 1)
-        self.skip = nn.Parameter(torch.zeros(input_size))
+        self.skip = nn.Parameter(torch.zeros(direction_size))
+        self.schedule = LearnedSchedule(horizon, schedule_knots) if horizon is not None else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -114,10 +141,17 @@ class LSTMRule(UpdateRule):
                 b[self.hidden_size : 2 * self.hidden_size] = self.forget_bias
             self.head.weight.uniform_(-0.1 * bound, 0.1 * bound)
             self.head.bias.zero_()
-            # The skip path starts the rule as a simple baseline: RMSProp-like with preconditioning,
-            # sign descent without, each with step size ``init_lr``; 0 gives the paper's pure LSTM.
+            # The skip path starts the rule as a simple baseline: Adam-like with momentum,
+            # RMSProp-like with preconditioning, sign descent without, each with step size
+            # ``init_lr`` (the last direction feature); 0 gives the paper's pure LSTM.
             self.skip.zero_()
             self.skip[-1] = -self.init_lr / self.output_scale
+            if self.schedule is not None:
+                warmup = round(self.warmup_fraction * self.horizon)
+                prior = warmup_cosine(warmup, self.horizon + 1) if warmup else CosineDecay(self.horizon)
+                knots = torch.linspace(0, self.horizon, self.schedule_knots + 1)
+                factors = torch.tensor([prior(round(float(k))) for k in knots]).clamp_min(0.01)
+                self.schedule.log_knots.copy_(factors.log())
 
     def hyperparameters(self) -> dict[str, object]:
         return {
@@ -132,7 +166,18 @@ class LSTMRule(UpdateRule):
             "chunk_size": self.chunk_size,
             "state_dtype": self.state_dtype,
             "init_lr": self.init_lr,
+            "momentum_decay": self.momentum_decay,
+            "horizon": self.horizon,
+            "schedule_knots": self.schedule_knots,
+            "warmup_fraction": self.warmup_fraction,
         }
+
+    def set_horizon(self, steps: int) -> None:
+        """Stretch the learned schedule over ``steps`` updates (no-op without a horizon)."""
+        check_positive("steps", steps, integer=True)
+        if self.schedule is not None:
+            self.horizon = steps
+            self.schedule.total_steps = steps
 
     def _stored_dtype(self, param: Tensor) -> torch.dtype:
         return STATE_DTYPES[self.state_dtype] if self.state_dtype else param.dtype
@@ -141,24 +186,36 @@ class LSTMRule(UpdateRule):
         shape = lambda p: (self.num_layers, p.numel(), self.hidden_size)  # noqa: E731
         hidden = {n: torch.zeros(shape(p), dtype=self._stored_dtype(p), device=p.device) for n, p in params.items()}
         cell = {n: torch.zeros(shape(p), dtype=self._stored_dtype(p), device=p.device) for n, p in params.items()}
-        slots = {"rms": {n: torch.zeros_like(p) for n, p in params.items()}} if self.preconditioning else {}
+        slots = {}
+        for slot in self._slot_names():
+            slots[slot] = {n: torch.zeros_like(p) for n, p in params.items()}
         return OptimizerState(hidden=hidden, cell=cell, slots=slots)
 
-    def _features(self, grad: Tensor, rms: Tensor | None, step: int) -> Tensor:
-        """Per-coordinate inputs, shape (numel, input_size)."""
+    def _slot_names(self) -> tuple[str, ...]:
+        return ("rms",) * self.preconditioning + ("momentum",) * (self.momentum_decay > 0)
+
+    def _features(self, grad: Tensor, rms: Tensor | None, momentum: Tensor | None, step: int) -> Tensor:
+        """Per-coordinate direction inputs, shape (numel, direction features)."""
         flat = grad.reshape(-1)
         if self.preprocessing == "log_sign":
             parts = [log_sign_preprocess(flat, self.preprocess_p)]
         else:
             parts = [flat.unsqueeze(-1)]
         if rms is not None:
-            corrected = rms.reshape(-1) / (1.0 - self.rms_decay**step)
-            parts.append((flat / torch.sqrt(corrected + 1e-8)).unsqueeze(-1))
+            scale = torch.rsqrt(rms.reshape(-1) / (1.0 - self.rms_decay**step) + 1e-8)
+            parts.append((flat * scale).unsqueeze(-1))
+            if momentum is not None:
+                corrected = momentum.reshape(-1) / (1.0 - self.momentum_decay**step)
+                parts.append((corrected * scale).unsqueeze(-1))
         return torch.cat(parts, dim=-1)
 
-    def _cells(self, x: Tensor, hidden: Tensor, cell: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _cells(
+        self, directions: Tensor, hidden: Tensor, cell: Tensor, progress: float | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Run the stacked cells on a batch of coordinates; returns (output, new hidden, new cell)."""
-        inputs = x
+        x = directions
+        if progress is not None:
+            x = torch.cat([directions, directions.new_full((directions.shape[0], 1), progress)], dim=-1)
         new_h, new_c = [], []
         for layer in range(self.num_layers):
             gates = x @ self.input_weights[layer] + hidden[layer] @ self.hidden_weights[layer] + self.biases[layer]
@@ -168,27 +225,32 @@ class LSTMRule(UpdateRule):
             new_h.append(h)
             new_c.append(c)
             x = h
-        return self.head(x).squeeze(-1) + inputs @ self.skip, torch.stack(new_h), torch.stack(new_c)
+        return self.head(x).squeeze(-1) + directions @ self.skip, torch.stack(new_h), torch.stack(new_c)
 
     def update(
         self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
     ) -> tuple[Params, OptimizerState]:
         updates: Params = {}
         hidden, cell = dict(state.hidden), dict(state.cell)
-        rms_slot = dict(state.slots.get("rms", {}))
+        slots = {slot: dict(state.slots[slot]) for slot in self._slot_names()}
+        progress = None if self.horizon is None else min((step - 1) / self.horizon, 1.0)
+        scale = self.output_scale if self.schedule is None else self.output_scale * self.schedule(step - 1)
         for name, grad in grads.items():
-            rms = None
+            rms = momentum = None
             if self.preconditioning:
-                rms = self.rms_decay * rms_slot[name] + (1.0 - self.rms_decay) * grad * grad
-                rms_slot[name] = rms
-            features = self._features(grad, rms, step)
+                rms = self.rms_decay * slots["rms"][name] + (1.0 - self.rms_decay) * grad * grad
+                slots["rms"][name] = rms
+            if self.momentum_decay > 0:
+                momentum = self.momentum_decay * slots["momentum"][name] + (1.0 - self.momentum_decay) * grad
+                slots["momentum"][name] = momentum
+            features = self._features(grad, rms, momentum, step)
             h0 = state.hidden[name].to(grad.dtype)
             c0 = state.cell[name].to(grad.dtype)
             size = self.chunk_size or features.shape[0]
             outs, hs, cs = [], [], []
             for start in range(0, features.shape[0], size):
                 end = start + size
-                out, h, c = self._cells(features[start:end], h0[:, start:end], c0[:, start:end])
+                out, h, c = self._cells(features[start:end], h0[:, start:end], c0[:, start:end], progress)
                 outs.append(out)
                 hs.append(h)
                 cs.append(c)
@@ -196,6 +258,5 @@ class LSTMRule(UpdateRule):
             hidden[name] = (hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)).to(stored)
             cell[name] = (cs[0] if len(cs) == 1 else torch.cat(cs, dim=1)).to(stored)
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
-            updates[name] = (self.output_scale * out).reshape(grad.shape)
-        slots = {**state.slots, "rms": rms_slot} if self.preconditioning else state.slots
-        return updates, state.replace(hidden=hidden, cell=cell, slots=slots, step_count=step)
+            updates[name] = (scale * out).reshape(grad.shape)
+        return updates, state.replace(hidden=hidden, cell=cell, slots={**state.slots, **slots}, step_count=step)
