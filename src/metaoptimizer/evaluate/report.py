@@ -35,7 +35,9 @@ PROTOCOL = (
     "when an optimizer never reaches the target, its speedup is capped at reference steps / budget "
     "and marked with `*`. Loss ratios are optimizer / tuned reference (lower is better), accuracy "
     "ratios likewise (higher is better), at the end of the budget. A run whose loss becomes NaN/Inf "
-    "is diverged: loss +inf (accuracy 0) from then on."
+    "is diverged: loss +inf (accuracy 0) from then on. Budget-aware rules (a learned schedule over "
+    "the training fraction) are told the step budget before each run, as a cosine schedule would be; "
+    "the baselines use a constant learning rate."
 )
 
 

@@ -64,6 +64,21 @@ def zeros_like_dict(params: Mapping[str, Tensor], dtype: torch.dtype | None = No
     return {name: torch.zeros_like(p, dtype=dtype) for name, p in params.items()}
 
 
+def check_update_call(grads: Mapping[str, Tensor], params: Mapping[str, Tensor], step: int) -> None:
+    """Names, shapes, dtypes and step of an ``update`` call (not values: a finiteness check would sync)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step is the 1-based index of the update (an int >= 1); got step={step!r}")
+    for name, g in grads.items():
+        if name not in params:
+            raise ValueError(f"gradient for unknown parameter {name!r}; known parameters: {sorted(params)}")
+        if g.shape != params[name].shape:
+            raise ValueError(
+                f"gradient of {name!r} has shape {tuple(g.shape)} but the parameter has shape {tuple(params[name].shape)}"
+            )
+        if not g.is_floating_point():
+            raise TypeError(f"gradient of {name!r} must be a floating-point tensor, got dtype {g.dtype}")
+
+
 def check_grads(grads: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:
     """Raise a clear error when gradients do not match parameters in names, shapes or finiteness."""
     missing = sorted(set(grads) - set(params))

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from metaoptimizer.config import OptimizerState, check_positive
-from metaoptimizer.rules.base import check_unit_interval
+from metaoptimizer.rules.base import check_unit_interval, check_update_call
 
 #: Kinds of per-coordinate feature a rule may read (see :class:`FeatureConfig`).
 FEATURE_KINDS = ("grad", "param", "momentum", "rms", "factored", "mom_ratio", "grad_ratio")
@@ -347,19 +347,9 @@ def check_update_inputs(
     grads: Mapping[str, Tensor], params: Mapping[str, Tensor], step: int, slots: Mapping[str, Mapping[str, Tensor]],
     config: FeatureConfig,
 ) -> None:
-    """Names, shapes and step of an ``update`` call (not values: a finiteness check would sync)."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step is the 1-based index of the update (an int >= 1); got step={step!r}")
-    for name, g in grads.items():
-        if name not in params:
-            raise ValueError(f"gradient for unknown parameter {name!r}; known parameters: {sorted(params)}")
-        if g.shape != params[name].shape:
-            raise ValueError(
-                f"gradient of {name!r} has shape {tuple(g.shape)} "
-                f"but the parameter has shape {tuple(params[name].shape)}"
-            )
-        if not g.is_floating_point():
-            raise TypeError(f"gradient of {name!r} must be a floating-point tensor, got dtype {g.dtype}")
+    """:func:`~metaoptimizer.rules.base.check_update_call`, plus the accumulators each gradient needs."""
+    check_update_call(grads, params, step)
+    for name in grads:
         tensor_accumulators(slots, name, config)
 
 

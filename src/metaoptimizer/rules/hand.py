@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from metaoptimizer.config import OptimizerState, check_positive
-from metaoptimizer.rules.base import Params, UpdateRule, check_unit_interval, zeros_like_dict
+from metaoptimizer.rules.base import Params, UpdateRule, check_unit_interval, check_update_call, zeros_like_dict
 
 #: Default ``eps_root`` of Adam and RMSProp (see the module docstring for the choice).
 EPS_ROOT = 1e-16
@@ -124,16 +124,8 @@ class HandRule(UpdateRule):
         weight_decay: Hyper,
     ) -> Params:
         """Check names and shapes (not values, see the module docstring); add ``weight_decay * p``."""
-        if step < 1:
-            raise ValueError(f"step is the 1-based index of the update; got step={step}")
-        for name, g in grads.items():
-            if name not in params:
-                raise ValueError(f"gradient for unknown parameter {name!r}; known parameters: {sorted(params)}")
-            if g.shape != params[name].shape:
-                raise ValueError(
-                    f"gradient of {name!r} has shape {tuple(g.shape)} but the parameter has shape "
-                    f"{tuple(params[name].shape)}"
-                )
+        check_update_call(grads, params, step)
+        for name in grads:
             missing = [slot for slot in self.slot_names if name not in state.slots.get(slot, {})]
             if missing:
                 raise ValueError(f"state has no {missing} entry for {name!r}; build the state with init(params)")

@@ -22,7 +22,6 @@ tensor in ``state.hidden`` / ``state.cell``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from metaoptimizer.config import OptimizerState, check_positive
-from metaoptimizer.rules.base import Params, UpdateRule
+from metaoptimizer.rules.base import Params
 from metaoptimizer.rules.features import (
     LOG_SCALE,
     FeatureConfig,
@@ -42,12 +41,12 @@ from metaoptimizer.rules.features import (
 )
 from metaoptimizer.rules.mlp import (
     MAX_LOG_MAGNITUDE,
+    FeatureRule,
     PerCoordinateMLP,
     Reduction,
     StepScale,
     TensorPasses,
     autograd_needed,
-    check_backend,
     prior_index,
     updated_slots,
 )
@@ -76,7 +75,7 @@ def tensor_summary(reduced: Reduction, global_feats: Tensor, numel: int, ndim: i
     return torch.cat([log_mean_square, normalised_mean, global_feats.to(log_mean_square.dtype), shape])
 
 
-class HierarchicalRule(UpdateRule):
+class HierarchicalRule(FeatureRule):
     """Per-tensor LSTM producing the mixture of a bank of per-coordinate MLPs (see the module docstring).
 
     ``hidden_size`` x ``num_layers``: the per-coordinate MLPs, ``bank_size`` how many of them
@@ -103,21 +102,12 @@ class HierarchicalRule(UpdateRule):
         backend: str = "matmul",
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        check_positive("hidden_size", hidden_size, integer=True)
-        check_positive("num_layers", num_layers, integer=True, allow_zero=True)
+        super().__init__(hidden_size, num_layers, features, StepScale(step_mult, magnitude_scale, param_relative,
+                         param_scale_floor), output_init, backend, seed)
         check_positive("bank_size", bank_size, integer=True)
         check_positive("tensor_hidden_size", tensor_hidden_size, integer=True)
-        check_positive("output_init", output_init)
-        self.scale = StepScale(step_mult, magnitude_scale, param_relative, param_scale_floor)
-        self.backend = check_backend(backend)
-        self.features = FeatureConfig.coerce(features)
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
         self.bank_size = bank_size
         self.tensor_hidden_size = tensor_hidden_size
-        self.output_init = float(output_init)
-        self.seed = seed
         config = self.features
         self.bank = PerCoordinateMLP(
             config.num_features, config.num_global, hidden_size, num_layers, prior_index(config),
@@ -137,17 +127,7 @@ class HierarchicalRule(UpdateRule):
         self.head_bias = nn.Parameter(torch.zeros(bank_size + 1))
 
     def hyperparameters(self) -> dict[str, object]:
-        return {
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers,
-            "bank_size": self.bank_size,
-            "tensor_hidden_size": self.tensor_hidden_size,
-            "features": self.features.to_dict(),
-            **dataclasses.asdict(self.scale),
-            "output_init": self.output_init,
-            "backend": self.backend,
-            "seed": self.seed,
-        }
+        return {**super().hyperparameters(), "bank_size": self.bank_size, "tensor_hidden_size": self.tensor_hidden_size}
 
     def init(self, params: Mapping[str, Tensor]) -> OptimizerState:
         dtype = self.head_bias.dtype

@@ -265,7 +265,39 @@ class TensorPasses:
         return update.reshape(grad.shape)
 
 
-class MLPRule(UpdateRule):
+class FeatureRule(UpdateRule):
+    """Shared set-up of the rules built on :mod:`~metaoptimizer.rules.features` and
+    :class:`PerCoordinateMLP`: argument checks, the step scale, the backend and the feature config."""
+
+    def __init__(
+        self, hidden_size: int, num_layers: int, features: FeatureConfig | Mapping[str, Any] | None,
+        scale: StepScale, output_init: float, backend: str, seed: int,
+    ) -> None:
+        super().__init__()
+        check_positive("hidden_size", hidden_size, integer=True)
+        check_positive("num_layers", num_layers, integer=True, allow_zero=True)
+        check_positive("output_init", output_init)
+        self.scale = scale
+        self.backend = check_backend(backend)
+        self.features = FeatureConfig.coerce(features)
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.output_init = float(output_init)
+        self.seed = seed
+
+    def hyperparameters(self) -> dict[str, object]:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "features": self.features.to_dict(),
+            **dataclasses.asdict(self.scale),
+            "output_init": self.output_init,
+            "backend": self.backend,
+            "seed": self.seed,
+        }
+
+
+class MLPRule(FeatureRule):
     """Per-parameter MLP learned optimizer (``method='l2o'``); see the module docstring.
 
     ``hidden_size`` x ``num_layers`` ReLU hidden units (``num_layers=0``: a linear rule),
@@ -289,32 +321,12 @@ class MLPRule(UpdateRule):
         backend: str = "matmul",
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        check_positive("hidden_size", hidden_size, integer=True)
-        check_positive("num_layers", num_layers, integer=True, allow_zero=True)
-        check_positive("output_init", output_init)
-        self.scale = StepScale(step_mult, magnitude_scale, param_relative, param_scale_floor)
-        self.backend = check_backend(backend)
-        self.features = FeatureConfig.coerce(features)
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.output_init = float(output_init)
-        self.seed = seed
+        super().__init__(hidden_size, num_layers, features, StepScale(step_mult, magnitude_scale, param_relative,
+                         param_scale_floor), output_init, backend, seed)
         self.mlp = PerCoordinateMLP(
             self.features.num_features, self.features.num_global, hidden_size, num_layers,
             prior_index(self.features), output_init=output_init, seed=seed,
         )
-
-    def hyperparameters(self) -> dict[str, object]:
-        return {
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers,
-            "features": self.features.to_dict(),
-            **dataclasses.asdict(self.scale),
-            "output_init": self.output_init,
-            "backend": self.backend,
-            "seed": self.seed,
-        }
 
     def init(self, params: Mapping[str, Tensor]) -> OptimizerState:
         return OptimizerState(slots=init_slots(params, self.features))
