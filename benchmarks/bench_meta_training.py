@@ -188,17 +188,10 @@ def compare(family: str, budget: float, num_tasks: int, seeds: tuple[int, ...], 
     adam = [b for b in default_baselines() if b.name == "adam"]
     factories = {name: (lambda rule=rule: copy.deepcopy(rule)) for name, rule in trained.items()}
     result = run_suite(suite, factories, baselines=adam, progress=False)
-    summary = result.summary()
-    speedups = {}
+    speedups = {name: result.headline(name) for name in trained}
     print(f"\nheld-out speedup over tuned Adam ({num_tasks} tasks x {len(seeds)} seeds, {setup['horizon']} steps):")
     for name in trained:
-        s, ratio = summary[name]["speedup"], summary[name]["train_loss_ratio"]
-        per_task = [round(t.comparisons[name].speedup.value, 3) for t in result.tasks]
-        reached = sum(t.comparisons[name].speedup.reached for t in result.tasks)
-        speedups[name] = {"median": s.median, "iqm": s.iqm, "per_task": per_task, "reached": reached,
-                          "final_train_loss_ratio_median": ratio.median}
-        print(f"  {name:10s} speedup median {s.median:.3f}  IQM {s.iqm:.3f}  target reached on {reached}/"
-              f"{len(result.tasks)} tasks  final train loss / Adam's (median) {ratio.median:.3f}  per task {per_task}")
+        print("  " + result.headline_line(name))
     variances = {
         name: _variance(family, make, replicas, truncations=2) for name, make in _estimators(family, False).items()
     }

@@ -380,17 +380,10 @@ def quality(budget: float, num_tasks: int, seeds: int) -> dict:
     adam = [b for b in default_baselines() if b.name == "adam"]
     factories = {name: (lambda rule=rule: copy.deepcopy(rule)) for name, rule in trained.items()}
     result = run_suite(suite, factories, baselines=adam, progress=False)
-    summary = result.summary()
-    speedups = {}
+    speedups = {name: result.headline(name) for name in trained}
     print(f"held-out speedup over tuned Adam ({num_tasks} tasks x {seeds} seeds, {horizon} steps):")
     for name in trained:
-        s, ratio = summary[name]["speedup"], summary[name]["train_loss_ratio"]
-        per_task = [round(t.comparisons[name].speedup.value, 3) for t in result.tasks]
-        reached = sum(t.comparisons[name].speedup.reached for t in result.tasks)
-        speedups[name] = {"median": s.median, "iqm": s.iqm, "per_task": per_task, "reached": reached,
-                          "final_train_loss_ratio_median": ratio.median}
-        print(f"  {name:13s} speedup median {s.median:.3f}  IQM {s.iqm:.3f}  reached {reached}/{len(result.tasks)}  "
-              f"final train loss / Adam's (median) {ratio.median:.3f}  per task {per_task}")
+        print("  " + result.headline_line(name))
     print(f"load average after: {os.getloadavg()}")
     return {"training": training, "speedup": speedups}
 

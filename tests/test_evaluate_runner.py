@@ -153,6 +153,10 @@ def test_a_rule_identical_to_the_tuned_reference_has_speedup_one():
     summary = result.summary()
     assert summary["same"]["speedup"].median == 1.0
     assert result.summary("digits_mlp_tiny") == summary
+    headline = result.headline("same")
+    assert headline == {"median": 1.0, "iqm": 1.0, "per_task": [1.0], "reached": 1, "tasks": 1,
+                        "final_train_loss_ratio_median": 1.0}
+    assert result.headline_line("same").startswith("same: speedup median 1.000")
     assert result.labels() == ["digits_mlp_tiny"]
 
 

@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -261,6 +262,24 @@ class SuiteResult:
                 "accuracy_ratio": metrics.summarize([r.accuracy_ratio for r in rows]),
             }
         return table
+
+    def headline(self, name: str) -> dict[str, Any]:
+        """The figures a benchmark quotes for ``name``: speedup median and IQM, per-task speedups,
+        the number of tasks whose target it reached, and the median final train-loss ratio."""
+        figures = self.summary()[name]
+        rows = [task.comparisons[name] for task in self.tasks if name in task.comparisons]
+        return {
+            "median": figures["speedup"].median, "iqm": figures["speedup"].iqm,
+            "per_task": [round(r.speedup.value, 3) for r in rows], "reached": sum(r.speedup.reached for r in rows),
+            "tasks": len(rows), "final_train_loss_ratio_median": figures["train_loss_ratio"].median,
+        }
+
+    def headline_line(self, name: str) -> str:
+        """:meth:`headline` as one printable line."""
+        h = self.headline(name)
+        return (f"{name}: speedup median {h['median']:.3f}  IQM {h['iqm']:.3f}  target reached on {h['reached']}/"
+                f"{h['tasks']} tasks  final train loss / reference's (median) "
+                f"{h['final_train_loss_ratio_median']:.3f}  per task {h['per_task']}")
 
 
 def _progress(enabled: bool) -> Progress:
