@@ -32,7 +32,7 @@ def result():
 
 @pytest.fixture(scope="module")
 def files(result, tmp_path_factory):
-    return write_report(result, tmp_path_factory.mktemp("report"), extra={"optimizer": "hand rules"})
+    return write_report(result, tmp_path_factory.mktemp("report"), extra={"optimizer": "hand rules", "training": {"steps": 3, "seed": 0}})
 
 
 def test_report_writes_markdown_json_and_plots(files):
@@ -48,6 +48,7 @@ def test_markdown_has_protocol_summaries_per_entry_and_every_task(files, result)
                     "## Per-task results", "## Tuned learning rates"):
         assert heading in text
     assert "- optimizer: hand rules" in text
+    assert "- training:\n  - steps: 3\n  - seed: 0\n" in text  # nested extras one per line
     assert "![speedups](speedup.png)" in text and "(curves_relu_a.png)" in text
     for task in result.tasks:
         assert f"`{task.task_name}`" in text
@@ -58,7 +59,7 @@ def test_markdown_has_protocol_summaries_per_entry_and_every_task(files, result)
 def test_json_holds_every_number_and_encodes_divergence_as_strings(files, result):
     data = json.loads(files.json.read_text())
     assert data["suite"]["name"] == "tiny" and data["protocol"]["reference"] == "adam"
-    assert data["extra"] == {"optimizer": "hand rules"}
+    assert data["extra"] == {"optimizer": "hand rules", "training": {"steps": 3, "seed": 0}}
     assert len(data["tasks"]) == 2
     for stored, task in zip(data["tasks"], result.tasks, strict=True):
         for name, comparison in task.comparisons.items():

@@ -296,7 +296,12 @@ def write_report(
     plots = [plot_curves(result, label, out / f"curves_{label}.png") for label in result.labels()]
     plots.append(plot_speedups(result, out / "speedup.png"))
     lines = [f"# {title or f'Evaluation on suite `{result.suite.name}`'}", "", result.suite.description, ""]
-    lines += [f"- {key}: {value}" for key, value in (extra or {}).items()]
+    for key, value in (extra or {}).items():
+        if isinstance(value, Mapping):  # one nested item per line, not a dict printed on one line
+            lines.append(f"- {key}:")
+            lines += [f"  - {inner}: {inner_value}" for inner, inner_value in value.items()]
+        else:
+            lines.append(f"- {key}: {value}")
     lines += [
         f"- reference: tuned {result.reference} ({result.tuner} search); tasks: {len(result.tasks)}; "
         f"wall time: {result.seconds:.1f} s",
