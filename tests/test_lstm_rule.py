@@ -75,10 +75,15 @@ def test_chunked_update_equals_unchunked_and_bfloat16_state_is_narrow():
         cu, cstate = chunked.update(grads, cstate, params, step)
         for name in params:
             torch.testing.assert_close(u[name], cu[name])
-    narrow = LSTMRule(hidden_size=8, state_dtype="bfloat16")
+    # meta-gradients through the chunked path equal the unchunked ones
+    meta = [torch.autograd.grad(sum(u.sum() for u in r.update(grads, r.init(params), params, 1)[0].values()),
+                                list(r.parameters())) for r in (rule, chunked)]
+    for a, b in zip(*meta, strict=True):
+        torch.testing.assert_close(a, b)
+    narrow = LSTMRule(hidden_size=8, state_dtype="bfloat16", chunk_size=5)
     s = narrow.init(params)
     _, s = narrow.update(grads, s, params, 1)
-    assert all(h.dtype == torch.bfloat16 for h in s.hidden.values())
+    assert all(h.dtype == torch.bfloat16 for h in [*s.hidden.values(), *s.cell.values()])
 
 
 def test_forget_gate_bias_initialised():

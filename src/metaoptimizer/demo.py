@@ -42,7 +42,9 @@ DEMO_CONFIG = MetaOptimizerConfig(
 def meta_train(
     config: MetaOptimizerConfig, *, minutes: float, meta_steps: int | None, seed: int, log_path: Path
 ) -> MetaOptimizer:
-    """Meta-train ``config``'s rule on the digits-MLP family until the time or step budget ends."""
+    """Meta-train ``config``'s rule on the digits-MLP family until the time or step budget ends;
+    ``seed`` seeds the rule's initial weights and the trainer's task draws."""
+    torch.manual_seed(seed)
     meta = MetaOptimizer(None, config)
     trainer = MetaTrainer(
         meta.rule, make_family(FAMILY), meta_lr=config.meta_lr, unroll_steps=config.unroll_steps,
@@ -94,7 +96,6 @@ def run_demo(
     """Meta-train, save the rule, compare with tuned Adam on held-out tasks; returns the report path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
     started = time.monotonic()
     meta = meta_train(DEMO_CONFIG, minutes=minutes, meta_steps=meta_steps, seed=seed,
                       log_path=out / "meta_training.csv")

@@ -23,10 +23,14 @@ from torch import nn
 
 from metaoptimizer.config import MetaOptTrainResult, check_positive
 from metaoptimizer.meta.gradient_learner import GradientMetaLearner
+from metaoptimizer.meta.warp_grad import WarpGradLearner
 from metaoptimizer.tasks.episodes import SinusoidSampler, TaskDistributionSampler, digits_sampler, omniglot_sampler
+from metaoptimizer.tasks.warp_models import interleave_warps
 
 #: Method name -> ``GradientMetaLearner`` lr_mode.
-METHODS = {"meta_sgd": "per_parameter", "maml_scalar_lr": "scalar", "maml": "fixed"}
+#: Method -> the learning-rate mode of its GradientMetaLearner; ``warp_grad`` is a WarpGradLearner
+#: on the same model with warp layers interleaved (its preconditioning is learned, not a rate).
+METHODS = {"meta_sgd": "per_parameter", "maml_scalar_lr": "scalar", "maml": "fixed", "warp_grad": None}
 DATASETS = ("sinusoid", "digits", "omniglot")
 #: Image side and number of conv blocks of the image learners (each block halves the side).
 IMAGE_LEARNERS = {"digits": (8, 2), "omniglot": (28, 4)}
@@ -184,16 +188,15 @@ def run_method(
     """Meta-train ``method`` from the seeded initial model and score it on meta-test episodes."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported; accepted values: {tuple(METHODS)}")
-    learner = GradientMetaLearner(
-        make_model(dataset, n_way, width=width, seed=seed),
-        inner_steps=inner_steps,
-        inner_lr=inner_lr,
-        lr_mode=METHODS[method],
-        first_order=first_order,
-        meta_lr=meta_lr,
-        loss="mse" if dataset == "sinusoid" else "cross_entropy",
-        gradient_clipping=gradient_clipping,
-    )
+    model = make_model(dataset, n_way, width=width, seed=seed)
+    common = {
+        "inner_steps": inner_steps, "inner_lr": inner_lr, "first_order": first_order, "meta_lr": meta_lr,
+        "loss": "mse" if dataset == "sinusoid" else "cross_entropy", "gradient_clipping": gradient_clipping,
+    }
+    if method == "warp_grad":
+        learner = WarpGradLearner(interleave_warps(model, seed=seed), seed=seed, **common)
+    else:
+        learner = GradientMetaLearner(model, lr_mode=METHODS[method], **common)
     start = time.perf_counter()
     history = meta_train(
         learner, train_sampler, meta_steps=meta_steps, meta_batch_size=meta_batch_size, seed=seed, on_step=on_step
@@ -204,7 +207,8 @@ def run_method(
     return FewShotResult(
         method=method, dataset=dataset, metric=metric, mean=mean, ci95=ci95, values=values,
         meta_steps=learner.steps, skipped_steps=learner.skipped, meta_train_seconds=seconds,
-        meta_losses=[r.meta_loss for r in history], learned_lr=learner.learned_lr(),
+        meta_losses=[r.meta_loss for r in history],
+        learned_lr=learner.learned_lr() if isinstance(learner, GradientMetaLearner) else {},
     )
 
 

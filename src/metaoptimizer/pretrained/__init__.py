@@ -14,7 +14,7 @@ from torch import nn
 from metaoptimizer.facade import MetaOptimizer
 
 #: name -> (meta-training family, number of meta-steps used for the shipped checkpoint, seed)
-REGISTRY: dict[str, tuple[str, int, int]] = {"lstm-digits-mlp": ("digits_mlp", 300, 0)}
+REGISTRY: dict[str, tuple[str, int, int]] = {"lstm-digits-mlp": ("digits_mlp", 200, 0)}
 
 
 def available() -> list[str]:

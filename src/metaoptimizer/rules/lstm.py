@@ -227,6 +227,29 @@ class LSTMRule(UpdateRule):
             x = h
         return self.head(x).squeeze(-1) + directions @ self.skip, torch.stack(new_h), torch.stack(new_c)
 
+    def _run_chunks(
+        self, features: Tensor, hidden: Tensor, cell: Tensor, progress: float | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The cells over all coordinates of one tensor, ``chunk_size`` at a time; returns (new
+        hidden, new cell, output). Chunks are cast to the compute dtype one at a time and written
+        into preallocated results in the stored dtype, so temporaries stay chunk-sized."""
+        size = self.chunk_size or features.shape[0]
+        if size >= features.shape[0]:
+            out, h, c = self._cells(features, hidden.to(features.dtype), cell.to(features.dtype), progress)
+            return h.to(hidden.dtype), c.to(cell.dtype), out
+        new_hidden, new_cell = torch.empty_like(hidden), torch.empty_like(cell)
+        out = features.new_empty(features.shape[0])
+        for start in range(0, features.shape[0], size):
+            end = start + size
+            chunk_out, h, c = self._cells(
+                features[start:end], hidden[:, start:end].to(features.dtype), cell[:, start:end].to(features.dtype),
+                progress,
+            )
+            new_hidden[:, start:end] = h
+            new_cell[:, start:end] = c
+            out[start:end] = chunk_out
+        return new_hidden, new_cell, out
+
     def update(
         self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
     ) -> tuple[Params, OptimizerState]:
@@ -244,19 +267,6 @@ class LSTMRule(UpdateRule):
                 momentum = self.momentum_decay * slots["momentum"][name] + (1.0 - self.momentum_decay) * grad
                 slots["momentum"][name] = momentum
             features = self._features(grad, rms, momentum, step)
-            h0 = state.hidden[name].to(grad.dtype)
-            c0 = state.cell[name].to(grad.dtype)
-            size = self.chunk_size or features.shape[0]
-            outs, hs, cs = [], [], []
-            for start in range(0, features.shape[0], size):
-                end = start + size
-                out, h, c = self._cells(features[start:end], h0[:, start:end], c0[:, start:end], progress)
-                outs.append(out)
-                hs.append(h)
-                cs.append(c)
-            stored = self._stored_dtype(grad)
-            hidden[name] = (hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)).to(stored)
-            cell[name] = (cs[0] if len(cs) == 1 else torch.cat(cs, dim=1)).to(stored)
-            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+            hidden[name], cell[name], out = self._run_chunks(features, state.hidden[name], state.cell[name], progress)
             updates[name] = (scale * out).reshape(grad.shape)
         return updates, state.replace(hidden=hidden, cell=cell, slots={**state.slots, **slots}, step_count=step)
