@@ -4,6 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from metaoptimizer import MetaOptimizer, __version__, pretrained
+from metaoptimizer.demo import DEMO_CONFIG, HORIZON
 from metaoptimizer.cli import app
 
 runner = CliRunner()
@@ -40,6 +41,9 @@ def test_shipped_checkpoint_loads_ready_to_use():
     assert pretrained.available() == ["lstm-digits-mlp"]
     meta = pretrained.load("lstm-digits-mlp")
     assert meta.config.method == "lstm" and meta.meta_steps == pretrained.REGISTRY["lstm-digits-mlp"][1]
+    # `metaopt pretrain` trains DEMO_CONFIG: the shipped file must be that configuration
+    assert meta.config.to_dict() == DEMO_CONFIG.to_dict()
+    assert meta.rule.horizon == HORIZON
 
 
 def test_unknown_pretrained_names_list_the_available_ones(tmp_path):
