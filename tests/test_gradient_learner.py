@@ -14,7 +14,9 @@ from torch import nn
 
 from metaoptimizer.config import MetaOptTrainResult
 from metaoptimizer.meta.gradient_learner import LR_MODES, GradientMetaLearner, inner_adapt
+from metaoptimizer.meta.warp_grad import WarpGradLearner
 from metaoptimizer.tasks.episodes import Episode, FewShotClassificationSampler, SinusoidSampler
+from metaoptimizer.tasks.warp_models import interleave_warps
 
 
 def tiny_regressor(dtype=torch.float32) -> nn.Module:
@@ -291,13 +293,21 @@ def test_bad_options_are_rejected(kwargs, error, message):
         GradientMetaLearner(tiny_regressor(), **kwargs)
 
 
-def test_bad_models_and_episodes_are_rejected():
+def test_bad_models_are_rejected():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         GradientMetaLearner(lambda x: x)
     frozen = tiny_regressor().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         GradientMetaLearner(frozen)
-    meta = learner()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [learner, lambda: WarpGradLearner(interleave_warps(tiny_regressor(), seed=0), inner_steps=2, loss="mse")],
+    ids=["gradient_learner", "warp_grad"],
+)
+def test_bad_episodes_are_rejected_by_both_episodic_learners(make):
+    meta = make()
     with pytest.raises(ValueError, match="episodes is empty"):
         meta.meta_train_step([])
     with pytest.raises(TypeError, match="Episode objects"):

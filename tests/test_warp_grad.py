@@ -499,15 +499,3 @@ def test_more_trajectory_samples_than_inner_steps_is_rejected(steps, extra):
 def test_bad_options_are_rejected(kwargs, error, message):
     with pytest.raises(error, match=message):
         learner(**kwargs)
-
-
-def test_bad_episodes_are_rejected():
-    meta = learner()
-    with pytest.raises(ValueError, match="episodes is empty"):
-        meta.meta_train_step([])
-    with pytest.raises(TypeError, match="Episode objects"):
-        meta.meta_train_step([(torch.zeros(1), torch.zeros(1))])
-    with pytest.raises(ValueError, match="loss='mse' cannot be used on a classification episode"):
-        meta.evaluate(image_episodes(1))
-    with pytest.raises(ValueError, match="steps must be an integer > 0"):
-        meta.adapt(sinusoid_episodes(1)[0], steps=0)

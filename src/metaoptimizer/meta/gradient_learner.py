@@ -63,7 +63,46 @@ def inner_adapt(
     return adapted
 
 
-class GradientMetaLearner:
+class EpisodicLearner:
+    """Episode checks (type, loss/episode kind, device) and per-episode query metrics, shared by
+    the learners that adapt a model to few-shot episodes (:class:`GradientMetaLearner` and
+    :class:`~metaoptimizer.meta.warp_grad.WarpGradLearner`).
+
+    Subclasses provide ``loss_name``, ``loss``, ``_device()``, ``adapt(episode, steps)`` and
+    ``_forward(params, x)``.
+    """
+
+    def _check_episodes(self, episodes: Sequence[Episode]) -> list[Episode]:
+        episodes = list(episodes)
+        if not episodes:
+            raise ValueError("episodes is empty; pass at least one Episode")
+        for episode in episodes:
+            if not isinstance(episode, Episode):
+                raise TypeError(f"episodes must be Episode objects, got {type(episode).__name__}")
+            if episode.is_classification != (self.loss_name == "cross_entropy"):
+                kind = "classification" if episode.is_classification else "regression"
+                raise ValueError(f"loss={self.loss_name!r} cannot be used on a {kind} episode ({episode.task_id})")
+        device = self._device()
+        return [e if e.support_x.device == device else e.to(device) for e in episodes]
+
+    def evaluate(self, episodes: Sequence[Episode], steps: int | None = None) -> dict[str, list[float]]:
+        """Per-episode query metrics after adaptation: ``loss`` always, ``accuracy`` for
+        classification, ``mse`` for regression."""
+        metrics: dict[str, list[float]] = {"loss": []}
+        for episode in self._check_episodes(episodes):
+            params = self.adapt(episode, steps)
+            with torch.no_grad():
+                out = self._forward(params, episode.query_x)
+                metrics["loss"].append(float(self.loss(out, episode.query_y)))
+                if episode.is_classification:
+                    value, key = (out.argmax(-1) == episode.query_y).float().mean(), "accuracy"
+                else:
+                    value, key = F.mse_loss(out, episode.query_y), "mse"
+                metrics.setdefault(key, []).append(float(value))
+        return metrics
+
+
+class GradientMetaLearner(EpisodicLearner):
     """Meta-learns a model's initialisation, and optionally its inner learning rates, on episodes.
 
     The meta-parameters (the model's parameters and the learned rates) are stepped by Adam with
@@ -155,19 +194,6 @@ class GradientMetaLearner:
     def _device(self) -> torch.device:
         return self.params()[self.names[0]].device
 
-    def _check_episodes(self, episodes: Sequence[Episode]) -> list[Episode]:
-        episodes = list(episodes)
-        if not episodes:
-            raise ValueError("episodes is empty; pass at least one Episode")
-        for episode in episodes:
-            if not isinstance(episode, Episode):
-                raise TypeError(f"episodes must be Episode objects, got {type(episode).__name__}")
-            if episode.is_classification != (self.loss_name == "cross_entropy"):
-                kind = "classification" if episode.is_classification else "regression"
-                raise ValueError(f"loss={self.loss_name!r} cannot be used on a {kind} episode ({episode.task_id})")
-        device = self._device()
-        return [e if e.support_x.device == device else e.to(device) for e in episodes]
-
     def _adapt(self, episode: Episode, steps: int, *, first_order: bool) -> Params:
         return inner_adapt(
             self._forward, self.params(), self.step_sizes(), episode.support, self.loss, steps, first_order=first_order
@@ -218,22 +244,6 @@ class GradientMetaLearner:
         check_positive("steps", steps, integer=True)
         (episode,) = self._check_episodes([episode])
         return {n: p.detach() for n, p in self._adapt(episode, steps, first_order=True).items()}
-
-    def evaluate(self, episodes: Sequence[Episode], steps: int | None = None) -> dict[str, list[float]]:
-        """Per-episode query metrics after adaptation: ``loss`` always, ``accuracy`` for
-        classification, ``mse`` for regression."""
-        metrics: dict[str, list[float]] = {"loss": []}
-        for episode in self._check_episodes(episodes):
-            params = self.adapt(episode, steps)
-            with torch.no_grad():
-                out = self._forward(params, episode.query_x)
-                metrics["loss"].append(float(self.loss(out, episode.query_y)))
-                if episode.is_classification:
-                    value, key = (out.argmax(-1) == episode.query_y).float().mean(), "accuracy"
-                else:
-                    value, key = F.mse_loss(out, episode.query_y), "mse"
-                metrics.setdefault(key, []).append(float(value))
-        return metrics
 
     # -- checkpoints ------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, check_positive
-from metaoptimizer.meta.gradient_learner import GradientMetaLearner
+from metaoptimizer.meta.gradient_learner import EpisodicLearner
 from metaoptimizer.meta.step import apply_meta_gradient
 from metaoptimizer.rules.base import Params, UpdateRule, apply_updates
 from metaoptimizer.rules.hand import HAND_RULES, make_hand_rule
@@ -160,7 +160,7 @@ def trajectory_meta_gradient(
     )
 
 
-class WarpGradLearner:
+class WarpGradLearner(EpisodicLearner):
     """Meta-learns warp layers (and optionally the task layers' initialisation) on episodes.
 
     ``model`` is the warped learner; ``warp_layers`` names its submodules whose parameters are warp
@@ -350,11 +350,6 @@ class WarpGradLearner:
 
     def _device(self) -> torch.device:
         return self.params()[self._task_names[0]].device
-
-    # Same episode checks (type, loss/episode kind, device) and per-episode query metrics as the
-    # MAML / Meta-SGD learner, so both plug into the same few-shot evaluation.
-    _check_episodes = GradientMetaLearner._check_episodes
-    evaluate = GradientMetaLearner.evaluate
 
     def _trajectory(
         self, episode: Episode, steps: int, points: Sequence[int], *, init_grads: bool
