@@ -48,6 +48,18 @@ def learner(mode="per_parameter", first_order=False, steps=2, dtype=torch.float3
     )
 
 
+def assert_matches_torch_sgd(adapted, episode, *, lr, steps):
+    """``adapted`` equals ``steps`` of torch.optim.SGD(lr) on the episode's support set from tiny_regressor()."""
+    reference = tiny_regressor()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(reference(episode.support_x), episode.support_y).backward()
+        optimizer.step()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(adapted[name], p.detach())
+
+
 def meta_gradient(meta: GradientMetaLearner, episodes) -> list[torch.Tensor]:
     params = meta.meta_parameters()
     return list(torch.autograd.grad(meta.meta_loss(episodes), params))
@@ -124,14 +136,7 @@ def test_inner_adapt_is_plain_gradient_descent():
     forward = lambda p, x: torch.func.functional_call(model, p, (x,))  # noqa: E731
     rates = dict.fromkeys(params, 0.05)
     adapted = inner_adapt(forward, params, rates, episode.support, nn.functional.mse_loss, 3, first_order=True)
-    reference = tiny_regressor()
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
-    for _ in range(3):
-        optimizer.zero_grad()
-        nn.functional.mse_loss(reference(episode.support_x), episode.support_y).backward()
-        optimizer.step()
-    for name, p in reference.named_parameters():
-        torch.testing.assert_close(adapted[name], p.detach())
+    assert_matches_torch_sgd(adapted, episode, lr=0.05, steps=3)
 
 
 # -- learning rates ---------------------------------------------------------------------------
@@ -216,15 +221,7 @@ def test_classification_adapt_and_evaluate():
 def test_adapt_with_fixed_rate_matches_torch_sgd():
     meta = learner("fixed", steps=1)
     (episode,) = sinusoid_episodes(1)
-    adapted = meta.adapt(episode, steps=4)
-    reference = tiny_regressor()
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-    for _ in range(4):
-        optimizer.zero_grad()
-        nn.functional.mse_loss(reference(episode.support_x), episode.support_y).backward()
-        optimizer.step()
-    for name, p in reference.named_parameters():
-        torch.testing.assert_close(adapted[name], p.detach())
+    assert_matches_torch_sgd(meta.adapt(episode, steps=4), episode, lr=0.1, steps=4)
 
 
 # -- checkpoints ------------------------------------------------------------------------------
