@@ -7,7 +7,7 @@ family (indices 0-9 by default; meta-training draws indices at random from 2**31
 practically unseen, and the held-out split is never touched).
 
     python benchmarks/bench_meta_validation.py [--steps 1200] [--every 100] [--tasks-per-step 1]
-        [--baseline-cache DIR]
+        [--unroll-steps 20] [--baseline-cache DIR]
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--tasks-per-step", type=int, default=1)
+    parser.add_argument("--unroll-steps", type=int, default=DEMO_CONFIG.unroll_steps,
+                        help="Truncation length (the horizon is 200; 200 = whole runs, no truncation).")
     parser.add_argument("--num-tasks", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--baseline-cache", default=None)
@@ -42,7 +44,7 @@ def main() -> None:
     meta = MetaOptimizer(None, DEMO_CONFIG)
     config = DEMO_CONFIG
     trainer = MetaTrainer(
-        meta.rule, make_family(FAMILY), meta_lr=config.meta_lr, unroll_steps=config.unroll_steps, horizon=HORIZON,
+        meta.rule, make_family(FAMILY), meta_lr=config.meta_lr, unroll_steps=args.unroll_steps, horizon=HORIZON,
         gradient_clipping=config.gradient_clipping, meta_objective=config.meta_objective,
         second_order=config.second_order, seed=DEMO_CONFIG.seed, tasks_per_step=args.tasks_per_step,
     )
@@ -52,7 +54,7 @@ def main() -> None:
         trainer.step()
         if step % args.every == 0:
             snapshots[step] = copy.deepcopy(meta.rule)
-    print(f"meta-trained {args.steps} steps ({args.tasks_per_step} task(s) per step) in "
+    print(f"meta-trained {args.steps} steps ({args.tasks_per_step} task(s) per step, unroll {args.unroll_steps}) in "
           f"{time.perf_counter() - started:.0f} s, {trainer.skipped_steps} skipped")
     entry = SuiteEntry(FAMILY, FAMILY, tuple(range(args.num_tasks)), HORIZON, tuple(range(args.seeds)), split=TRAIN)
     suite = Suite("meta-validation", f"training-split tasks of {FAMILY}", (entry,))

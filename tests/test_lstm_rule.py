@@ -212,3 +212,17 @@ def test_budget_aware_rule_is_differentiable_in_its_schedule():
     updates, _ = rule.update({"w": torch.randn(4)}, rule.init(params), params, 5)
     grads = torch.autograd.grad(updates["w"].sum(), [rule.schedule.log_knots, rule.skip])
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_bad_update_calls_name_the_problem():
+    rule = LSTMRule(hidden_size=4)
+    params = {"w": torch.zeros(3)}
+    state = rule.init(params)
+    with pytest.raises(ValueError, match="shape"):
+        rule.update({"w": torch.zeros(4)}, state, params, 1)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        rule.update({"v": torch.zeros(3)}, state, params, 1)
+    with pytest.raises(ValueError, match="1-based"):
+        rule.update({"w": torch.zeros(3)}, state, params, 0)
+    with pytest.raises(ValueError, match="init"):
+        rule.update({"w": torch.zeros(3)}, rule.init({}), params, 1)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from metaoptimizer.config import PREPROCESSING, OptimizerState, check_positive
-from metaoptimizer.rules.base import Params, UpdateRule, check_unit_interval
+from metaoptimizer.rules.base import Params, UpdateRule, check_unit_interval, check_update_call
 from metaoptimizer.schedules import CosineDecay, LearnedSchedule, warmup_cosine
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -253,6 +253,10 @@ class LSTMRule(UpdateRule):
     def update(
         self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
     ) -> tuple[Params, OptimizerState]:
+        check_update_call(grads, params, step)
+        missing = [name for name in grads if name not in state.hidden]
+        if missing:
+            raise ValueError(f"state has no LSTM state for {missing}; build the state with init(params)")
         updates: Params = {}
         hidden, cell = dict(state.hidden), dict(state.cell)
         slots = {slot: dict(state.slots[slot]) for slot in self._slot_names()}
