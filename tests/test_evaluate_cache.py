@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from metaoptimizer.evaluate.baselines import Baseline
-from metaoptimizer.evaluate.cache import BaselineCache
+from metaoptimizer.checkpoint import load_checkpoint, save_checkpoint
+from metaoptimizer.evaluate.cache import KIND, BaselineCache
 from metaoptimizer.evaluate.runner import run_suite
 from metaoptimizer.evaluate.suites import Suite, SuiteEntry
 from metaoptimizer.rules.hand import SGD, Adam
@@ -79,3 +80,16 @@ def test_runs_tell_budget_aware_rules_the_budget(tmp_path):
                                                          Baseline("sgd", lambda lr: SGD(lr=lr), (1e-2,))],
               family_factory=_family, progress=False)
     assert rule.horizon == 12 and rule.schedule.total_steps == 12
+
+
+def test_entry_holding_another_key_is_recomputed(tmp_path):
+    cache = BaselineCache(tmp_path)
+    first = _run(cache)
+    for entry in tmp_path.glob("*.pt"):
+        stored = load_checkpoint(entry, expected_kind=KIND)
+        payload = {k: v for k, v in stored.items() if k not in ("format", "kind", "version", "config")}
+        payload["key"]["task"] = "another task"
+        save_checkpoint(entry, kind=KIND, payload=payload)
+    with pytest.warns(UserWarning, match="holds another key"):
+        second = _run(cache)
+    _assert_same(first, second)
