@@ -264,3 +264,20 @@ def test_budget_aware_rule_gets_the_horizon_and_refuses_staggered_horizons():
     assert rule.horizon == 30 and rule.schedule.total_steps == 30
     with pytest.raises(ValueError, match="budget-aware"):
         MetaTrainer(rule, QuadraticFamily(dim=3), horizon=30, min_horizon=10)
+
+
+def test_meta_lr_scales_set_per_prefix_learning_rates():
+    trainer = _trainer(meta_lr=0.01, meta_lr_scales={"head": 0.1, "head.bias": 0.5})
+    lrs = {id(p): g["lr"] for g in trainer.meta_optimizer.param_groups for p in g["params"]}
+    rule = trainer.rule
+    assert lrs[id(rule.head.weight)] == pytest.approx(1e-3)
+    assert lrs[id(rule.head.bias)] == pytest.approx(5e-3)  # the longest prefix wins
+    assert lrs[id(rule.skip)] == pytest.approx(0.01)
+    assert len(lrs) == len(list(rule.parameters()))
+    before = rule.head.weight.detach().clone()
+    assert not trainer.step().skipped
+    assert not torch.equal(before, rule.head.weight)
+    with pytest.raises(ValueError, match="matches no meta-parameter"):
+        _trainer(meta_lr_scales={"decoder": 0.1})
+    with pytest.raises(ValueError, match="meta_lr_scales"):
+        _trainer(meta_lr_scales={"head": 0.0})

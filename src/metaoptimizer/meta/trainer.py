@@ -14,7 +14,7 @@ import copy
 import itertools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -284,6 +284,22 @@ def gather_slot_rows(rows: RunEstimates, slots: list[int], num_slots: int, commu
     )
 
 
+def meta_parameter_groups(rule: UpdateRule, meta_lr: float, scales: Mapping[str, float]) -> list[dict[str, Any]]:
+    """Optimizer parameter groups of ``rule``'s meta-parameters: ``meta_lr`` times the scale of the
+    longest prefix in ``scales`` that starts the parameter's name (1 when none does)."""
+    names = list(meta_parameters(rule))
+    for prefix, scale in scales.items():
+        check_positive(f"meta_lr_scales[{prefix!r}]", scale)
+        if not any(name.startswith(prefix) for name in names):
+            raise ValueError(f"meta_lr_scales prefix {prefix!r} matches no meta-parameter; names: {names}")
+    by_length = sorted(scales.items(), key=lambda item: -len(item[0]))
+    groups: dict[float, list[Tensor]] = {}
+    for name, param in meta_parameters(rule).items():
+        scale = next((s for prefix, s in by_length if name.startswith(prefix)), 1.0)
+        groups.setdefault(scale, []).append(param)
+    return [{"params": params, "lr": meta_lr * scale} for scale, params in groups.items()]
+
+
 def slot_generator(seed: int, slot: int) -> torch.Generator:
     """The random generator of ``slot``: independent streams per (seed, slot)."""
     state = np.random.SeedSequence([seed, slot]).generate_state(1, dtype=np.uint64)[0]
@@ -298,7 +314,9 @@ class MetaTrainer:
     length drawn log-uniformly from [``min_horizon``, ``horizon``] per task, which staggers the
     runs' resets) is replaced by a freshly sampled task. The meta-gradient (from ``estimator``,
     truncated BPTT by default) is clipped to ``gradient_clipping`` in global norm and applied with
-    Adam(``meta_lr``). A step whose loss or meta-gradient is not finite is skipped (nothing
+    Adam(``meta_lr``); ``meta_lr_scales`` maps name prefixes of meta-parameters to multipliers of
+    ``meta_lr`` (the longest matching prefix wins), e.g. ``{"head": 0.1}`` to move an LSTM's output
+    layer ten times slower than the rest. A step whose loss or meta-gradient is not finite is skipped (nothing
     applied, every run replaced) and counted in ``skipped_steps``.
 
     With a ``communicator`` of several processes, each process runs the slots
@@ -322,6 +340,7 @@ class MetaTrainer:
         estimator: GradientEstimator | None = None,
         min_horizon: int | None = None,
         communicator: Communicator | None = None,
+        meta_lr_scales: Mapping[str, float] | None = None,
     ) -> None:
         check_positive("meta_lr", meta_lr)
         check_positive("unroll_steps", unroll_steps, integer=True)
@@ -359,7 +378,7 @@ class MetaTrainer:
         self.tasks_per_step = tasks_per_step
         self.seed = seed
         self.estimator = estimator or TruncatedBPTT(meta_objective, second_order)
-        self.meta_optimizer = torch.optim.Adam(list(meta_parameters(rule).values()), lr=meta_lr)
+        self.meta_optimizer = torch.optim.Adam(meta_parameter_groups(rule, meta_lr, meta_lr_scales or {}))
         self.slots = list(range(self.communicator.rank, tasks_per_step, self.communicator.world_size))
         self.steps = 0
         self.skipped_steps = 0
