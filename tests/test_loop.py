@@ -223,6 +223,9 @@ def test_example_config_builds_a_pes_trainer(tmp_path):
     assert trainer.runs[0].params["theta"].device == torch.device("cpu")
     assert isinstance(trainer.estimator, PES) and trainer.estimator.normalization.high == 5.0
     assert len(trainer.runs) == 4 and all(50 <= run.horizon <= 200 for run in trainer.runs)
+    data["training"]["meta_lr_scales"] = {"head": 0.1}
+    scaled = build_trainer(TrainingConfig.from_dict(data))
+    assert sorted(g["lr"] for g in scaled.meta_optimizer.param_groups) == pytest.approx([1e-4, 1e-3])
 
 
 @pytest.mark.parametrize(
@@ -235,6 +238,8 @@ def test_example_config_builds_a_pes_trainer(tmp_path):
         ("[family]\nname='quadratic'\n[training]\nsteps=0\n", "steps"),
         ("[family]\nname='quadratic'\n[training]\nmin_horizon=-1\n", "min_horizon"),
         ("[family]\nname='quadratic'\n[training]\nlog_csv='yes'\n", "log_csv"),
+        ("[family]\nname='quadratic'\n[training]\nmeta_lr_scales={head=-1}\n", "meta_lr_scales"),
+        ("[family]\nname='quadratic'\n[training]\nmeta_lr_scales=0.1\n", "meta_lr_scales"),
         ("[family]\nname='quadratic'\n[training]\ntensorboard='maybe'\n", "tensorboard"),
         ("[family]\nname='quadratic'\n[optimizer]\nmethod='sgd'\n", "method"),
         ("[family\n", "not valid TOML"),

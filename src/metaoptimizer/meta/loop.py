@@ -250,6 +250,7 @@ class TrainingConfig:
     horizon: int = 200
     min_horizon: int | None = None
     tasks_per_step: int = 1
+    meta_lr_scales: dict[str, float] = field(default_factory=dict)
     checkpoint_every: int = 50
     log_csv: bool = True
     tensorboard: bool | str = "auto"
@@ -264,6 +265,10 @@ class TrainingConfig:
             check_positive(name, getattr(self, name), integer=True)
         if self.min_horizon is not None:
             check_positive("min_horizon", self.min_horizon, integer=True)
+        if not isinstance(self.meta_lr_scales, dict):
+            raise ValueError(f"meta_lr_scales must be a table of name prefix = multiplier, got {self.meta_lr_scales!r}")
+        for prefix, scale in self.meta_lr_scales.items():
+            check_positive(f"meta_lr_scales[{prefix!r}]", scale)
         if not isinstance(self.log_csv, bool):
             raise ValueError(f"log_csv must be true or false, got {self.log_csv!r}")
         _check_tensorboard(self.tensorboard)
@@ -347,6 +352,7 @@ def build_trainer(config: TrainingConfig, communicator: Communicator | None = No
         estimator=estimator,
         min_horizon=config.min_horizon,
         communicator=communicator,
+        meta_lr_scales=config.meta_lr_scales,
     )
 
 
