@@ -4,8 +4,9 @@ re-run the baselines' learning-rate searches (they are most of a suite's cost).
 An entry is one baseline's :class:`~metaoptimizer.evaluate.baselines.TuningResult` on one task,
 keyed by everything that determines its runs: the task's name, the baseline's name and grid, the
 tuner and its trial count, the step budget, seeds, evaluation schedule, smoothing window, device
-and the package version. Entries are checkpoints (atomic writes, ``weights_only`` loads); an
-unreadable entry is reported and recomputed, never trusted.
+and the package version. A baseline is known by its name and grid, not by its code: give a
+changed baseline (other betas, a schedule) a new name. Entries are checkpoints (atomic writes,
+``weights_only`` loads); an unreadable entry is reported and recomputed, never trusted.
 """
 
 from __future__ import annotations
