@@ -15,13 +15,14 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from metaoptimizer import __version__
 from metaoptimizer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metaoptimizer.evaluate.baselines import TuningResult
 
@@ -48,40 +49,49 @@ def _curve_from_dict(data: Mapping[str, Any]) -> Any:
 
 
 class BaselineCache:
-    """Tuned baselines stored under ``directory`` (created on first write)."""
+    """Tuned baselines stored under ``directory`` (created on first write); ``hits`` and
+    ``misses`` count the lookups that found, or did not find, a usable entry."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
         self.hits = 0
         self.misses = 0
 
+    @staticmethod
+    def _canonical(key: Mapping[str, Any]) -> dict[str, Any]:
+        """``key`` with the package version added, as it reads back from JSON (what entries store)."""
+        return json.loads(json.dumps({**key, "version": __version__}, sort_keys=True, default=str))
+
     def path(self, key: Mapping[str, Any]) -> Path:
         """File of the entry for ``key`` (a JSON-serialisable description of the runs)."""
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        digest = hashlib.sha256(json.dumps(self._canonical(key), sort_keys=True).encode()).hexdigest()[:24]
         return self.directory / f"{key['baseline']}-{digest}.pt"
 
-    def tuned(self, key: Mapping[str, Any], compute: Callable[[], TuningResult]) -> TuningResult:
-        """The cached result for ``key``, or ``compute()``'s, which is then stored."""
+    def lookup(self, key: Mapping[str, Any]) -> TuningResult | None:
+        """The stored result for ``key``, or None (a warning says why when an entry exists but
+        cannot be used)."""
         path = self.path(key)
         if path.is_file():
             try:
                 entry = load_checkpoint(path, expected_kind=KIND)
-                if entry["key"] == json.loads(json.dumps(dict(key), sort_keys=True, default=str)):
+                if entry["key"] == self._canonical(key):
                     self.hits += 1
                     return self._result(entry)
                 warnings.warn(f"baseline cache entry {path} holds another key; recomputing", stacklevel=2)
             except (CheckpointError, KeyError, TypeError, AttributeError) as error:
                 warnings.warn(f"unreadable baseline cache entry {path} ({error}); recomputing", stacklevel=2)
-        result = compute()
         self.misses += 1
+        return None
+
+    def store(self, key: Mapping[str, Any], result: TuningResult) -> None:
+        """Write ``result`` as the entry for ``key`` (atomically)."""
         payload = {
-            "key": json.loads(json.dumps(dict(key), sort_keys=True, default=str)),
+            "key": self._canonical(key),
             "name": result.name,
             "window": result.window,
             "runs": [[float(lr), [_curve_to_dict(c) for c in curves]] for lr, curves in result.runs.items()],
         }
-        save_checkpoint(path, kind=KIND, payload=payload)
-        return result
+        save_checkpoint(self.path(key), kind=KIND, payload=payload)
 
     @staticmethod
     def _result(entry: Mapping[str, Any]) -> TuningResult:

@@ -282,6 +282,19 @@ class SuiteResult:
                 f"{h['final_train_loss_ratio_median']:.3f}  per task {h['per_task']}")
 
 
+def _cache_key(
+    task: Task, baseline: Baseline, entry: SuiteEntry, tuner: str, trials: int, window: int,
+    device: torch.device | str | None,
+) -> dict[str, Any]:
+    """Everything that determines ``baseline``'s tuning runs on ``task`` (see :class:`BaselineCache`)."""
+    return {
+        "task": task.name, "baseline": baseline.name, "lrs": list(baseline.lrs), "tuner": tuner,
+        "trials": trials if tuner == "optuna" else None, "steps": entry.steps, "seeds": list(entry.seeds),
+        "eval_every": entry.eval_every, "eval_batches": entry.eval_batches, "window": window,
+        "device": str(device or "cpu"),
+    }
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -318,8 +331,6 @@ def run_suite(
     or ``'optuna'`` (``trials`` TPE trials in the grid's range). A rich progress bar counts runs.
     ``cache`` (a :class:`BaselineCache` or its folder) reuses baselines tuned by earlier calls.
     """
-    from metaoptimizer import __version__
-
     if cache is not None and not isinstance(cache, BaselineCache):
         cache = BaselineCache(cache)
     baselines = list(default_baselines() if baselines is None else baselines)
@@ -337,7 +348,8 @@ def run_suite(
         raise ValueError(f"tuner={tuner!r} is not supported; accepted values: {TUNERS}")
     started = time.perf_counter()
     result = SuiteResult(suite=suite, reference=reference, window_fraction=window_fraction, tuner=tuner)
-    configs_per_task = len(optimizers) + sum(len(b.lrs) if tuner == "grid" else trials for b in baselines)
+    tuning_runs = lambda b: len(b.lrs) if tuner == "grid" else trials  # noqa: E731  (configurations per seed)
+    configs_per_task = len(optimizers) + sum(tuning_runs(b) for b in baselines)
     total = sum(len(e.task_indices) * len(e.seeds) * configs_per_task for e in suite.entries)
     with _progress(progress) as bar:
         job = bar.add_task(f"suite {suite.name}", total=total)
@@ -357,23 +369,15 @@ def run_suite(
 
                 tuned = {}
                 for b in baselines:
-                    tune = lambda b=b, run=run, window=window: tune_lr(  # noqa: E731
-                        b, run, window=window, method=tuner, trials=trials
-                    )
-                    if cache is None:
-                        tuned[b.name] = tune()
+                    key = _cache_key(task, b, entry, tuner, trials, window, device)
+                    cached = cache.lookup(key) if cache is not None else None
+                    if cached is not None:
+                        bar.advance(job, len(entry.seeds) * tuning_runs(b))  # runs it did not have to make
+                        tuned[b.name] = cached
                         continue
-                    key = {
-                        "task": task.name, "baseline": b.name, "lrs": list(b.lrs), "tuner": tuner,
-                        "trials": trials if tuner == "optuna" else None, "steps": entry.steps,
-                        "seeds": list(entry.seeds), "eval_every": entry.eval_every,
-                        "eval_batches": entry.eval_batches, "window": window, "device": str(device or "cpu"),
-                        "version": __version__,
-                    }
-                    hits = cache.hits
-                    tuned[b.name] = cache.tuned(key, tune)
-                    if cache.hits > hits:
-                        bar.advance(job, len(entry.seeds) * (len(b.lrs) if tuner == "grid" else trials))
+                    tuned[b.name] = tune_lr(b, run, window=window, method=tuner, trials=trials)
+                    if cache is not None:
+                        cache.store(key, tuned[b.name])
                 curves = {name: run(factory) for name, factory in optimizers.items()}
                 ref = tuned[reference]
                 comparisons = {name: compare(c, ref, window) for name, c in curves.items()}
