@@ -287,14 +287,14 @@ def gather_slot_rows(rows: RunEstimates, slots: list[int], num_slots: int, commu
 def meta_parameter_groups(rule: UpdateRule, meta_lr: float, scales: Mapping[str, float]) -> list[dict[str, Any]]:
     """Optimizer parameter groups of ``rule``'s meta-parameters: ``meta_lr`` times the scale of the
     longest prefix in ``scales`` that starts the parameter's name (1 when none does)."""
-    names = list(meta_parameters(rule))
+    named = meta_parameters(rule)
     for prefix, scale in scales.items():
         check_positive(f"meta_lr_scales[{prefix!r}]", scale)
-        if not any(name.startswith(prefix) for name in names):
-            raise ValueError(f"meta_lr_scales prefix {prefix!r} matches no meta-parameter; names: {names}")
+        if not any(name.startswith(prefix) for name in named):
+            raise ValueError(f"meta_lr_scales prefix {prefix!r} matches no meta-parameter; names: {list(named)}")
     by_length = sorted(scales.items(), key=lambda item: -len(item[0]))
     groups: dict[float, list[Tensor]] = {}
-    for name, param in meta_parameters(rule).items():
+    for name, param in named.items():
         scale = next((s for prefix, s in by_length if name.startswith(prefix)), 1.0)
         groups.setdefault(scale, []).append(param)
     return [{"params": params, "lr": meta_lr * scale} for scale, params in groups.items()]

@@ -148,6 +148,8 @@ class LSTMRule(UpdateRule):
             self.skip[-1] = -self.init_lr / self.output_scale
             if self.schedule is not None:
                 warmup = round(self.warmup_fraction * self.horizon)
+                # horizon + 1 keeps warmup shorter than the run for any warmup_fraction < 1; the
+                # value at the horizon is floored at 1% below either way.
                 prior = warmup_cosine(warmup, self.horizon + 1) if warmup else CosineDecay(self.horizon)
                 knots = torch.linspace(0, self.horizon, self.schedule_knots + 1)
                 factors = torch.tensor([prior(round(float(k))) for k in knots]).clamp_min(0.01)
@@ -186,9 +188,7 @@ class LSTMRule(UpdateRule):
         shape = lambda p: (self.num_layers, p.numel(), self.hidden_size)  # noqa: E731
         hidden = {n: torch.zeros(shape(p), dtype=self._stored_dtype(p), device=p.device) for n, p in params.items()}
         cell = {n: torch.zeros(shape(p), dtype=self._stored_dtype(p), device=p.device) for n, p in params.items()}
-        slots = {}
-        for slot in self._slot_names():
-            slots[slot] = {n: torch.zeros_like(p) for n, p in params.items()}
+        slots = {slot: {n: torch.zeros_like(p) for n, p in params.items()} for slot in self._slot_names()}
         return OptimizerState(hidden=hidden, cell=cell, slots=slots)
 
     def _slot_names(self) -> tuple[str, ...]:
