@@ -19,7 +19,6 @@ initial meta-parameters over independent tasks.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import tempfile
@@ -30,8 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metaoptimizer.evaluate.baselines import default_baselines
-from metaoptimizer.evaluate.runner import run_suite
+from _speedups import speedups_over_tuned_adam
 from metaoptimizer.evaluate.suites import heldout_suite
 from metaoptimizer.meta.distributed import TorchDistributed
 from metaoptimizer.meta.estimators import PES, TaskNormalization
@@ -185,13 +183,8 @@ def compare(family: str, budget: float, num_tasks: int, seeds: tuple[int, ...], 
         print(f"  {name}: {training[name]}" + (" (PES meta-losses are normalised to [0, 1])" if name == "pes" else ""))
     suite = heldout_suite(family=family, family_kwargs=setup["family_kwargs"], num_tasks=num_tasks,
                           steps=setup["horizon"], seeds=seeds)
-    adam = [b for b in default_baselines() if b.name == "adam"]
-    factories = {name: (lambda rule=rule: copy.deepcopy(rule)) for name, rule in trained.items()}
-    result = run_suite(suite, factories, baselines=adam, progress=False)
-    speedups = {name: result.headline(name) for name in trained}
-    print(f"\nheld-out speedup over tuned Adam ({num_tasks} tasks x {len(seeds)} seeds, {setup['horizon']} steps):")
-    for name in trained:
-        print("  " + result.headline_line(name))
+    header = f"\nheld-out speedup over tuned Adam ({num_tasks} tasks x {len(seeds)} seeds, {setup['horizon']} steps):"
+    speedups = speedups_over_tuned_adam(trained, suite, header)
     variances = {
         name: _variance(family, make, replicas, truncations=2) for name, make in _estimators(family, False).items()
     }

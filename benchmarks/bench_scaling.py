@@ -351,8 +351,7 @@ def quality(budget: float, num_tasks: int, seeds: int) -> dict:
     """Meta-train the LSTM, the l2o rule and the hierarchical rule on digits_mlp for the same
     wall-clock budget (truncated BPTT), then compare them, and the untrained hierarchical rule,
     with tuned Adam on held-out tasks."""
-    from metaoptimizer.evaluate.baselines import default_baselines
-    from metaoptimizer.evaluate.runner import run_suite
+    from _speedups import speedups_over_tuned_adam
     from metaoptimizer.evaluate.suites import heldout_suite
     from metaoptimizer.meta.trainer import MetaTrainer, TruncatedBPTT
     from metaoptimizer.tasks import make_family
@@ -377,13 +376,8 @@ def quality(budget: float, num_tasks: int, seeds: int) -> dict:
         trained[name] = trainer.rule
         print(f"  {name}: {training[name]}", flush=True)
     suite = heldout_suite(family="digits_mlp", num_tasks=num_tasks, steps=horizon, seeds=tuple(range(seeds)))
-    adam = [b for b in default_baselines() if b.name == "adam"]
-    factories = {name: (lambda rule=rule: copy.deepcopy(rule)) for name, rule in trained.items()}
-    result = run_suite(suite, factories, baselines=adam, progress=False)
-    speedups = {name: result.headline(name) for name in trained}
-    print(f"held-out speedup over tuned Adam ({num_tasks} tasks x {seeds} seeds, {horizon} steps):")
-    for name in trained:
-        print("  " + result.headline_line(name))
+    header = f"held-out speedup over tuned Adam ({num_tasks} tasks x {seeds} seeds, {horizon} steps):"
+    speedups = speedups_over_tuned_adam(trained, suite, header)
     print(f"load average after: {os.getloadavg()}")
     return {"training": training, "speedup": speedups}
 
