@@ -28,6 +28,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from metaoptimizer.config import META_OBJECTIVES, OptimizerState
 from metaoptimizer.meta.unroll import log_loss
 from metaoptimizer.rules.base import Params, UpdateRule, apply_updates
+from metaoptimizer.tasks.augment import ReparamTask
 from metaoptimizer.tasks.base import Batch, ModuleTask, Task
 from metaoptimizer.tasks.quadratic import QuadraticTask
 
@@ -68,7 +69,8 @@ def register_loss_signature(task_type: type, signature: LossSignature) -> None:
 
     Tasks with equal signatures must compute the same function of (params, batch); everything
     that differs between them must live in the parameters or the batches. Subclasses are not
-    covered (they may override ``loss``): register them separately.
+    covered (they may override ``loss``): register them separately. A signature of None marks a
+    task that cannot share a call.
     """
     if not isinstance(task_type, type):
         raise TypeError(f"task_type must be a class, got {task_type!r}")
@@ -78,11 +80,14 @@ def register_loss_signature(task_type: type, signature: LossSignature) -> None:
 def loss_signature(task: Task) -> Hashable | None:
     """A hashable that equal-loss tasks share, or None when ``task`` cannot be vmapped with others."""
     signature = _SIGNATURES.get(type(task))
-    return None if signature is None else (type(task), signature(task))
+    value = None if signature is None else signature(task)
+    return None if value is None else (type(task), value)
 
 
 register_loss_signature(ModuleTask, lambda task: (repr(task.model), task.loss_name))
 register_loss_signature(QuadraticTask, lambda task: task.dim)
+# Reparameterised tasks carry their scales in the batches: they share their inner task's loss.
+register_loss_signature(ReparamTask, lambda task: loss_signature(task.task))
 
 
 # -- pytrees split into tensors (vmapped) and Python values (static) ----------------------------

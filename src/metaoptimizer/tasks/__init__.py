@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from metaoptimizer.tasks.augment import ReparamFamily
 from metaoptimizer.tasks.base import HELDOUT, TRAIN, ModuleTask, Task, TaskFamily, split_seed
 from metaoptimizer.tasks.digits import ClassifierFamily, DigitsCNNFamily, DigitsMLPFamily
+from metaoptimizer.tasks.image8 import Digits8Family, MNIST8Family, Omniglot8Family, Synthetic8Family
 from metaoptimizer.tasks.mnist import MNISTMLPFamily
 from metaoptimizer.tasks.quadratic import QuadraticFamily, QuadraticTask
 from metaoptimizer.tasks.sequence import CharRNNFamily, SequenceTask
@@ -14,14 +16,27 @@ FAMILIES: dict[str, type[TaskFamily]] = {
     "digits_cnn": DigitsCNNFamily,
     "char_rnn": CharRNNFamily,
     "mnist_mlp": MNISTMLPFamily,
+    "digits8_mlp": Digits8Family,
+    "mnist8_mlp": MNIST8Family,
+    "omniglot8_mlp": Omniglot8Family,
+    "synthetic8_mlp": Synthetic8Family,
 }
 
 
-def make_family(name: str, **kwargs) -> TaskFamily:
-    """The task family registered as ``name``, built with ``kwargs``."""
+def make_family(name: str, *, augment: dict | None = None, **kwargs) -> TaskFamily:
+    """The task family registered as ``name``, built with ``kwargs``.
+
+    ``augment`` (the keyword arguments of :class:`~metaoptimizer.tasks.augment.ReparamFamily`,
+    e.g. ``{"levels": ["global", "tensor"], "scale_range": [1e-3, 1e3]}``) reparameterises its tasks.
+    """
     if name not in FAMILIES:
         raise ValueError(f"task family {name!r} is not known; accepted names: {sorted(FAMILIES)}")
-    return FAMILIES[name](**kwargs)
+    family = FAMILIES[name](**kwargs)
+    if augment is None:
+        return family
+    if not isinstance(augment, dict):
+        raise ValueError(f"augment must be a table of ReparamFamily options (levels, scale_range), got {augment!r}")
+    return ReparamFamily(family, **augment)
 
 
 __all__ = [
@@ -30,13 +45,18 @@ __all__ = [
     "TRAIN",
     "CharRNNFamily",
     "ClassifierFamily",
+    "Digits8Family",
     "DigitsCNNFamily",
     "DigitsMLPFamily",
+    "MNIST8Family",
     "MNISTMLPFamily",
+    "Omniglot8Family",
     "ModuleTask",
     "QuadraticFamily",
     "QuadraticTask",
+    "ReparamFamily",
     "SequenceTask",
+    "Synthetic8Family",
     "Task",
     "TaskFamily",
     "make_family",
