@@ -139,7 +139,7 @@ class FullES(TruncatedES):
     """Antithetic ES over each run's whole remaining horizon: one unbiased estimate per inner run."""
 
     def truncation_length(self, run: TaskRun, unroll_steps: int) -> int:
-        return run.horizon - run.steps_done
+        return run.remaining()
 
 
 PES_STATE = "pes"

@@ -35,7 +35,8 @@ from metaoptimizer.checkpoint import load_checkpoint, save_checkpoint
 from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, build_rule, check_positive
 from metaoptimizer.meta.distributed import Communicator, SingleProcess, communicator_from_environment, shutdown
 from metaoptimizer.meta.estimators import ESTIMATORS, make_estimator
-from metaoptimizer.meta.trainer import MetaTrainer
+from metaoptimizer.meta.trainer import META_OPTIMIZERS, MetaTrainer, Phase
+from metaoptimizer.rules.base import from_spec
 from metaoptimizer.tasks import make_family
 
 CHECKPOINT_KIND = "meta_training"
@@ -229,31 +230,53 @@ def load_training_checkpoint(trainer: MetaTrainer, path: str | os.PathLike) -> i
 # -- configuration files --------------------------------------------------------------------------
 
 
+#: [optimizer] fields that describe the rule; a config with a [rule] section must not set them.
+RULE_FIELDS = ("method", "hidden_size", "num_layers", "preconditioning", "coordinatewise", "preprocessing",
+               "preprocess_p", "output_scale", "rule_options")
+SECTIONS = ("optimizer", "rule", "family", "families", "training", "estimator", "meta_optimizer", "phases")
+
+
 @dataclass
 class TrainingConfig:
     """A meta-training run as described by a TOML file.
 
     Sections: ``[optimizer]`` (:class:`~metaoptimizer.config.MetaOptimizerConfig` fields: the rule
     and meta_lr, unroll_steps, gradient_clipping, meta_objective, second_order, seed), ``[family]``
-    (``name`` and the family's keyword arguments), ``[training]`` (the fields below) and
+    (``name`` and the family's keyword arguments, ``augment`` among them, see
+    :func:`~metaoptimizer.tasks.make_family`), ``[training]`` (the fields below) and
     ``[estimator]`` (options of :func:`~metaoptimizer.meta.estimators.make_estimator`).
     ``device`` (e.g. ``"cuda"``) holds the rule there and is passed to the family.
+
+    The recipe's sections: ``[rule]`` gives the rule as a registered name and its constructor
+    arguments (``name = "celo"``; :func:`~metaoptimizer.rules.base.from_spec`) instead of
+    ``[optimizer]``'s method fields; ``[[families]]`` lists several families (each table as
+    ``[family]``, plus an optional ``estimator`` table overriding ``[estimator]`` for that family:
+    one estimator per family); ``[meta_optimizer]`` names the outer optimizer (``name`` in
+    ``adam``, ``adamw``, ``sgd``; other keys are its arguments; the rate is ``meta_lr``);
+    ``[[phases]]`` train parts of the rule in turn (``steps``, ``train``, ``freeze``: see
+    :class:`~metaoptimizer.meta.trainer.Phase`), covering at least ``steps`` meta-steps.
     """
 
     optimizer: MetaOptimizerConfig
-    family: str
+    family: str | None = None
     family_options: dict[str, Any] = field(default_factory=dict)
     estimator: str = "tbptt"
     estimator_options: dict[str, Any] = field(default_factory=dict)
     steps: int = 1000
     horizon: int = 200
     min_horizon: int | None = None
+    initial_offset: int = 0
     tasks_per_step: int = 1
     meta_lr_scales: dict[str, float] = field(default_factory=dict)
     checkpoint_every: int = 50
     log_csv: bool = True
     tensorboard: bool | str = "auto"
     device: str | None = None
+    rule: dict[str, Any] | None = None
+    families: list[dict[str, Any]] = field(default_factory=list)
+    meta_optimizer: str = "adam"
+    meta_optimizer_options: dict[str, Any] = field(default_factory=dict)
+    phases: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.optimizer, MetaOptimizerConfig):
@@ -262,6 +285,7 @@ class TrainingConfig:
             raise ValueError(f"estimator={self.estimator!r} is not supported; accepted values: {ESTIMATORS}")
         for name in ("steps", "horizon", "tasks_per_step", "checkpoint_every"):
             check_positive(name, getattr(self, name), integer=True)
+        check_positive("initial_offset", self.initial_offset, integer=True, allow_zero=True)
         if self.min_horizon is not None:
             check_positive("min_horizon", self.min_horizon, integer=True)
         if not isinstance(self.meta_lr_scales, dict):
@@ -276,6 +300,36 @@ class TrainingConfig:
                 torch.device(self.device)
             except (RuntimeError, TypeError) as error:
                 raise ValueError(f"device={self.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from error
+        if (self.family is None) == (not self.families):
+            raise ValueError("give exactly one of [family] (one task family) and [[families]] (several)")
+        for entry in self.families:
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise ValueError(f"every [[families]] entry needs a name, got {entry!r}")
+            if not isinstance(entry.get("estimator", {}), dict):
+                raise ValueError(f"[[families]] estimator must be a table of estimator options, got {entry['estimator']!r}")
+        if self.rule is not None and (not isinstance(self.rule, dict) or "name" not in self.rule):
+            raise ValueError(f"[rule] needs the rule's registered name, e.g. name = \"celo\"; got {self.rule!r}")
+        if self.meta_optimizer not in META_OPTIMIZERS:
+            raise ValueError(
+                f"meta_optimizer={self.meta_optimizer!r} is not supported; accepted values: {sorted(META_OPTIMIZERS)}"
+            )
+        phases = self.build_phases()
+        if phases and sum(phase.steps for phase in phases) < self.steps:
+            raise ValueError(
+                f"the phases cover {sum(phase.steps for phase in phases)} meta-steps but the run has steps={self.steps}"
+            )
+
+    def build_phases(self) -> list[Phase]:
+        try:
+            return [Phase(**entry) for entry in self.phases]
+        except TypeError as error:
+            raise ValueError(f"bad [[phases]] entry ({error}); accepted keys: steps, train, freeze") from error
+
+    def family_entries(self) -> list[dict[str, Any]]:
+        """One ``{"name": ..., options...}`` table per family (the single ``[family]`` as a list of one)."""
+        if self.families:
+            return [dict(entry) for entry in self.families]
+        return [{"name": self.family, **self.family_options}]
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> TrainingConfig:
@@ -290,56 +344,89 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainingConfig:
-        sections = {"optimizer", "family", "training", "estimator"}
-        unknown = sorted(set(data) - sections)
+        unknown = sorted(set(data) - set(SECTIONS))
         if unknown:
-            raise ValueError(f"{source}: unknown sections {unknown}; accepted sections: {sorted(sections)}")
+            raise ValueError(f"{source}: unknown sections {unknown}; accepted sections: {list(SECTIONS)}")
         family = dict(data.get("family", {}))
-        if "name" not in family:
+        if "name" not in family and (family or "families" not in data):
             raise ValueError(f"{source}: [family] needs a name, e.g. name = \"digits_mlp\"")
         training = dict(data.get("training", {}))
-        accepted = {f.name for f in fields(cls)} - {"optimizer", "family", "family_options", "estimator_options"}
+        structured = {"optimizer", "family", "family_options", "estimator_options", "rule", "families",
+                      "meta_optimizer", "meta_optimizer_options", "phases"}
+        accepted = {f.name for f in fields(cls)} - structured
         unknown = sorted(set(training) - accepted)
         if unknown:
             raise ValueError(f"{source}: unknown [training] keys {unknown}; accepted keys: {sorted(accepted)}")
+        optimizer = dict(data.get("optimizer", {}))
+        if "rule" in data:
+            clashes = sorted(set(optimizer) & set(RULE_FIELDS))
+            if clashes:
+                raise ValueError(f"{source}: [optimizer] keys {clashes} describe a rule, which [rule] already gives")
+        meta_optimizer = dict(data.get("meta_optimizer", {"name": "adam"}))
         return cls(
-            optimizer=MetaOptimizerConfig.from_dict(dict(data.get("optimizer", {}))),
-            family=family.pop("name"),
+            optimizer=MetaOptimizerConfig.from_dict(optimizer),
+            family=family.pop("name", None),
             family_options=family,
             estimator_options=dict(data.get("estimator", {})),
+            rule=data.get("rule"),
+            families=list(data.get("families", [])),
+            meta_optimizer=meta_optimizer.pop("name", "adam"),
+            meta_optimizer_options=meta_optimizer,
+            phases=list(data.get("phases", [])),
             **training,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML layout back (stored in checkpoint headers)."""
-        training = {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name not in {"optimizer", "family", "family_options", "estimator_options"}
-        }
-        return {
+        structured = {"optimizer", "family", "family_options", "estimator_options", "rule", "families",
+                      "meta_optimizer", "meta_optimizer_options", "phases"}
+        training = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in structured}
+        data: dict[str, Any] = {
             "optimizer": self.optimizer.to_dict(),
-            "family": {"name": self.family, **self.family_options},
             "training": training,
             "estimator": dict(self.estimator_options),
+            "meta_optimizer": {"name": self.meta_optimizer, **self.meta_optimizer_options},
         }
+        if self.rule is not None:
+            data["rule"] = dict(self.rule)
+            for key in RULE_FIELDS:
+                data["optimizer"].pop(key)
+        if self.families:
+            data["families"] = [dict(entry) for entry in self.families]
+        else:
+            data["family"] = {"name": self.family, **self.family_options}
+        if self.phases:
+            data["phases"] = [dict(entry) for entry in self.phases]
+        return data
+
+
+def build_config_rule(config: TrainingConfig):
+    """The rule of ``[rule]`` (registered name and constructor arguments) or of ``[optimizer]``."""
+    if config.rule is None:
+        return build_rule(config.optimizer)
+    hyperparameters = dict(config.rule)
+    return from_spec({"rule": hyperparameters.pop("name"), "hyperparameters": hyperparameters})
 
 
 def build_trainer(config: TrainingConfig, communicator: Communicator | None = None) -> MetaTrainer:
-    """The rule (seeded by ``optimizer.seed``, identical on every process), family, estimator and trainer."""
+    """The rule (seeded by ``optimizer.seed``, identical on every process), families, estimators and trainer."""
     opt = config.optimizer
     torch.manual_seed(opt.seed)
-    rule = build_rule(opt).to(config.device)
-    family_options = dict(config.family_options)
-    if config.device is not None:
-        family_options.setdefault("device", config.device)
-    estimator = make_estimator(
-        config.estimator, meta_objective=opt.meta_objective, second_order=opt.second_order,
-        **config.estimator_options,
-    )
+    rule = build_config_rule(config).to(config.device)
+    families, estimators = [], []
+    for entry in config.family_entries():
+        options = dict(entry)
+        name = options.pop("name")
+        estimator_options = {**config.estimator_options, **options.pop("estimator", {})}
+        if config.device is not None:
+            options.setdefault("device", config.device)
+        families.append(make_family(name, **options))
+        estimators.append(make_estimator(
+            config.estimator, meta_objective=opt.meta_objective, second_order=opt.second_order, **estimator_options,
+        ))
     return MetaTrainer(
         rule,
-        make_family(config.family, **family_options),
+        families,
         meta_lr=opt.meta_lr,
         unroll_steps=opt.unroll_steps,
         horizon=config.horizon,
@@ -348,10 +435,14 @@ def build_trainer(config: TrainingConfig, communicator: Communicator | None = No
         meta_objective=opt.meta_objective,
         second_order=opt.second_order,
         seed=opt.seed,
-        estimator=estimator,
+        estimator=estimators,
         min_horizon=config.min_horizon,
         communicator=communicator,
         meta_lr_scales=config.meta_lr_scales,
+        meta_optimizer=config.meta_optimizer,
+        meta_optimizer_options=config.meta_optimizer_options,
+        phases=config.build_phases() or None,
+        initial_offset=config.initial_offset,
     )
 
 

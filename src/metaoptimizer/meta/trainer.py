@@ -14,7 +14,7 @@ import copy
 import itertools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -67,7 +67,10 @@ class TaskRun:
     without one gets a generator seeded by its task index on first use (:func:`run_generator`).
     ``estimator_state`` holds what an estimator carries across truncations (PES particles); it
     must contain only checkpoint-safe values (tensors, numbers, dicts and lists of them).
-    ``diverged`` marks a run that produced non-finite values and must be replaced.
+    ``diverged`` marks a run that produced non-finite values and must be replaced. ``offset``
+    shortens the run: it ends after ``horizon - offset`` steps while its rule state still counts
+    toward a budget of ``horizon`` (a random initial iteration offset, which staggers the slots'
+    first runs so that they do not all restart together).
     """
 
     task: Task
@@ -82,6 +85,7 @@ class TaskRun:
     generator: torch.Generator | None = None
     estimator_state: dict[str, Any] = field(default_factory=dict)
     diverged: bool = False
+    offset: int = 0
 
     @classmethod
     def start(
@@ -102,11 +106,15 @@ class TaskRun:
 
     @property
     def finished(self) -> bool:
-        return self.steps_done >= self.horizon or self.diverged
+        return self.remaining() <= 0 or self.diverged
+
+    def remaining(self) -> int:
+        """Inner steps until the run ends (its horizon less its offset)."""
+        return self.horizon - self.offset - self.steps_done
 
     def steps_left(self, unroll_steps: int) -> int:
-        """Inner steps of the next truncation: ``unroll_steps``, or fewer to stop at the horizon."""
-        return min(unroll_steps, self.horizon - self.steps_done)
+        """Inner steps of the next truncation: ``unroll_steps``, or fewer to stop at the end."""
+        return min(unroll_steps, self.remaining())
 
     def draw_batches(self, steps: int, meta_objective: str) -> tuple[list[Batch], Batch | None]:
         """The ``steps + 1`` training batches of a truncation (and a validation batch when needed)."""
@@ -285,9 +293,10 @@ def gather_slot_rows(rows: RunEstimates, slots: list[int], num_slots: int, commu
 
 
 def meta_parameter_groups(rule: UpdateRule, meta_lr: float, scales: Mapping[str, float]) -> list[dict[str, Any]]:
-    """Optimizer parameter groups of ``rule``'s meta-parameters: ``meta_lr`` times the scale of the
-    longest prefix in ``scales`` that starts the parameter's name (1 when none does)."""
-    named = meta_parameters(rule)
+    """Optimizer parameter groups of all of ``rule``'s parameters (frozen ones too, so that phases
+    can thaw them): ``meta_lr`` times the scale of the longest prefix in ``scales`` that starts
+    the parameter's name (1 when none does)."""
+    named = dict(rule.named_parameters())
     for prefix, scale in scales.items():
         check_positive(f"meta_lr_scales[{prefix!r}]", scale)
         if not any(name.startswith(prefix) for name in named):
@@ -300,6 +309,63 @@ def meta_parameter_groups(rule: UpdateRule, meta_lr: float, scales: Mapping[str,
     return [{"params": params, "lr": meta_lr * scale} for scale, params in groups.items()]
 
 
+#: Outer optimizers a trainer can use, by name (options are the class's keyword arguments).
+META_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+}
+
+
+def make_meta_optimizer(name: str, groups: list[dict[str, Any]], options: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """The outer optimizer ``name`` (one of :data:`META_OPTIMIZERS`) over ``groups`` with ``options``."""
+    if name not in META_OPTIMIZERS:
+        raise ValueError(f"meta_optimizer={name!r} is not supported; accepted values: {sorted(META_OPTIMIZERS)}")
+    if "lr" in options:
+        raise ValueError("set the meta learning rate with meta_lr, not in meta_optimizer_options")
+    try:
+        return META_OPTIMIZERS[name](groups, **options)
+    except TypeError as error:
+        raise ValueError(f"bad meta_optimizer_options {dict(options)} for {name!r}: {error}") from error
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of ``steps`` meta-steps that trains part of the rule and holds the rest fixed.
+
+    A meta-parameter is trained when its name starts with a prefix in ``train`` (every name, when
+    ``train`` is None) and with none in ``freeze``: e.g. ``Phase(1000, freeze=("scheduler",))``
+    then ``Phase(500, train=("scheduler",))`` trains Celo's per-coordinate MLP with its scheduler
+    frozen, then the scheduler alone. Frozen meta-parameters are neither perturbed nor updated.
+    """
+
+    steps: int
+    train: tuple[str, ...] | None = None
+    freeze: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_positive("phase steps", self.steps, integer=True)
+        for key in ("train", "freeze"):
+            value = getattr(self, key)
+            if value is None and key == "train":
+                continue
+            if isinstance(value, str) or not all(isinstance(prefix, str) for prefix in value):
+                raise ValueError(f"phase {key} must be a list of name prefixes, got {value!r}")
+            object.__setattr__(self, key, tuple(value))
+
+    def trains(self, name: str) -> bool:
+        """Whether the meta-parameter ``name`` is trained in this phase."""
+        selected = self.train is None or any(name.startswith(prefix) for prefix in self.train)
+        return selected and not any(name.startswith(prefix) for prefix in self.freeze)
+
+    def check(self, rule: UpdateRule) -> None:
+        """Every prefix names some meta-parameter of ``rule`` and some meta-parameter is trained."""
+        names = [name for name, _ in rule.named_parameters()]
+        for prefix in (*(self.train or ()), *self.freeze):
+            if not any(name.startswith(prefix) for name in names):
+                raise ValueError(f"phase prefix {prefix!r} matches no meta-parameter; names: {names}")
+        if not any(self.trains(name) for name in names):
+            raise ValueError(f"phase {self} trains no meta-parameter; names: {names}")
+
+
 def slot_generator(seed: int, slot: int) -> torch.Generator:
     """The random generator of ``slot``: independent streams per (seed, slot)."""
     state = np.random.SeedSequence([seed, slot]).generate_state(1, dtype=np.uint64)[0]
@@ -307,7 +373,7 @@ def slot_generator(seed: int, slot: int) -> torch.Generator:
 
 
 class MetaTrainer:
-    """Meta-trains ``rule`` on tasks sampled from ``family``'s training split.
+    """Meta-trains ``rule`` on tasks sampled from ``family``'s training split (or several families').
 
     Each meta-step advances ``tasks_per_step`` inner runs by one truncation of ``unroll_steps``
     inner steps; a run that reaches its horizon (``horizon`` steps, or with ``min_horizon`` a
@@ -319,6 +385,16 @@ class MetaTrainer:
     layer ten times slower than the rest. A step whose loss or meta-gradient is not finite is skipped (nothing
     applied, every run replaced) and counted in ``skipped_steps``.
 
+    The recipe options: ``family`` may be a list of families, each with its own estimator
+    (``estimator`` a list of the same length, or one shared by all); slot ``s`` draws its tasks
+    from family ``s % len(family)``, so ``tasks_per_step`` must be a multiple of the number of
+    families, and the meta-gradient weighs every family alike. ``meta_optimizer`` names the outer
+    optimizer (:data:`META_OPTIMIZERS`, Adam by default) and ``meta_optimizer_options`` its other
+    arguments (e.g. ``{"weight_decay": 0.01}``). ``phases`` (:class:`Phase`) train named parts of
+    the rule in turn; at each phase change every run restarts (the perturbed meta-parameters
+    change). ``initial_offset`` > 0 shortens each slot's first run by an offset drawn uniformly
+    from ``[0, initial_offset)`` (at least one step is left), so slots do not restart in lockstep.
+
     With a ``communicator`` of several processes, each process runs the slots
     ``rank, rank + world_size, ...`` and the meta-gradient rows of all slots are exchanged, so
     every process applies the same update (see :mod:`metaoptimizer.meta.distributed`).
@@ -327,7 +403,7 @@ class MetaTrainer:
     def __init__(
         self,
         rule: UpdateRule,
-        family: TaskFamily,
+        family: TaskFamily | Sequence[TaskFamily],
         *,
         meta_lr: float = 1e-3,
         unroll_steps: int = 20,
@@ -337,10 +413,14 @@ class MetaTrainer:
         meta_objective: str = "train_loss",
         second_order: bool = False,
         seed: int = 0,
-        estimator: GradientEstimator | None = None,
+        estimator: GradientEstimator | Sequence[GradientEstimator] | None = None,
         min_horizon: int | None = None,
         communicator: Communicator | None = None,
         meta_lr_scales: Mapping[str, float] | None = None,
+        meta_optimizer: str = "adam",
+        meta_optimizer_options: Mapping[str, Any] | None = None,
+        phases: Sequence[Phase] | None = None,
+        initial_offset: int = 0,
     ) -> None:
         check_positive("meta_lr", meta_lr)
         check_positive("unroll_steps", unroll_steps, integer=True)
@@ -355,8 +435,27 @@ class MetaTrainer:
             check_positive("min_horizon", min_horizon, integer=True)
             if min_horizon > horizon:
                 raise ValueError(f"min_horizon ({min_horizon}) must be <= horizon ({horizon})")
+        check_positive("initial_offset", initial_offset, integer=True, allow_zero=True)
         if not meta_parameters(rule):
             raise ValueError(f"rule {type(rule).__name__} has no trainable meta-parameters: there is nothing to meta-train")
+        families = [family] if isinstance(family, TaskFamily) else list(family)
+        if not families or not all(isinstance(f, TaskFamily) for f in families):
+            raise ValueError(f"family must be a TaskFamily or a non-empty list of them, got {family!r}")
+        if tasks_per_step % len(families):
+            raise ValueError(
+                f"tasks_per_step ({tasks_per_step}) must be a multiple of the number of families ({len(families)}) "
+                "so that every family gets the same number of runs"
+            )
+        default = TruncatedBPTT(meta_objective, second_order)
+        estimators = [estimator or default] * len(families) if not isinstance(estimator, Sequence) else list(estimator)
+        if len(estimators) != len(families):
+            raise ValueError(f"got {len(estimators)} estimators for {len(families)} families; give one per family")
+        if phases is not None:
+            phases = list(phases)
+            if not phases or not all(isinstance(phase, Phase) for phase in phases):
+                raise ValueError(f"phases must be a non-empty list of Phase, got {phases!r}")
+            for phase in phases:
+                phase.check(rule)
         self.communicator = communicator or SingleProcess()
         if tasks_per_step < self.communicator.world_size:
             raise ValueError(
@@ -364,20 +463,28 @@ class MetaTrainer:
                 f"({self.communicator.world_size}) so that every process runs at least one task"
             )
         self.rule = rule
-        self.family = family
+        self.families = families
+        self.family = families[0]
         self.unroll_steps = unroll_steps
         self.horizon = horizon
         self.min_horizon = min_horizon
         self.gradient_clipping = gradient_clipping
         self.tasks_per_step = tasks_per_step
         self.seed = seed
-        self.estimator = estimator or TruncatedBPTT(meta_objective, second_order)
-        self.meta_optimizer = torch.optim.Adam(meta_parameter_groups(rule, meta_lr, meta_lr_scales or {}))
+        self.estimators = estimators
+        self.estimator = estimators[0]
+        self.phases = phases
+        self.phase = 0
+        self.initial_offset = initial_offset
+        self._apply_phase()
+        self.meta_optimizer = make_meta_optimizer(
+            meta_optimizer, meta_parameter_groups(rule, meta_lr, meta_lr_scales or {}), meta_optimizer_options or {}
+        )
         self.slots = list(range(self.communicator.rank, tasks_per_step, self.communicator.world_size))
         self.steps = 0
         self.skipped_steps = 0
         self.inner_steps = 0
-        self.runs = [self._new_run(slot, slot_generator(seed, slot)) for slot in self.slots]
+        self.runs = [self._new_run(slot, slot_generator(seed, slot), first=True) for slot in self.slots]
 
     def _sample_horizon(self, generator: torch.Generator) -> int:
         if self.min_horizon is None:
@@ -386,20 +493,73 @@ class MetaTrainer:
         u = float(torch.rand((), generator=generator, dtype=torch.float64))
         return min(self.horizon, max(self.min_horizon, round(math.exp(low + u * (high - low)))))
 
-    def _new_run(self, slot: int, generator: torch.Generator) -> TaskRun:
-        """A fresh task for ``slot``, drawn with the slot's generator."""
+    def family_of(self, slot: int) -> TaskFamily:
+        """The family that ``slot`` draws its tasks from."""
+        return self.families[slot % len(self.families)]
+
+    def _new_run(self, slot: int, generator: torch.Generator, first: bool = False) -> TaskRun:
+        """A fresh task for ``slot``, drawn with the slot's generator (``first``: the slot's
+        first run, which gets the random initial offset)."""
         task_index = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         seed = split_seed(TRAIN, task_index)
-        task = self.family.sample(seed)
+        task = self.family_of(slot).sample(seed)
+        horizon = self._sample_horizon(generator)
+        offset = 0
+        if first and self.initial_offset:
+            offset = min(horizon - 1, int(torch.randint(0, self.initial_offset, (1,), generator=generator)))
         return TaskRun.start(
-            task, task_index, seed, task.init_params(seed), self.rule, self._sample_horizon(generator),
-            slot=slot, generator=generator,
+            task, task_index, seed, task.init_params(seed), self.rule, horizon,
+            slot=slot, generator=generator, offset=offset,
         )
+
+    # -- phases ----------------------------------------------------------------------------------
+    def _phase_at(self, iteration: int) -> int:
+        """Index of the phase that meta-step ``iteration`` (0-based) belongs to."""
+        if self.phases is None:
+            return 0
+        end = 0
+        for index, phase in enumerate(self.phases):
+            end += phase.steps
+            if iteration < end:
+                return index
+        raise ValueError(f"meta-step {iteration + 1} is past the end of the phases ({end} meta-steps in all)")
+
+    def _apply_phase(self) -> None:
+        """Mark the current phase's meta-parameters trainable (requires_grad) and the others frozen."""
+        if self.phases is None:
+            return
+        phase = self.phases[self.phase]
+        for name, param in self.rule.named_parameters():
+            param.requires_grad_(phase.trains(name))
+
+    def _enter_phase(self) -> None:
+        """Switch phase when the coming meta-step starts a new one; every run restarts then."""
+        index = self._phase_at(self.steps + self.skipped_steps)
+        if index == self.phase:
+            return
+        self.phase = index
+        self._apply_phase()
+        self.runs = [self._new_run(run.slot, run_generator(run)) for run in self.runs]
+
+    def _estimate_runs(self) -> RunEstimates:
+        """Each family's runs through its own estimator; rows in the order of ``self.runs``."""
+        if len(self.families) == 1:
+            return self.estimator.estimate_runs(self.rule, self.runs, self.unroll_steps)
+        members: dict[int, list[int]] = {}
+        for index, run in enumerate(self.runs):
+            members.setdefault(run.slot % len(self.families), []).append(index)
+        rows: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(self.runs)
+        for family, indices in members.items():
+            part = self.estimators[family].estimate_runs(self.rule, [self.runs[i] for i in indices], self.unroll_steps)
+            for k, index in enumerate(indices):
+                rows[index] = (part.grads[k], part.meta_losses[k], part.inner_steps[k])
+        grads, losses, inner = zip(*rows, strict=True)
+        return RunEstimates(torch.stack(grads), torch.stack(losses), torch.stack(inner))
 
     def _restore_run(self, saved: dict[str, Any]) -> TaskRun:
         task_index = saved["task_index"]
         seed = split_seed(TRAIN, task_index)
-        task = self.family.sample(seed)
+        task = self.family_of(saved["slot"]).sample(seed)
         generator = torch.Generator()
         generator.set_state(saved["generator"])
         return TaskRun(
@@ -415,11 +575,13 @@ class MetaTrainer:
             generator=generator,
             estimator_state=saved["estimator_state"],
             diverged=saved["diverged"],
+            offset=saved.get("offset", 0),
         )
 
     def step(self) -> MetaOptTrainResult:
         """One meta-step: estimate, clip, apply (or skip when non-finite), replace finished runs."""
-        local = self.estimator.estimate_runs(self.rule, self.runs, self.unroll_steps)
+        self._enter_phase()
+        local = self._estimate_runs()
         rows = gather_slot_rows(local, self.slots, self.tasks_per_step, self.communicator)
         estimate = rows.mean(self.rule)
         self.inner_steps += estimate.inner_steps
@@ -474,6 +636,7 @@ class MetaTrainer:
                 "generator": run_generator(run).get_state(),
                 "estimator_state": run.estimator_state,
                 "diverged": run.diverged,
+                "offset": run.offset,
             }
             for run in self.runs
         ]
@@ -484,6 +647,7 @@ class MetaTrainer:
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "inner_steps": self.inner_steps,
+            "phase": self.phase,
             "runs": sorted((run for part in gathered for run in part), key=lambda run: run["slot"]),
         }
 
@@ -503,4 +667,6 @@ class MetaTrainer:
         self.steps = state["steps"]
         self.skipped_steps = state["skipped_steps"]
         self.inner_steps = state["inner_steps"]
+        self.phase = state.get("phase", 0)
+        self._apply_phase()
         self.runs = [self._restore_run(state["runs"][slot]) for slot in self.slots]
