@@ -1,0 +1,237 @@
+"""The Celo recipe's engine pieces: families with one estimator each, phases, the outer optimizer,
+initial offsets, and a recipe-shaped config that survives being killed."""
+
+import csv
+import multiprocessing
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from metaoptimizer.checkpoint import load_checkpoint
+from metaoptimizer.meta.estimators import PES, TaskNormalization
+from metaoptimizer.meta.loop import TrainingConfig, build_trainer, run_meta_training
+from metaoptimizer.meta.trainer import MetaTrainer, Phase
+from metaoptimizer.meta.vectorized import flatten_meta
+from metaoptimizer.rules import LSTMRule, MLPRule
+from metaoptimizer.tasks import make_family
+from metaoptimizer.tasks.augment import ReparamTask
+from metaoptimizer.tasks.quadratic import QuadraticFamily
+
+RECIPE = """
+[optimizer]
+meta_lr = 0.003
+unroll_steps = 3
+gradient_clipping = 1.0
+seed = 1
+
+[rule]
+name = "l2o"
+hidden_size = 2
+num_layers = 1
+
+[meta_optimizer]
+name = "adamw"
+weight_decay = 0.01
+
+[[families]]
+name = "synthetic8_mlp"
+hidden = 4
+batch_size = 16
+n_examples = 100
+augment = { levels = ["none", "global", "tensor", "parameter"], scale_range = [1e-3, 1e3] }
+
+[[families]]
+name = "quadratic"
+dim = 3
+augment = { levels = ["global"] }
+estimator = { loss_range = [0.0, 50.0] }
+
+[[phases]]
+steps = 3
+freeze = ["mlp.skip"]
+
+[[phases]]
+steps = 3
+train = ["mlp.skip"]
+
+[training]
+steps = 6
+horizon = 12
+min_horizon = 4
+initial_offset = 12
+tasks_per_step = 4
+checkpoint_every = 1
+estimator = "pes"
+
+[estimator]
+sigma = 0.01
+num_pairs = 1
+loss_range = [0.0, 3.5]
+"""
+TIMING = ("inner_steps_per_s", "seconds")
+
+
+@pytest.fixture
+def recipe_path(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text(RECIPE)
+    return path
+
+
+def _trainer(path):
+    return build_trainer(TrainingConfig.from_toml(path))
+
+
+def _params(rule):
+    return {name: p.detach().clone() for name, p in rule.named_parameters()}
+
+
+def test_recipe_config_builds_families_estimators_phases_and_adamw(recipe_path):
+    config = TrainingConfig.from_toml(recipe_path)
+    assert TrainingConfig.from_dict(config.to_dict()) == config
+    trainer = _trainer(recipe_path)
+    assert isinstance(trainer.rule, MLPRule) and trainer.rule.hidden_size == 2
+    assert isinstance(trainer.meta_optimizer, torch.optim.AdamW)
+    assert trainer.meta_optimizer.param_groups[0]["weight_decay"] == 0.01
+    # one estimator per family, the second with its own loss range
+    assert [type(e) for e in trainer.estimators] == [PES, PES]
+    assert trainer.estimators[0].normalization == TaskNormalization(0.0, 3.5)
+    assert trainer.estimators[1].normalization == TaskNormalization(0.0, 50.0)
+    # slot s samples from family s % 2, every task augmented
+    assert [type(run.task.task).__name__ for run in trainer.runs] == ["ModuleTask", "QuadraticTask"] * 2
+    assert all(isinstance(run.task, ReparamTask) for run in trainer.runs)
+    # first runs are shortened by an offset, keeping the full budget in the rule state
+    assert all(0 <= run.offset < run.horizon and run.state.num_steps == run.horizon for run in trainer.runs)
+    assert any(run.offset > 0 for run in trainer.runs)
+
+
+def test_phases_train_only_their_part_and_restart_the_runs(recipe_path):
+    trainer = _trainer(recipe_path)
+    start = _params(trainer.rule)
+    assert not trainer.rule.mlp.skip.requires_grad and trainer.rule.mlp.weights[0].requires_grad
+    trainer.train(3)
+    after_first = _params(trainer.rule)
+    assert torch.equal(after_first["mlp.skip"], start["mlp.skip"])
+    assert not torch.equal(after_first["mlp.weights.0"], start["mlp.weights.0"])
+    before = [run.task_index for run in trainer.runs]
+    trainer.step()  # the first step of phase 2: fresh runs, only the skip weights move
+    assert trainer.phase == 1 and [run.task_index for run in trainer.runs] != before
+    after_second = _params(trainer.rule)
+    assert not torch.equal(after_second["mlp.skip"], after_first["mlp.skip"])
+    for name in after_second:
+        if name != "mlp.skip":
+            assert torch.equal(after_second[name], after_first[name]), name
+    trainer.train(2)
+    with pytest.raises(ValueError, match="past the end of the phases"):
+        trainer.step()
+
+
+def test_later_runs_have_no_offset_and_offsets_end_runs_early():
+    trainer = MetaTrainer(
+        LSTMRule(hidden_size=4, num_layers=1), QuadraticFamily(dim=2), horizon=6, unroll_steps=2,
+        tasks_per_step=4, initial_offset=6,
+    )
+    first = {run.slot: (run.task_index, run.offset) for run in trainer.runs}
+    for _ in range(4):
+        trainer.step()
+    for run in trainer.runs:
+        if run.task_index != first[run.slot][0]:
+            assert run.offset == 0
+    shortened = [run for run in MetaTrainer(
+        LSTMRule(hidden_size=4, num_layers=1), QuadraticFamily(dim=2), horizon=6, unroll_steps=2,
+        tasks_per_step=4, initial_offset=6,
+    ).runs if run.offset]
+    assert shortened and all(run.steps_left(10) == 6 - run.offset for run in shortened)
+
+
+def test_trainer_rejects_bad_recipe_options():
+    rule = LSTMRule(hidden_size=4, num_layers=1)
+    family = QuadraticFamily(dim=2)
+    with pytest.raises(ValueError, match="multiple of the number of families"):
+        MetaTrainer(rule, [family, family], tasks_per_step=3)
+    with pytest.raises(ValueError, match="one per family"):
+        MetaTrainer(rule, [family, family], tasks_per_step=2, estimator=[PES()])
+    with pytest.raises(ValueError, match="meta_optimizer='lion' is not supported"):
+        MetaTrainer(rule, family, meta_optimizer="lion")
+    with pytest.raises(ValueError, match="bad meta_optimizer_options"):
+        MetaTrainer(rule, family, meta_optimizer="adamw", meta_optimizer_options={"decay": 0.1})
+    with pytest.raises(ValueError, match="with meta_lr"):
+        MetaTrainer(rule, family, meta_optimizer_options={"lr": 0.1})
+    with pytest.raises(ValueError, match="prefix 'scheduler' matches no meta-parameter"):
+        MetaTrainer(rule, family, phases=[Phase(5, freeze=("scheduler",))])
+    with pytest.raises(ValueError, match="trains no meta-parameter"):
+        MetaTrainer(rule, family, phases=[Phase(5, train=("head",), freeze=("head",))])
+    with pytest.raises(ValueError, match="list of name prefixes"):
+        Phase(5, train="head")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda d: d["optimizer"].update(method="lstm"), "describe a rule"),
+        (lambda d: d.update(family={"name": "quadratic"}), "exactly one of"),
+        (lambda d: d["meta_optimizer"].update(name="lion"), "meta_optimizer='lion'"),
+        (lambda d: d["phases"][1].update(steps=2), "cover 5 meta-steps"),
+        (lambda d: d["phases"][0].update(thaw=["mlp"]), "accepted keys: steps, train, freeze"),
+        (lambda d: d["rule"].pop("name"), r"\[rule\] needs"),
+        (lambda d: d["families"][0].update(estimator=3), "estimator must be a table"),
+    ],
+)
+def test_bad_recipe_configs(recipe_path, change, match):
+    data = TrainingConfig.from_toml(recipe_path).to_dict()
+    change(data)
+    with pytest.raises(ValueError, match=match):
+        TrainingConfig.from_dict(data)
+
+
+def _log(out):
+    with open(out / "log.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def _train_until_killed(path, out):
+    """The child: train the recipe, checkpointing every step; after step 4 wait to be killed."""
+
+    def hang(iteration, result):
+        if iteration == 4:
+            (out / "step4").touch()
+            time.sleep(600)
+
+    run_meta_training(_trainer(path), out, 6, 1, callback=hang)
+
+
+def test_killed_recipe_run_resumes_bit_exactly(tmp_path, recipe_path):
+    """SIGKILL after step 4 (mid-phase-2), resume to step 6: the same rule, log and state as an
+    uninterrupted run, across a phase change, augmentation, offsets, PES particles and AdamW."""
+    full = _trainer(recipe_path)
+    run_meta_training(full, tmp_path / "full", 6, 1)
+    out = tmp_path / "killed"
+    out.mkdir()
+    child = multiprocessing.get_context("fork").Process(target=_train_until_killed, args=(recipe_path, out))
+    child.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "step4").exists():
+            assert child.is_alive() and time.monotonic() < deadline, "the child never reached step 4"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(30)
+    finally:
+        child.kill()
+    torch.manual_seed(123)
+    np.random.seed(123)
+    resumed = _trainer(recipe_path)
+    results = run_meta_training(resumed, out, 6, 1, resume=True)
+    assert len(results) == 2
+    assert torch.equal(flatten_meta(full.rule), flatten_meta(resumed.rule))
+    assert all(torch.equal(a, b) for a, b in zip(full.rule.parameters(), resumed.rule.parameters(), strict=True))
+    assert _log(tmp_path / "full") == _log(out)
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = load_checkpoint(out / "checkpoint.pt")
+    assert torch.equal(a["trainer"]["rule"]["mlp.skip"], b["trainer"]["rule"]["mlp.skip"])
+    assert a["trainer"]["phase"] == b["trainer"]["phase"] == 1
+    assert [r["task_index"] for r in a["trainer"]["runs"]] == [r["task_index"] for r in b["trainer"]["runs"]]
