@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from metaoptimizer.config import META_OBJECTIVES, OptimizerState
-from metaoptimizer.meta.unroll import log_loss
-from metaoptimizer.rules.base import Params, UpdateRule, apply_updates
+from metaoptimizer.meta.unroll import inner_step, objective
+from metaoptimizer.rules.base import Params, UpdateRule
 from metaoptimizer.tasks.augment import ReparamTask
 from metaoptimizer.tasks.base import Batch, ModuleTask, Task
 from metaoptimizer.tasks.quadratic import QuadraticTask
@@ -218,6 +218,10 @@ class _MemberUnroll:
         self, meta: Tensor, params: Params, state_tensors: list[Tensor], train: Any, valid: Any
     ) -> tuple[Tensor, tuple[Params, list[Tensor], Tensor]]:
         weights = {f"rule.{name}": t for name, t in unflatten_meta(self.rule, meta).items()}
+
+        def update(grads: Params, state: OptimizerState, params: Params, *, loss: Tensor):
+            return functional_call(self.call, weights, (grads, state, params, loss))
+
         state = self.state.join(state_tensors)
         loss_and_grad = grad_and_value(self.task.loss)
         terms, losses = [], []
@@ -228,14 +232,10 @@ class _MemberUnroll:
             if k > 0:
                 terms.append(loss)
             losses.append(loss.detach())
-            updates, state = functional_call(self.call, weights, (grads, state, params, loss.detach()))
-            params = apply_updates(params, updates)
+            params, state = inner_step(update, params, state, grads, loss)
         terms.append(self.task.loss(params, index_tree(train, self.steps)))
-        if needs_valid_batch(self.meta_objective):
-            terms = [self.task.loss(params, valid)]
-        if self.meta_objective.startswith("log_"):
-            terms = [log_loss(term) for term in terms]
-        meta_loss = torch.stack(terms).mean()
+        valid_loss = self.task.loss(params, valid) if needs_valid_batch(self.meta_objective) else None
+        meta_loss = objective(terms, valid_loss, self.meta_objective)
         tensors, self.out_state = _split(state)
         return meta_loss, (params, tensors, torch.stack(losses))
 
