@@ -235,3 +235,31 @@ def test_killed_recipe_run_resumes_bit_exactly(tmp_path, recipe_path):
     assert torch.equal(a["trainer"]["rule"]["mlp.skip"], b["trainer"]["rule"]["mlp.skip"])
     assert a["trainer"]["phase"] == b["trainer"]["phase"] == 1
     assert [r["task_index"] for r in a["trainer"]["runs"]] == [r["task_index"] for r in b["trainer"]["runs"]]
+
+
+def test_synchronised_runs_share_one_horizon_and_one_vmapped_call(monkeypatch):
+    from metaoptimizer.meta import estimators
+
+    calls = []
+    real = estimators.run_jobs
+
+    def counting(rule, jobs, **options):
+        calls.append(len(jobs))
+        return real(rule, jobs, **options)
+
+    monkeypatch.setattr(estimators, "run_jobs", counting)
+    family = make_family("synthetic8_mlp", hidden=4, batch_size=8, n_examples=60, augment={})
+    trainer = MetaTrainer(
+        LSTMRule(hidden_size=4, num_layers=1), [family, family], horizon=9, min_horizon=2, unroll_steps=2,
+        tasks_per_step=4, initial_offset=9, sync_runs=True, estimator=[PES(num_pairs=1), PES(num_pairs=1)],
+    )
+    cohorts = []
+    for _ in range(12):
+        assert len({(run.horizon, run.offset + run.steps_done) for run in trainer.runs}) == 1
+        cohorts.append(trainer.runs[0].task_index)
+        trainer.step()
+    # equal estimators of both families: one estimate call per step, all four runs in one job list
+    assert calls == [4] * 12
+    assert len(set(cohorts)) > 1  # cohorts ended and restarted together
+    state = trainer.state_dict()
+    assert state["cohort"] == trainer.cohort and state["cohort"]["horizon"] == trainer.runs[0].horizon

@@ -266,6 +266,7 @@ class TrainingConfig:
     horizon: int = 200
     min_horizon: int | None = None
     initial_offset: int = 0
+    sync_runs: bool = False
     tasks_per_step: int = 1
     meta_lr_scales: dict[str, float] = field(default_factory=dict)
     checkpoint_every: int = 50
@@ -292,6 +293,8 @@ class TrainingConfig:
             raise ValueError(f"meta_lr_scales must be a table of name prefix = multiplier, got {self.meta_lr_scales!r}")
         for prefix, scale in self.meta_lr_scales.items():
             check_positive(f"meta_lr_scales[{prefix!r}]", scale)
+        if not isinstance(self.sync_runs, bool):
+            raise ValueError(f"sync_runs must be true or false, got {self.sync_runs!r}")
         if not isinstance(self.log_csv, bool):
             raise ValueError(f"log_csv must be true or false, got {self.log_csv!r}")
         _check_tensorboard(self.tensorboard)
@@ -443,6 +446,7 @@ def build_trainer(config: TrainingConfig, communicator: Communicator | None = No
         meta_optimizer_options=config.meta_optimizer_options,
         phases=config.build_phases() or None,
         initial_offset=config.initial_offset,
+        sync_runs=config.sync_runs,
     )
 
 

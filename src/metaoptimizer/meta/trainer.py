@@ -366,6 +366,12 @@ class Phase:
             raise ValueError(f"phase {self} trains no meta-parameter; names: {names}")
 
 
+def cohort_generator(seed: int) -> torch.Generator:
+    """The generator of the shared horizons of synchronised runs (a stream apart from every slot's)."""
+    state = np.random.SeedSequence([seed]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 def slot_generator(seed: int, slot: int) -> torch.Generator:
     """The random generator of ``slot``: independent streams per (seed, slot)."""
     state = np.random.SeedSequence([seed, slot]).generate_state(1, dtype=np.uint64)[0]
@@ -395,6 +401,13 @@ class MetaTrainer:
     change). ``initial_offset`` > 0 shortens each slot's first run by an offset drawn uniformly
     from ``[0, initial_offset)`` (at least one step is left), so slots do not restart in lockstep.
 
+    ``sync_runs=True`` trades that staggering for speed: all slots form one *cohort* that shares
+    its horizon (and, for the first cohort, its offset) and restarts together, so the runs'
+    rule states agree in their step counts and budgets and their unrolls share one vmapped call
+    (runs of different lengths cannot: the state's counters are Python numbers). A run that
+    diverges is replaced by a fresh task that ends with its cohort. Families whose estimators are
+    equal are estimated in one call.
+
     With a ``communicator`` of several processes, each process runs the slots
     ``rank, rank + world_size, ...`` and the meta-gradient rows of all slots are exchanged, so
     every process applies the same update (see :mod:`metaoptimizer.meta.distributed`).
@@ -421,6 +434,7 @@ class MetaTrainer:
         meta_optimizer_options: Mapping[str, Any] | None = None,
         phases: Sequence[Phase] | None = None,
         initial_offset: int = 0,
+        sync_runs: bool = False,
     ) -> None:
         check_positive("meta_lr", meta_lr)
         check_positive("unroll_steps", unroll_steps, integer=True)
@@ -476,6 +490,11 @@ class MetaTrainer:
         self.phases = phases
         self.phase = 0
         self.initial_offset = initial_offset
+        if not isinstance(sync_runs, bool):
+            raise ValueError(f"sync_runs must be True or False, got {sync_runs!r}")
+        self.sync_runs = sync_runs
+        self.cohort: dict[str, int] = {}
+        self.cohort_generator = cohort_generator(seed)
         self._apply_phase()
         self.meta_optimizer = make_meta_optimizer(
             meta_optimizer, meta_parameter_groups(rule, meta_lr, meta_lr_scales or {}), meta_optimizer_options or {}
@@ -484,6 +503,8 @@ class MetaTrainer:
         self.steps = 0
         self.skipped_steps = 0
         self.inner_steps = 0
+        if sync_runs:
+            self._new_cohort(first=True)
         self.runs = [self._new_run(slot, slot_generator(seed, slot), first=True) for slot in self.slots]
 
     def _sample_horizon(self, generator: torch.Generator) -> int:
@@ -503,14 +524,42 @@ class MetaTrainer:
         task_index = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         seed = split_seed(TRAIN, task_index)
         task = self.family_of(slot).sample(seed)
-        horizon = self._sample_horizon(generator)
-        offset = 0
-        if first and self.initial_offset:
-            offset = min(horizon - 1, int(torch.randint(0, self.initial_offset, (1,), generator=generator)))
+        if self.sync_runs:
+            horizon, offset = self.cohort["horizon"], self.cohort["offset"] + self.cohort["steps_done"]
+        else:
+            horizon = self._sample_horizon(generator)
+            offset = self._sample_offset(horizon, generator) if first else 0
         return TaskRun.start(
             task, task_index, seed, task.init_params(seed), self.rule, horizon,
             slot=slot, generator=generator, offset=offset,
         )
+
+    def _sample_offset(self, horizon: int, generator: torch.Generator) -> int:
+        if not self.initial_offset:
+            return 0
+        return min(horizon - 1, int(torch.randint(0, self.initial_offset, (1,), generator=generator)))
+
+    def _new_cohort(self, first: bool = False) -> None:
+        """Draw the horizon (and for the first cohort the offset) that all runs share next."""
+        horizon = self._sample_horizon(self.cohort_generator)
+        offset = self._sample_offset(horizon, self.cohort_generator) if first else 0
+        self.cohort = {"horizon": horizon, "offset": offset, "steps_done": 0}
+
+    def _replace_runs(self, skipped: bool) -> None:
+        """New tasks for finished runs (for all after a skipped step: their parameters may hold
+        non-finite values); with ``sync_runs`` the cohort advances and restarts as a whole."""
+        if not self.sync_runs:
+            self.runs = [
+                self._new_run(run.slot, run_generator(run)) if skipped or run.finished else run for run in self.runs
+            ]
+            return
+        cohort = self.cohort
+        cohort["steps_done"] += min(self.unroll_steps, cohort["horizon"] - cohort["offset"] - cohort["steps_done"])
+        if skipped or cohort["steps_done"] >= cohort["horizon"] - cohort["offset"]:
+            self._new_cohort()
+            self.runs = [self._new_run(run.slot, run_generator(run)) for run in self.runs]
+        else:
+            self.runs = [self._new_run(run.slot, run_generator(run)) if run.finished else run for run in self.runs]
 
     # -- phases ----------------------------------------------------------------------------------
     def _phase_at(self, iteration: int) -> int:
@@ -539,18 +588,26 @@ class MetaTrainer:
             return
         self.phase = index
         self._apply_phase()
+        if self.sync_runs:
+            self._new_cohort()
         self.runs = [self._new_run(run.slot, run_generator(run)) for run in self.runs]
 
     def _estimate_runs(self) -> RunEstimates:
-        """Each family's runs through its own estimator; rows in the order of ``self.runs``."""
-        if len(self.families) == 1:
-            return self.estimator.estimate_runs(self.rule, self.runs, self.unroll_steps)
-        members: dict[int, list[int]] = {}
+        """Each family's runs through its own estimator (one call for families with equal
+        estimators); rows in the order of ``self.runs``."""
+        groups: list[tuple[GradientEstimator, list[int]]] = []
         for index, run in enumerate(self.runs):
-            members.setdefault(run.slot % len(self.families), []).append(index)
+            estimator = self.estimators[run.slot % len(self.families)]
+            group = next((g for g in groups if g[0] == estimator), None)
+            if group is None:
+                groups.append((estimator, [index]))
+            else:
+                group[1].append(index)
+        if len(groups) == 1:
+            return groups[0][0].estimate_runs(self.rule, self.runs, self.unroll_steps)
         rows: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(self.runs)
-        for family, indices in members.items():
-            part = self.estimators[family].estimate_runs(self.rule, [self.runs[i] for i in indices], self.unroll_steps)
+        for estimator, indices in groups:
+            part = estimator.estimate_runs(self.rule, [self.runs[i] for i in indices], self.unroll_steps)
             for k, index in enumerate(indices):
                 rows[index] = (part.grads[k], part.meta_losses[k], part.inner_steps[k])
         grads, losses, inner = zip(*rows, strict=True)
@@ -590,11 +647,7 @@ class MetaTrainer:
             self.steps, self.skipped_steps,
         )
         self.steps, self.skipped_steps = result.steps, result.skipped_total
-        # After a skipped step no run continues: their parameters may hold non-finite values.
-        self.runs = [
-            self._new_run(run.slot, run_generator(run)) if result.skipped or run.finished else run
-            for run in self.runs
-        ]
+        self._replace_runs(result.skipped)
         return result
 
     def train(self, num_steps: int, callback: Callable[[MetaOptTrainResult], None] | None = None) -> list[MetaOptTrainResult]:
@@ -639,6 +692,8 @@ class MetaTrainer:
             "skipped_steps": self.skipped_steps,
             "inner_steps": self.inner_steps,
             "phase": self.phase,
+            "cohort": dict(self.cohort),
+            "cohort_generator": self.cohort_generator.get_state(),
             "runs": sorted((run for part in gathered for run in part), key=lambda run: run["slot"]),
         }
 
@@ -659,5 +714,8 @@ class MetaTrainer:
         self.skipped_steps = state["skipped_steps"]
         self.inner_steps = state["inner_steps"]
         self.phase = state.get("phase", 0)
+        self.cohort = dict(state.get("cohort", {}))
+        if "cohort_generator" in state:
+            self.cohort_generator.set_state(state["cohort_generator"])
         self._apply_phase()
         self.runs = [self._restore_run(state["runs"][slot]) for slot in self.slots]
