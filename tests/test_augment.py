@@ -73,6 +73,12 @@ def test_augmented_tasks_of_one_architecture_share_a_vmapped_call(digits):
     assert loss_signature(ReparamFamily(digits).sample(0)) != loss_signature(ReparamFamily(Digits8Family()).sample(0))
 
 
+def test_a_task_that_cannot_be_vmapped_stays_alone_when_augmented(digits):
+    task = ReparamFamily(digits).sample(0)
+    task.task.loss_signature = lambda: None
+    assert loss_signature(task) is None
+
+
 def test_any_family_takes_the_augment_option():
     family = make_family("quadratic", dim=3, augment={"levels": ["global"], "scale_range": [0.1, 10.0]})
     assert isinstance(family, ReparamFamily) and isinstance(family.family, QuadraticFamily)

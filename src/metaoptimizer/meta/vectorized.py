@@ -9,7 +9,7 @@ truncated BPTT).
 
 A :class:`UnrollJob` is one truncation of one task for a population of *members* (meta-parameter
 vectors) that all see the same batches. :func:`run_jobs` stacks jobs whose tasks compute the same
-loss function (equal :func:`loss_signature`) and whose parameters, states and batches agree in
+loss function (equal :meth:`Task.loss_signature`) and whose parameters, states and batches agree in
 shape and step count, and runs each stack in one ``vmap(vmap(unroll))`` call; every other job runs
 one member at a time through the same function.
 """
@@ -28,9 +28,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from metaoptimizer.config import META_OBJECTIVES, OptimizerState
 from metaoptimizer.meta.unroll import inner_step, objective
 from metaoptimizer.rules.base import Params, UpdateRule
-from metaoptimizer.tasks.augment import ReparamTask
-from metaoptimizer.tasks.base import Batch, ModuleTask, Task
-from metaoptimizer.tasks.quadratic import QuadraticTask
+from metaoptimizer.tasks.base import Batch, Task
 
 # -- meta-parameters as one flat vector ---------------------------------------------------------
 
@@ -60,34 +58,11 @@ def unflatten_meta(rule: nn.Module, vector: Tensor) -> dict[str, Tensor]:
 
 # -- which tasks can share one vmapped call ---------------------------------------------------
 
-LossSignature = Callable[[Any], Hashable]
-_SIGNATURES: dict[type, LossSignature] = {}
-
-
-def register_loss_signature(task_type: type, signature: LossSignature) -> None:
-    """Declare how to tell which tasks of exactly ``task_type`` compute the same ``loss(params, batch)``.
-
-    Tasks with equal signatures must compute the same function of (params, batch); everything
-    that differs between them must live in the parameters or the batches. Subclasses are not
-    covered (they may override ``loss``): register them separately. A signature of None marks a
-    task that cannot share a call.
-    """
-    if not isinstance(task_type, type):
-        raise TypeError(f"task_type must be a class, got {task_type!r}")
-    _SIGNATURES[task_type] = signature
-
 
 def loss_signature(task: Task) -> Hashable | None:
-    """A hashable that equal-loss tasks share, or None when ``task`` cannot be vmapped with others."""
-    signature = _SIGNATURES.get(type(task))
-    value = None if signature is None else signature(task)
-    return None if value is None else (type(task), value)
-
-
-register_loss_signature(ModuleTask, lambda task: (repr(task.model), task.loss_name))
-register_loss_signature(QuadraticTask, lambda task: task.dim)
-# Reparameterised tasks carry their scales in the batches: they share their inner task's loss.
-register_loss_signature(ReparamTask, lambda task: loss_signature(task.task))
+    """A hashable that equal-loss tasks share, or None when ``task`` cannot be vmapped with others
+    (see :meth:`~metaoptimizer.tasks.base.Task.loss_signature`)."""
+    return task.loss_signature()
 
 
 # -- pytrees split into tensors (vmapped) and Python values (static) ----------------------------

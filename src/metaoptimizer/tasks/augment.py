@@ -20,7 +20,7 @@ batch (``(batch, scales)``): tasks of one architecture then compute the same fun
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -71,6 +71,11 @@ class ReparamTask(Task):
         self.scales = dict(scales)
         self.level = level
         self.name = f"{task.name}:reparam={level}"
+
+    def loss_signature(self) -> Hashable | None:
+        """The inner task's: the scales travel in the batches, so the loss function is shared."""
+        inner = self.task.loss_signature()
+        return None if inner is None else (type(self), inner)
 
     def init_params(self, seed: int) -> Params:
         return {name: p / self.scales[name].to(p) for name, p in self.task.init_params(seed).items()}
