@@ -263,3 +263,29 @@ def test_synchronised_runs_share_one_horizon_and_one_vmapped_call(monkeypatch):
     assert len(set(cohorts)) > 1  # cohorts ended and restarted together
     state = trainer.state_dict()
     assert state["cohort"] == trainer.cohort and state["cohort"]["horizon"] == trainer.runs[0].horizon
+
+
+def test_pes_without_centre_gives_the_same_estimate_with_fewer_unrolls():
+    def runs_and_rows(centre):
+        trainer = MetaTrainer(
+            LSTMRule(hidden_size=4, num_layers=1), QuadraticFamily(dim=3), horizon=8, unroll_steps=2,
+            tasks_per_step=2, estimator=PES(num_pairs=2, sigma=0.05, centre=centre), seed=4,
+        )
+        torch.manual_seed(0)
+        trainer.rule.load_state_dict(reference.state_dict())
+        estimates = [trainer.estimator.estimate_runs(trainer.rule, trainer.runs, 2) for _ in range(3)]
+        return trainer, estimates
+
+    reference = LSTMRule(hidden_size=4, num_layers=1)
+    with_centre, a = runs_and_rows(True)
+    without, b = runs_and_rows(False)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.grads, y.grads, rtol=1e-5, atol=1e-7)
+        assert torch.equal(x.inner_steps * 4, y.inner_steps * 5)  # 5 unrolls per run with the centre, 4 without
+    # without a centre the run follows its first particle
+    saved = without.runs[0].estimator_state["pes"]["params"]
+    assert all(torch.equal(without.runs[0].params[k], v[0]) for k, v in saved.items())
+    with pytest.raises(ValueError, match="centre=False needs particles"):
+        from metaoptimizer.meta.estimators import TruncatedES
+
+        TruncatedES(centre=False)

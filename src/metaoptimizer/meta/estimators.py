@@ -5,7 +5,9 @@ All three perturb the rule's meta-parameters θ (one flat vector) with antitheti
 particle's meta-parameters substituted functionally (:mod:`metaoptimizer.meta.vectorized`),
 vmapped over particles and over tasks of equal shapes. Every particle of a run sees the same
 batches (common random numbers). An unperturbed *centre* particle advances the run itself and
-reports the meta-loss; it adds one unroll to the ``2 * num_pairs`` perturbed ones.
+reports the meta-loss; it adds one unroll to the ``2 * num_pairs`` perturbed ones. PES, whose
+particles carry their own states, can do without it (``centre=False``, as learned_optimization's
+PES): the run then follows its first particle and reports the particles' mean meta-loss.
 
 * :class:`TruncatedES`: each truncation, all particles start from the run's current state;
   ``g = Σ_i ε_i (L(θ+ε_i) − L(θ−ε_i)) / (2 P σ²)``. Cheap, but biased: it ignores how θ shaped
@@ -72,6 +74,7 @@ class TruncatedES(RowEstimator):
     ``normalization`` an optional :class:`TaskNormalization` (the estimate and the reported
     meta-losses are then those of the normalised losses), ``vectorize`` runs particles and
     equal-shaped tasks in one ``vmap`` call. Each row counts the inner steps of every particle.
+    ``centre=False`` (PES only) drops the unperturbed particle.
     """
 
     sigma: float = 0.01
@@ -79,8 +82,18 @@ class TruncatedES(RowEstimator):
     meta_objective: str = "train_loss"
     normalization: TaskNormalization | None = None
     vectorize: bool = True
+    centre: bool = True
+    #: Whether particles keep their own states across truncations (then the centre is optional).
+    persistent = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.centre, bool):
+            raise ValueError(f"centre must be True or False, got {self.centre!r}")
+        if not self.centre and not self.persistent:
+            raise ValueError(
+                f"centre=False needs particles that keep their own states (PES); {type(self).__name__} restarts "
+                "them from the centre's state every truncation"
+            )
         check_positive("sigma", self.sigma)
         check_positive("num_pairs", self.num_pairs, integer=True)
         if self.meta_objective not in META_OBJECTIVES:
@@ -114,23 +127,26 @@ class TruncatedES(RowEstimator):
                 params, state, stacked, run_weights = self.start(run, noise)
                 weights.append(run_weights)
                 train, valid = run.draw_batches(lengths[-1], self.meta_objective)
-                members = torch.cat([theta[None], theta + noise, theta - noise])
+                perturbed = [theta + noise, theta - noise]
+                members = torch.cat([theta[None], *perturbed] if self.centre else perturbed)
                 jobs.append(UnrollJob(run.task, members, params, state, train, valid, stacked_start=stacked))
             outcomes = run_jobs(rule, jobs, meta_objective=self.meta_objective, vectorize=self.vectorize)
             rows, losses = [], []
             scale = 2 * self.num_pairs * self.sigma**2
+            lead = int(self.centre)
             for run, run_weights, outcome, length in zip(runs, weights, outcomes, lengths, strict=True):
                 finite = outcome.finite()
                 meta = outcome.meta_losses if self.normalization is None else self.normalization(outcome.meta_losses)
-                plus, minus = meta[1 : 1 + self.num_pairs], meta[1 + self.num_pairs :]
+                plus, minus = meta[lead : lead + self.num_pairs], meta[lead + self.num_pairs :]
                 rows.append(((plus - minus).to(theta) @ run_weights) / scale)
-                losses.append(float(meta[0]))
-                advance(run, index_tree(outcome.params, 0), index_tree(outcome.state, 0), length, bool(finite[0]))
+                losses.append(float(meta[0] if self.centre else meta.mean()))
+                ok = bool(finite[0] if self.centre else finite.all())
+                advance(run, index_tree(outcome.params, 0), index_tree(outcome.state, 0), length, ok)
                 self.finish(run, outcome, finite, run_weights)
         return RunEstimates(
             grads=torch.stack(rows),
             meta_losses=torch.tensor(losses, dtype=torch.float64),
-            inner_steps=torch.tensor(lengths, dtype=torch.int64) * (1 + 2 * self.num_pairs),
+            inner_steps=torch.tensor(lengths, dtype=torch.int64) * (lead + 2 * self.num_pairs),
         )
 
 
@@ -154,6 +170,8 @@ class PES(TruncatedES):
     particle cannot continue.
     """
 
+    persistent = True
+
     def start(self, run: TaskRun, noise: Tensor) -> tuple[Params, OptimizerState, bool, Tensor]:
         """The centre and the particles' own states; weights: each pair's perturbations so far, ξ."""
         saved = run.estimator_state.get(PES_STATE)
@@ -170,13 +188,15 @@ class PES(TruncatedES):
                 )
             params, state = saved["params"], OptimizerState.from_dict(saved["state"])
             accumulated = saved["perturbation"] + noise
+        if not self.centre:
+            return params, state, True, accumulated
         joined = {name: torch.cat([run.params[name][None], p]) for name, p in params.items()}
         return joined, _stack_front(run.state, state), True, accumulated
 
     def finish(self, run: TaskRun, outcome: UnrollOutcome, finite: Tensor, weights: Tensor) -> None:
         """Keep the particles (all but the centre) and ξ; end the run when a particle diverged."""
         run.diverged = run.diverged or not bool(finite.all())
-        particles = slice(1, None)
+        particles = slice(int(self.centre), None)
         run.estimator_state[PES_STATE] = {
             "params": {name: p[particles] for name, p in outcome.params.items()},
             "state": outcome.state.map_tensors(lambda t: t[particles]).to_dict(),
@@ -194,8 +214,8 @@ def make_estimator(
 ) -> RowEstimator:
     """The estimator called ``name`` (one of :data:`ESTIMATORS`) with ``options``.
 
-    ``tbptt`` takes ``vectorize``; the ES estimators take ``sigma``, ``num_pairs``, ``vectorize``
-    and ``loss_range`` (``(low, high)``, building a :class:`TaskNormalization`).
+    ``tbptt`` takes ``vectorize``; the ES estimators take ``sigma``, ``num_pairs``, ``vectorize``,
+    ``centre`` (PES) and ``loss_range`` (``(low, high)``, building a :class:`TaskNormalization`).
     """
     if name not in ESTIMATORS:
         raise ValueError(f"estimator={name!r} is not supported; accepted values: {ESTIMATORS}")
@@ -204,7 +224,7 @@ def make_estimator(
         if unknown:
             raise ValueError(f"unknown options {unknown} for estimator 'tbptt'; accepted: ['vectorize']")
         return TruncatedBPTT(meta_objective, second_order, **options)
-    accepted = {"sigma", "num_pairs", "vectorize", "loss_range"}
+    accepted = {"sigma", "num_pairs", "vectorize", "loss_range", "centre"}
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ValueError(f"unknown options {unknown} for estimator {name!r}; accepted: {sorted(accepted)}")
