@@ -23,7 +23,7 @@ def _family(name, **kwargs):
 def _run(cache, baselines=None, tuner="grid"):
     baselines = baselines or [Baseline("adam", lambda lr: Adam(lr=lr), (1e-2, 1e-1))]
     return run_suite(SUITE, {"sgd": lambda: SGD(lr=1e-2)}, baselines=baselines, family_factory=_family,
-                     cache=cache, tuner=tuner, trials=2, progress=False)
+                     cache=cache, tuner=tuner, trials=2)
 
 
 def _assert_same(a, b):
@@ -78,7 +78,7 @@ def test_runs_tell_budget_aware_rules_the_budget(tmp_path):
     rule = LSTMRule(hidden_size=4, init_lr=0.01, momentum_decay=0.9, horizon=500)
     run_suite(SUITE, {"lstm": lambda: rule}, baselines=[Baseline("adam", lambda lr: Adam(lr=lr), (1e-2,)),
                                                          Baseline("sgd", lambda lr: SGD(lr=lr), (1e-2,))],
-              family_factory=_family, progress=False)
+              family_factory=_family)
     assert rule.horizon == 12 and rule.schedule.total_steps == 12
 
 
