@@ -49,9 +49,14 @@ def test_demo_compares_the_rule_before_and_after_meta_training_beside_adam(tmp_p
     with (out / "meta_validation.csv").open() as handle:
         assert [int(row["meta_step"]) for row in csv.DictReader(handle)] == [0, 1, 2]
     assert (out / "meta_training.png").stat().st_size > 0
-    assert MetaOptimizer.load(out / "lstm_digits_mlp.pt").meta_steps == 2
+    demo_rule = MetaOptimizer.load(out / "lstm_digits_mlp.pt")
+    assert demo_rule.meta_steps == 2
     # logged to a file (not a terminal), progress comes as plain lines
     assert "meta-training: 2/2" in result.output and "meta-validation" in result.output
+    # the demo meta-trains exactly as `metaopt pretrain` does: validating draws no trainer randomness
+    pretrained_rule = MetaOptimizer.load(pretrained.train("lstm-digits-mlp", tmp_path / "pre", meta_steps=2))
+    weights = pretrained_rule.rule.state_dict()
+    assert all(torch.equal(value, weights[key]) for key, value in demo_rule.rule.state_dict().items())
 
 
 def test_demo_is_deterministic_for_a_seed(tmp_path):

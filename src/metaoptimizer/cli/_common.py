@@ -16,9 +16,11 @@ from rich.progress import Progress as RichProgress
 from metaoptimizer.checkpoint import CheckpointError
 from metaoptimizer.progress import Progress, ProgressCallback
 
-#: Intra-op threads unless ``--threads`` says otherwise. One thread is fastest for this library's
-#: workloads (small tensors: per-op threading overhead outweighs the work) and never
-#: oversubscribes a shared machine; measured by ``benchmarks/bench_threads.py`` (BENCHMARKS.md).
+#: Intra-op threads unless ``--threads`` says otherwise. This library's workloads are many small
+#: tensor operations: on a shared machine extra threads only contend for busy cores (torch's
+#: default made a smoke evaluation several times slower), and even on a quiet 16-core machine
+#: they gained nothing on an evaluation and 1.5x on meta-training (``benchmarks/bench_threads.py``,
+#: BENCHMARKS.md "Thread count"). Large models on a quiet machine are the case for more.
 DEFAULT_THREADS = 1
 #: Seconds between two plain progress lines when the output is not a terminal (a log file).
 LINE_INTERVAL_S = 10.0

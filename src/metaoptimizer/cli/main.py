@@ -35,8 +35,8 @@ def _version(value: bool) -> None:
 def main(
     threads: Annotated[int, typer.Option(
         min=1, envvar="METAOPT_THREADS",
-        help="Torch intra-op threads. 1 is fastest for this library's small tensors and never "
-             "oversubscribes a shared machine (benchmarks/bench_threads.py); more can help large models.",
+        help="Torch intra-op threads. 1 suits this library's small tensors and a shared machine; on a quiet "
+             "many-core machine more speed up meta-training and large models (BENCHMARKS.md, Thread count).",
     )] = DEFAULT_THREADS,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
