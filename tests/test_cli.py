@@ -7,6 +7,7 @@ import importlib
 import io
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -167,9 +168,13 @@ def test_a_fresh_interpreter_finds_pretrained_and_no_cli_stack():
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert done.stdout.strip() == "['lstm-digits-mlp'] []"
-    cli = subprocess.run([sys.executable, "-m", "metaoptimizer.cli", "--version"], capture_output=True, text=True,
-                         env=env, check=True)
-    assert cli.stdout.strip() == f"metaoptimizer {__version__}"
+
+
+def test_python_dash_m_runs_the_tool(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["metaopt", "--version"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("metaoptimizer.cli", run_name="__main__")
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"metaoptimizer {__version__}"
 
 
 @pytest.mark.parametrize("package", ["metaoptimizer", "metaoptimizer.rules", "metaoptimizer.tasks", "metaoptimizer.meta",
