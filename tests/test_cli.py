@@ -94,7 +94,7 @@ def test_shipped_checkpoint_loads_ready_to_use():
     assert meta.config.method == "lstm" and meta.meta_steps == pretrained.REGISTRY["lstm-digits-mlp"][1]
     # `metaopt pretrain` trains the recipe's config: the shipped file must be that configuration
     assert meta.config.to_dict() == recipe.CONFIG.to_dict()
-    assert meta.rule.horizon == recipe.HORIZON
+    assert meta.rule.default_num_steps == recipe.HORIZON
 
 
 def test_unknown_pretrained_names_list_the_available_ones(tmp_path):

@@ -30,7 +30,7 @@ SEED = 0
 #: steps; meta-trained on log training loss (see rules/lstm.py and meta/unroll.py).
 CONFIG = MetaOptimizerConfig(
     method="lstm", meta_lr=1e-3, unroll_steps=20, meta_objective="log_train_loss",
-    rule_options={"init_lr": 0.04, "momentum_decay": 0.9, "rms_decay": 0.999, "horizon": HORIZON},
+    rule_options={"init_lr": 0.04, "momentum_decay": 0.9, "rms_decay": 0.999, "num_steps": HORIZON},
 )
 LOG_FIELDS = ("step", "meta_loss", "meta_grad_norm", "skipped", "seconds")
 
