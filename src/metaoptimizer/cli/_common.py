@@ -13,7 +13,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
-from metaoptimizer.checkpoint import CheckpointError
 from metaoptimizer.progress import Progress, ProgressCallback
 
 #: Intra-op threads unless ``--threads`` says otherwise. This library's workloads are many small
@@ -35,10 +34,11 @@ def out_option(help: str) -> Any:
 @contextmanager
 def usage_errors(param_hint: str | None = None) -> Iterator[None]:
     """Report bad input found while a command sets up (a ValueError, a missing file, an unreadable
-    checkpoint) as a usage error naming the problem, not as a traceback."""
+    checkpoint: a ``CheckpointError`` is a ValueError) as a usage error naming the problem, not as
+    a traceback."""
     try:
         yield
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
+    except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error), param_hint=param_hint) from error
 
 
