@@ -123,7 +123,7 @@ def bench_hypergradient(args: argparse.Namespace) -> dict:
               + ", ".join(f"HD from {s}: x{row['hd'][s]['ratio']:.2f} (lr {row['hd'][s]['final_lr']:.2g})"
                           for s in row["hd"]))
     print()
-    print(f"| task | tuned Adam lr | tuned Adam final loss | " + " | ".join(
+    print("| task | tuned Adam lr | tuned Adam final loss | " + " | ".join(
         f"HD-Adam from {s:g}: final loss (ratio, end lr)" for s in HD_STARTS) + " |")
     print("|---" * (3 + len(HD_STARTS)) + "|")
     for row in rows:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from metaoptimizer.checkpoint import load_checkpoint, save_checkpoint
 from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, build_rule
-from metaoptimizer.meta.step import apply_meta_gradient
+from metaoptimizer.meta.step import apply_estimate
 from metaoptimizer.meta.trainer import TaskRun, TruncatedBPTT
 from metaoptimizer.rules.base import Params, UpdateRule, check_grads, from_spec, to_spec
 from metaoptimizer.rules.state import OptimizerState
@@ -182,21 +182,12 @@ class MetaOptimizer:
         if not runs:
             raise ValueError("meta_train_step needs at least one episode")
         estimate = self.estimator.estimate(self.rule, runs, self.config.unroll_steps)
-        norm, skipped = apply_meta_gradient(
-            self.meta_optimizer, self._meta_parameters(), estimate.grads, self.config.gradient_clipping, estimate.finite
+        result = apply_estimate(
+            self.meta_optimizer, self._meta_parameters(), estimate, self.config.gradient_clipping,
+            self.meta_steps, self.skipped_meta_steps,
         )
-        if skipped:
-            self.skipped_meta_steps += 1
-        else:
-            self.meta_steps += 1
-        return MetaOptTrainResult(
-            meta_loss=estimate.meta_loss,
-            meta_grad_norm=norm,
-            skipped=skipped,
-            steps=self.meta_steps,
-            skipped_total=self.skipped_meta_steps,
-            inner_steps=estimate.inner_steps,
-        )
+        self.meta_steps, self.skipped_meta_steps = result.steps, result.skipped_total
+        return result
 
     def get_learned_lr(self) -> dict[str, float]:
         """Per-parameter-tensor learning rates the rule applies.

@@ -26,8 +26,9 @@ from metaoptimizer.evaluate import metrics
 from metaoptimizer.evaluate.baselines import TUNERS, Baseline, TuningResult, default_baselines, tune_lr
 from metaoptimizer.evaluate.cache import BaselineCache
 from metaoptimizer.evaluate.suites import Suite, SuiteEntry
+from metaoptimizer.meta.unroll import inner_step
 from metaoptimizer.progress import Progress, ProgressCallback
-from metaoptimizer.rules.base import UpdateRule, apply_updates
+from metaoptimizer.rules.base import UpdateRule
 from metaoptimizer.tasks import make_family
 from metaoptimizer.tasks.base import Batch, Task, TaskFamily
 
@@ -131,8 +132,7 @@ def run_rule(
         train_loss[step - 1] = value
         with torch.no_grad():
             detached = {name: p.detach() for name, p in params.items()}
-            updates, state = rule.update(dict(zip(names, grads, strict=True)), state, detached, loss=loss.detach())
-            params = apply_updates(detached, updates)
+            params, state = inner_step(rule.update, detached, state, dict(zip(names, grads, strict=True)), loss)
     if diverged_at is None:
         evaluations[steps] = _evaluate(task, params, valid)
     metric_names = list(next(iter(evaluations.values())))
