@@ -6,6 +6,7 @@ from metaoptimizer.tasks.augment import ReparamFamily
 from metaoptimizer.tasks.base import HELDOUT, TRAIN, ModuleTask, Task, TaskFamily, split_seed
 from metaoptimizer.tasks.digits import ClassifierFamily, DigitsCNNFamily, DigitsMLPFamily
 from metaoptimizer.tasks.image8 import Digits8Family, MNIST8Family, Omniglot8Family, Synthetic8Family
+from metaoptimizer.tasks.line import NoisyLineFamily, NoisyLineTask
 from metaoptimizer.tasks.mnist import MNISTMLPFamily
 from metaoptimizer.tasks.quadratic import QuadraticFamily, QuadraticTask
 from metaoptimizer.tasks.sequence import CharRNNFamily, SequenceTask
@@ -16,6 +17,7 @@ FAMILIES: dict[str, type[TaskFamily]] = {
     "digits_cnn": DigitsCNNFamily,
     "char_rnn": CharRNNFamily,
     "mnist_mlp": MNISTMLPFamily,
+    "noisy_line": NoisyLineFamily,
     "digits8_mlp": Digits8Family,
     "mnist8_mlp": MNIST8Family,
     "omniglot8_mlp": Omniglot8Family,
@@ -52,6 +54,8 @@ __all__ = [
     "MNISTMLPFamily",
     "Omniglot8Family",
     "ModuleTask",
+    "NoisyLineFamily",
+    "NoisyLineTask",
     "QuadraticFamily",
     "QuadraticTask",
     "ReparamFamily",
