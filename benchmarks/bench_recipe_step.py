@@ -16,7 +16,10 @@ The split is measured inside the real meta-step: the inner gradient function and
 ``update`` are wrapped with timers (each runs once per vmapped inner step). Times are process CPU
 seconds (what one thread spends, independent of other load on the machine) and wall seconds.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_recipe_step.py --threads 1
+``--unsynced`` also measures the same step with ``sync_runs`` off (every task its own horizon,
+so each task's particles run in their own vmapped call), in the same process.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_recipe_step.py --threads 1 --unsynced
 """
 
 from __future__ import annotations
@@ -64,18 +67,20 @@ def timed_parts(rule, inner: Clock, update: Clock):
         del rule.update
 
 
-def measure(config_path: str, truncation: int, steps: int, device: str | None) -> dict:
+def measure(config_path: str, truncation: int, steps: int, device: str | None, sync: bool = True) -> dict:
     config = TrainingConfig.from_toml(config_path)
     config.optimizer.unroll_steps = truncation
-    config.min_horizon = None  # one long horizon: no run ends inside the measurement
-    config.horizon = truncation * (steps + 2)
     config.initial_offset = 0
+    config.sync_runs = sync
+    if sync:  # one long horizon: no run ends inside the measurement
+        config.min_horizon = None
+        config.horizon = truncation * (steps + 2)
     if device is not None:
         config.device = device
     trainer = build_trainer(config)
     trainer.step()  # warm-up (first-call allocations)
     inner, update = Clock(), Clock()
-    members = task_steps = 0
+    task_steps = 0
     cpu, wall = time.process_time(), time.perf_counter()
     with timed_parts(trainer.rule, inner, update):
         for _ in range(steps):
@@ -85,10 +90,11 @@ def measure(config_path: str, truncation: int, steps: int, device: str | None) -
         torch.cuda.synchronize()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     pairs = trainer.estimator.num_pairs
-    members = task_steps // (truncation * steps)
+    members = len(trainer.runs) * (int(trainer.estimator.centre) + 2 * pairs)
     return {
         "config": config_path,
         "device": device or "cpu",
+        "sync_runs": sync,
         "threads": torch.get_num_threads(),
         "tasks": len(trainer.runs),
         "parameters_per_task": sum(p.numel() for p in trainer.runs[0].params.values()),
@@ -122,10 +128,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="meta-steps measured after one warm-up")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default=None, help="e.g. cuda (default: the config's, CPU)")
+    parser.add_argument("--unsynced", action="store_true", help="also measure with sync_runs off")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     figures = measure(args.config, args.truncation, args.steps, args.device)
+    if args.unsynced:
+        unsynced = measure(args.config, args.truncation, args.steps, args.device, sync=False)
+        figures = {
+            "synced": figures, "unsynced": unsynced,
+            "speedup_of_sync": figures["task_steps_per_cpu_s"] / unsynced["task_steps_per_cpu_s"],
+        }
     text = json.dumps(figures, indent=2)
     print(text)
     if args.json:
