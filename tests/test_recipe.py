@@ -289,3 +289,25 @@ def test_pes_without_centre_gives_the_same_estimate_with_fewer_unrolls():
         from metaoptimizer.meta.estimators import TruncatedES
 
         TruncatedES(centre=False)
+
+
+def test_the_shipped_recipe_config_describes_the_celo_recipe():
+    from pathlib import Path
+
+    from metaoptimizer.rules import RULES
+
+    root = Path(__file__).resolve().parents[1]
+    config = TrainingConfig.from_toml(root / "configs" / "celo_recipe.toml")
+    assert TrainingConfig.from_dict(config.to_dict()) == config
+    assert config.rule == {"name": "celo"} and config.estimator == "pes"
+    assert (config.meta_optimizer, config.optimizer.meta_lr, config.optimizer.unroll_steps) == ("adamw", 3e-4, 50)
+    assert (config.min_horizon, config.horizon, config.initial_offset) == (100, 2000, 2000)
+    assert [f["name"] for f in config.families] == ["digits8_mlp", "mnist8_mlp", "omniglot8_mlp", "synthetic8_mlp"]
+    assert all(f["augment"]["scale_range"] == [1e-3, 1e3] for f in config.families)
+    assert config.tasks_per_step == 32 and config.estimator_options["num_pairs"] == 1
+    assert config.estimator_options["centre"] is False  # 32 tasks x 2 = 64 particles
+    assert config.phases == [{"steps": 4000, "freeze": ["scheduler"]}, {"steps": 2000, "train": ["scheduler"]}]
+    if "celo" in RULES:  # the rule line builds a fresh Celo whose phases name real parts
+        rule = RULES["celo"]()
+        for phase in config.build_phases():
+            phase.check(rule)
