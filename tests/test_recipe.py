@@ -2,6 +2,7 @@
 initial offsets, and a recipe-shaped config that survives being killed."""
 
 import csv
+import math
 import multiprocessing
 import os
 import signal
@@ -57,6 +58,7 @@ freeze = ["mlp.skip"]
 [[phases]]
 steps = 3
 train = ["mlp.skip"]
+init = { "mlp.biases.0" = 0.5 }
 
 [training]
 steps = 6
@@ -122,8 +124,9 @@ def test_phases_train_only_their_part_and_restart_the_runs(recipe_path):
     assert trainer.phase == 1 and [run.task_index for run in trainer.runs] != before
     after_second = _params(trainer.rule)
     assert not torch.equal(after_second["mlp.skip"], after_first["mlp.skip"])
+    assert bool((after_second["mlp.biases.0"] == 0.5).all())  # the phase's init, then frozen
     for name in after_second:
-        if name != "mlp.skip":
+        if name not in ("mlp.skip", "mlp.biases.0"):
             assert torch.equal(after_second[name], after_first[name]), name
     trainer.train(2)
     with pytest.raises(ValueError, match="past the end of the phases"):
@@ -167,6 +170,10 @@ def test_trainer_rejects_bad_recipe_options():
         MetaTrainer(rule, family, phases=[Phase(5, train=("head",), freeze=("head",))])
     with pytest.raises(ValueError, match="list of name prefixes"):
         Phase(5, train="head")
+    with pytest.raises(ValueError, match="init names unknown meta-parameters"):
+        MetaTrainer(rule, family, phases=[Phase(5, init={"head.w": 0.0})])
+    with pytest.raises(ValueError, match="finite numbers"):
+        Phase(5, init={"head.weight": float("nan")})
 
 
 @pytest.mark.parametrize(
@@ -306,7 +313,10 @@ def test_the_shipped_recipe_config_describes_the_celo_recipe():
     assert all(f["augment"]["scale_range"] == [1e-3, 1e3] for f in config.families)
     assert config.tasks_per_step == 32 and config.estimator_options["num_pairs"] == 1
     assert config.estimator_options["centre"] is False  # 32 tasks x 2 = 64 particles
-    assert config.phases == [{"steps": 4000, "freeze": ["scheduler"]}, {"steps": 2000, "train": ["scheduler"]}]
+    first, second = config.phases
+    assert first["freeze"] == ["scheduler"] and second["train"] == ["scheduler"] and "init" not in second
+    # phase 1 runs without the scheduler: lr_mult = 0.1 exp(h @ 0 + ln 10) = 1
+    assert first["init"] == {"scheduler.step_weight": 0.0, "scheduler.step_bias": pytest.approx(math.log(10))}
     if "celo" in RULES:  # the rule line builds a fresh Celo whose phases name real parts
         rule = RULES["celo"]()
         for phase in config.build_phases():

@@ -250,7 +250,7 @@ class TrainingConfig:
     ``[family]``, plus an optional ``estimator`` table overriding ``[estimator]`` for that family:
     one estimator per family); ``[meta_optimizer]`` names the outer optimizer (``name`` in
     ``adam``, ``adamw``, ``sgd``; other keys are its arguments; the rate is ``meta_lr``);
-    ``[[phases]]`` train parts of the rule in turn (``steps``, ``train``, ``freeze``: see
+    ``[[phases]]`` train parts of the rule in turn (``steps``, ``train``, ``freeze``, ``init``: see
     :class:`~metaoptimizer.meta.trainer.Phase`), covering at least ``steps`` meta-steps.
     """
 
@@ -323,7 +323,7 @@ class TrainingConfig:
         try:
             return [Phase(**entry) for entry in self.phases]
         except TypeError as error:
-            raise ValueError(f"bad [[phases]] entry ({error}); accepted keys: steps, train, freeze") from error
+            raise ValueError(f"bad [[phases]] entry ({error}); accepted keys: steps, train, freeze, init") from error
 
     def family_entries(self) -> list[dict[str, Any]]:
         """One ``{"name": ..., options...}`` table per family (the single ``[family]`` as a list of one)."""

@@ -335,11 +335,15 @@ class Phase:
     ``train`` is None) and with none in ``freeze``: e.g. ``Phase(1000, freeze=("scheduler",))``
     then ``Phase(500, train=("scheduler",))`` trains Celo's per-coordinate MLP with its scheduler
     frozen, then the scheduler alone. Frozen meta-parameters are neither perturbed nor updated.
+    ``init`` fills named meta-parameters with a value when the phase starts, e.g. Celo's phase 1
+    runs without its scheduler (``lr_mult = 0.1 exp(h @ step_weight + step_bias)`` held at 1 by
+    ``{"scheduler.step_weight": 0.0, "scheduler.step_bias": ln 10}`` while frozen).
     """
 
     steps: int
     train: tuple[str, ...] | None = None
     freeze: tuple[str, ...] = ()
+    init: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_positive("phase steps", self.steps, integer=True)
@@ -350,6 +354,10 @@ class Phase:
             if isinstance(value, str) or not all(isinstance(prefix, str) for prefix in value):
                 raise ValueError(f"phase {key} must be a list of name prefixes, got {value!r}")
             object.__setattr__(self, key, tuple(value))
+        if not isinstance(self.init, Mapping) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in self.init.values()
+        ):
+            raise ValueError(f"phase init must map meta-parameter names to finite numbers, got {self.init!r}")
 
     def trains(self, name: str) -> bool:
         """Whether the meta-parameter ``name`` is trained in this phase."""
@@ -364,6 +372,9 @@ class Phase:
                 raise ValueError(f"phase prefix {prefix!r} matches no meta-parameter; names: {names}")
         if not any(self.trains(name) for name in names):
             raise ValueError(f"phase {self} trains no meta-parameter; names: {names}")
+        unknown = sorted(set(self.init) - set(names))
+        if unknown:
+            raise ValueError(f"phase init names unknown meta-parameters {unknown}; names: {names}")
 
 
 def cohort_generator(seed: int) -> torch.Generator:
@@ -490,6 +501,8 @@ class MetaTrainer:
         self.phases = phases
         self.phase = 0
         self.initial_offset = initial_offset
+        if phases is not None:
+            self._initialise_phase(phases[0])
         if not isinstance(sync_runs, bool):
             raise ValueError(f"sync_runs must be True or False, got {sync_runs!r}")
         self.sync_runs = sync_runs
@@ -573,6 +586,13 @@ class MetaTrainer:
                 return index
         raise ValueError(f"meta-step {iteration + 1} is past the end of the phases ({end} meta-steps in all)")
 
+    def _initialise_phase(self, phase: Phase) -> None:
+        """Fill the meta-parameters that ``phase.init`` names (when the phase starts, never on resume)."""
+        named = dict(self.rule.named_parameters())
+        with torch.no_grad():
+            for name, value in phase.init.items():
+                named[name].fill_(value)
+
     def _apply_phase(self) -> None:
         """Mark the current phase's meta-parameters trainable (requires_grad) and the others frozen."""
         if self.phases is None:
@@ -587,6 +607,7 @@ class MetaTrainer:
         if index == self.phase:
             return
         self.phase = index
+        self._initialise_phase(self.phases[index])
         self._apply_phase()
         if self.sync_runs:
             self._new_cohort()
