@@ -321,3 +321,21 @@ def test_the_shipped_recipe_config_describes_the_celo_recipe():
         rule = RULES["celo"]()
         for phase in config.build_phases():
             phase.check(rule)
+
+
+def test_metaopt_meta_train_runs_the_recipe_config_and_resumes(tmp_path, recipe_path):
+    from typer.testing import CliRunner
+
+    from metaoptimizer.cli.main import app
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    first = runner.invoke(app, ["meta-train", "--config", str(recipe_path), "--out", str(out), "--steps", "4"])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["meta-train", "--config", str(recipe_path), "--out", str(out)])
+    assert again.exit_code != 0 and "--resume" in again.output
+    resumed = runner.invoke(app, ["meta-train", "--config", str(recipe_path), "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "2 meta-steps run" in resumed.output
+    assert [row["iteration"] for row in _log(out)] == [str(i) for i in range(1, 7)]
+    assert load_checkpoint(out / "checkpoint.pt")["trainer"]["phase"] == 1
