@@ -461,6 +461,8 @@ class MetaTrainer:
             if min_horizon > horizon:
                 raise ValueError(f"min_horizon ({min_horizon}) must be <= horizon ({horizon})")
         check_positive("initial_offset", initial_offset, integer=True, allow_zero=True)
+        if not isinstance(sync_runs, bool):
+            raise ValueError(f"sync_runs must be True or False, got {sync_runs!r}")
         if not meta_parameters(rule):
             raise ValueError(f"rule {type(rule).__name__} has no trainable meta-parameters: there is nothing to meta-train")
         families = [family] if isinstance(family, TaskFamily) else list(family)
@@ -503,8 +505,6 @@ class MetaTrainer:
         self.initial_offset = initial_offset
         if phases is not None:
             self._initialise_phase(phases[0])
-        if not isinstance(sync_runs, bool):
-            raise ValueError(f"sync_runs must be True or False, got {sync_runs!r}")
         self.sync_runs = sync_runs
         self.cohort: dict[str, int] = {}
         self.cohort_generator = cohort_generator(seed)
