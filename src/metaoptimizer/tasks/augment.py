@@ -128,7 +128,8 @@ class ReparamFamily(TaskFamily):
 
     def sample(self, seed: int) -> ReparamTask:
         task = self.family.sample(seed)
-        shapes = {name: p.shape for name, p in task.init_params(seed).items()}
+        params = task.init_params(seed)
         rng = task_rng(seed, AUGMENT_STREAM)
         level = pick(rng, self.levels)
-        return ReparamTask(task, draw_scales(rng, shapes, level, self.scale_range), level)
+        scales = draw_scales(rng, {name: p.shape for name, p in params.items()}, level, self.scale_range)
+        return ReparamTask(task, {name: s.to(params[name]) for name, s in scales.items()}, level)
