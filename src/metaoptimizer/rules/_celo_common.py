@@ -1,0 +1,411 @@
+"""What Celo and Celo-Adam share: the learned LSTM scheduler, its loss-buffer and progress
+features, the gradient accumulators, and the loader of the published weights.
+
+Celo (Moudgil et al., "Celo: Training Versatile Learned Optimizers on a Compute Diet", TMLR 2025;
+github.com/amoudgl/celo, MIT) runs one small LSTM per parameter tensor that reads how far training
+has come and how the loss has moved, and emits a step-size multiplier ``lr_mult`` for that tensor.
+Parts of the reference are adapted from google/learned_optimization (Apache-2.0): the
+accumulators (``common.py``), the loss buffer and the tanh embedding of the training fraction
+(VeLO's ``hyper_v2.py``). This is our own implementation of the same arithmetic, written against
+``reference/*.py`` and checked against golden trajectories of the JAX code (``tests/test_celo.py``).
+
+Conventions kept from the reference: every accumulator carries the decay axis last; the
+factored (Adafactor-style) second moment reduces the two largest axes, ties broken by position
+(``numpy.argsort`` on these short shapes is a stable sort); 0-d tensors are treated as shape (1,).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from os import PathLike
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from metaoptimizer.config import OptimizerState, check_positive
+from metaoptimizer.rules.base import Params, UpdateRule
+
+#: Points (as fractions of the budget) where the tanh embedding of training progress switches.
+FRACTION_TIMESCALES = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
+#: Number of exponential averages of the loss (half-lives log-spaced from 10 to the budget).
+LOSS_BUFFER_SIZE = 10
+#: Scheduler inputs: the progress embedding then the loss features (the reference's sorted keys).
+SCHEDULER_INPUTS = len(FRACTION_TIMESCALES) + LOSS_BUFFER_SIZE - 1
+GRAD_CLIP = 1000.0
+#: Added to squared gradients by the factored accumulator (as in learned_optimization).
+FACTORED_EPS = 1e-30
+
+#: Run-level slots, one small copy per parameter tensor so the state splits per parameter.
+HIDDEN, CELL, LOSS_MEANS, LOSS_MIN = "lstm_hidden", "lstm_cell", "loss_means", "loss_min"
+
+
+def factored_dims(shape: Sequence[int]) -> tuple[int, int] | None:
+    """``(d1, d0)``: the second-largest and the largest axis of ``shape`` (None below 2 dims).
+
+    Equal sizes keep their order, as ``numpy.argsort`` does on the reference's short shapes, so
+    a (3, 3, 4, 4) conv kernel factors over axes (2, 3).
+    """
+    if len(shape) < 2:
+        return None
+    order = sorted(range(len(shape)), key=lambda axis: shape[axis])
+    return order[-2], order[-1]
+
+
+def as_float32(value: float | Sequence[float]) -> Tensor:
+    """Constants in float32, so ``1 - decay`` rounds as in the (float32) reference."""
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def fraction_embedding(fraction: Tensor) -> Tensor:
+    """``tanh(10 (fraction - timescale))`` for each of :data:`FRACTION_TIMESCALES`: shape (9,)."""
+    return torch.tanh((fraction - as_float32(FRACTION_TIMESCALES).to(fraction.device)) * 10)
+
+
+def loss_buffer_decays(num_steps: int, device: torch.device | None = None) -> Tensor:
+    """Decays of the loss averages: half-lives log-spaced from 10 to ``num_steps`` updates.
+
+    ``10**x`` is taken as ``exp(x ln 10)`` in float32, which gives the reference's decays bit for bit.
+    """
+    exponents = torch.linspace(1.0, math.log10(num_steps), LOSS_BUFFER_SIZE, dtype=torch.float32, device=device)
+    half_lives = torch.exp(exponents * as_float32(math.log(10.0)).to(device))
+    return torch.exp(-1.0 / half_lives)
+
+
+def update_loss_buffer(
+    means: Tensor, running_min: Tensor, decays: Tensor, loss: Tensor, count: int
+) -> tuple[Tensor, Tensor]:
+    """Fold ``loss`` into the averages (last axis; ``count`` losses seen before it); returns
+    (means, running minimum of the bias-corrected means).
+
+    A loss above twice the largest bias-corrected average is clipped there, so a spike does not
+    swamp the buffer (the first loss is taken as it is).
+    """
+    if count:
+        ceiling = (means / (1 - decays ** (count + 1))).amax(dim=-1, keepdim=True).abs() * 2
+        loss = torch.minimum(ceiling, loss)
+    means = means * decays + loss * (1.0 - decays)
+    corrected = means / (1 - decays ** (count + 1))
+    return means, torch.minimum(running_min, corrected)
+
+
+def loss_buffer_features(means: Tensor, running_min: Tensor, decays: Tensor, count: int) -> Tensor:
+    """Where each shorter average sits between its running minimum (-1) and the next longer
+    average (0), clipped to [-1, 1] (last axis: 9 features); zeros while ``count`` (losses seen,
+    this one included) is at most 2."""
+    if count <= 2:
+        return means.new_zeros(*means.shape[:-1], LOSS_BUFFER_SIZE - 1)
+    corrected = means / (1 - decays**count)
+    shorter, longer, floor = corrected[..., :-1], corrected[..., 1:], running_min[..., :-1]
+    spread = torch.clamp(longer - floor, min=1e-8)
+    return torch.clamp((shorter - floor) / spread - 1.0, -1.0, 1.0)
+
+
+def ema(average: Tensor, value: Tensor, decays: Tensor) -> Tensor:
+    """One exponential-average step per decay; ``average`` carries the decay axis last."""
+    return decays * average + (1 - decays) * value.unsqueeze(-1)
+
+
+def _safe_rsqrt(x: Tensor) -> Tensor:
+    return torch.rsqrt(torch.clamp(x, min=1e-9))
+
+
+def row_col_factors(v_row: Tensor, v_col: Tensor, dims: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Adafactor's factors, broadcastable against the full tensor (decay axis last)."""
+    d1, d0 = dims
+    reduced_d1 = d1 - 1 if d1 > d0 else d1
+    row_factor = _safe_rsqrt(v_row / (v_row.mean(dim=reduced_d1, keepdim=True) + 1e-9))
+    return row_factor.unsqueeze(d0), _safe_rsqrt(v_col).unsqueeze(d1)
+
+
+def factored_update(grad: Tensor, second: Mapping[str, Tensor], decays: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """Adafactor-style second moments of ``grad`` and the gradient they precondition.
+
+    ``second`` holds ``v_row`` and ``v_col`` (means of squared gradients over the largest and the
+    second-largest axis, see :func:`factored_dims`) for tensors of 2 or more dims, ``v_diag``
+    (the full second moment) otherwise. Returns (new accumulators, preconditioned gradient with a
+    trailing decay axis).
+    """
+    squared = grad * grad + FACTORED_EPS
+    dims = factored_dims(grad.shape)
+    if dims is None:
+        v_diag = ema(second["v_diag"], squared, decays)
+        return {"v_diag": v_diag}, grad.unsqueeze(-1) * _safe_rsqrt(v_diag + 1e-9)
+    d1, d0 = dims
+    v_row = ema(second["v_row"], squared.mean(dim=d0), decays)
+    v_col = ema(second["v_col"], squared.mean(dim=d1), decays)
+    row_factor, col_factor = row_col_factors(v_row, v_col, dims)
+    return {"v_row": v_row, "v_col": v_col}, grad.unsqueeze(-1) * row_factor * col_factor
+
+
+def factored_slot_shapes(shape: Sequence[int], decays: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of :func:`factored_update`'s accumulators for a tensor of ``shape``."""
+    dims = factored_dims(shape)
+    if dims is None:
+        return {"v_diag": (*shape, decays)}
+    d1, d0 = dims
+    drop = lambda axis: tuple(n for i, n in enumerate(shape) if i != axis)  # noqa: E731
+    return {"v_row": (*drop(d0), decays), "v_col": (*drop(d1), decays)}
+
+
+class LSTMScheduler(nn.Module):
+    """Celo's learned scheduler: progress and loss features -> a step-size multiplier per tensor.
+
+    ``x -> in(x) + relu(mix(x))`` feeds an LSTM cell (Haiku's: gates i, g, f, o from
+    ``[input, h] @ gate_weight``, +1 on the forget gate), and ``lr_mult = 0.1 exp(step(h))``.
+    The reference takes the max of ``relu(mix(x))`` over tensors; every tensor reads the same
+    features there (the clock and the loss), so that max is each row's own value, which is what
+    this computes (a tensor's schedule then never depends on which other tensors share the
+    call). Parameters start as Haiku's defaults (truncated normal with
+    standard deviation ``1/sqrt(fan_in)``, zero biases, zero initial state) for training from
+    scratch; :func:`load_theta` sets the published ones.
+    """
+
+    def __init__(self, hidden_size: int = 64) -> None:
+        super().__init__()
+        check_positive("hidden_size", hidden_size, integer=True)
+        self.hidden_size = hidden_size
+        linear = lambda n_in, n_out: nn.Parameter(truncated_normal(n_in, n_out))  # noqa: E731
+        self.mix_weight, self.mix_bias = linear(SCHEDULER_INPUTS, hidden_size), nn.Parameter(torch.zeros(hidden_size))
+        self.in_weight, self.in_bias = linear(SCHEDULER_INPUTS, hidden_size), nn.Parameter(torch.zeros(hidden_size))
+        self.gate_weight = linear(2 * hidden_size, 4 * hidden_size)
+        self.gate_bias = nn.Parameter(torch.zeros(4 * hidden_size))
+        self.step_weight, self.step_bias = linear(hidden_size, 1), nn.Parameter(torch.zeros(1))
+        self.initial_hidden = nn.Parameter(torch.zeros(1, hidden_size))
+        self.initial_cell = nn.Parameter(torch.zeros(1, hidden_size))
+
+    def lstm_input(self, features: Tensor) -> Tensor:
+        """The LSTM's input row for the (18,) scheduler features."""
+        mix = torch.relu(features @ self.mix_weight + self.mix_bias)
+        return features @ self.in_weight + self.in_bias + mix
+
+    def forward(self, features: Tensor, hidden: Tensor, cell: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(lr_mult (n,), new hidden (n, H), new cell (n, H)) for ``n`` tensors' (18,) features and states."""
+        x = self.lstm_input(features)
+        gates = torch.cat([x, hidden], dim=-1) @ self.gate_weight + self.gate_bias
+        i, g, f, o = gates.chunk(4, dim=-1)
+        cell = torch.sigmoid(f + 1) * cell + torch.sigmoid(i) * torch.tanh(g)
+        hidden = torch.sigmoid(o) * torch.tanh(cell)
+        lr_mult = torch.exp((hidden @ self.step_weight + self.step_bias).squeeze(-1)) * 0.1
+        return lr_mult, hidden, cell
+
+
+def truncated_normal(fan_in: int, fan_out: int) -> Tensor:
+    std = 1.0 / math.sqrt(fan_in)
+    return nn.init.trunc_normal_(torch.empty(fan_in, fan_out), std=std, a=-2 * std, b=2 * std)
+
+
+def scheduler_features(fraction: Tensor, loss_features: Tensor) -> Tensor:
+    """The scheduler's 18 inputs per row: progress embedding, then the row's loss features."""
+    progress = fraction_embedding(fraction).expand(*loss_features.shape[:-1], -1)
+    return torch.cat([progress, loss_features], dim=-1)
+
+
+RUN_SLOTS = (HIDDEN, CELL, LOSS_MEANS, LOSS_MIN)
+
+
+class CeloFamilyRule(UpdateRule):
+    """Base of Celo and Celo-Adam: a per-tensor step scaled by the learned scheduler's ``lr_mult``.
+
+    Budget-aware and loss-reading: ``init(params, num_steps=N)`` sets the run's length and
+    ``update(..., loss=L)`` needs the loss at the current parameters (before the update). The
+    training fraction is ``state.schedule_step() / num_steps``. The scheduler's state (an LSTM
+    row and the loss averages) is tiny and kept per parameter name; it advances for every
+    parameter in the state at each update (it reads only the clock and the loss), while the
+    per-coordinate accumulators advance only for parameters that have a gradient.
+
+    Computation is in float32 for every parameter dtype (float16, bfloat16, float32, float64):
+    the weights were trained in float32 and the accumulators need its range. State is stored in
+    float32; the update is cast back to the parameter's dtype.
+    """
+
+    budget_aware = True
+    reads_loss = True
+
+    def __init__(self, lstm_hidden_size: int = 64) -> None:
+        super().__init__()
+        self.lstm_hidden_size = lstm_hidden_size
+        self.scheduler = LSTMScheduler(lstm_hidden_size)
+
+    # -- subclass hooks ------------------------------------------------------------------------
+    def coordinate_slot_shapes(self, shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+        """Per-coordinate slot name -> shape for a parameter of ``shape`` (0-d treated as (1,))."""
+        raise NotImplementedError
+
+    def tensor_update(
+        self, grad: Tensor, param: Tensor, slots: dict[str, Tensor], lr_mult: Tensor, step: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Update (float32) and new per-coordinate slots of one tensor, from its clipped float32
+        gradient and parameter (0-d as (1,)), its slots, its ``lr_mult`` and the 1-based step."""
+        raise NotImplementedError
+
+    # -- contract ------------------------------------------------------------------------------
+    def init(self, params: Mapping[str, Tensor], *, num_steps: int | None = None) -> OptimizerState:
+        if num_steps is not None:
+            check_positive("num_steps", num_steps, integer=True)
+        slots: dict[str, dict[str, Tensor]] = {slot: {} for slot in RUN_SLOTS}
+        for name, p in params.items():
+            # The trained initial LSTM state, one row per tensor (differentiable: a meta-parameter).
+            slots[HIDDEN][name] = self.scheduler.initial_hidden[0].to(p.device).clone()
+            slots[CELL][name] = self.scheduler.initial_cell[0].to(p.device).clone()
+            slots[LOSS_MEANS][name] = torch.zeros(LOSS_BUFFER_SIZE, device=p.device)
+            slots[LOSS_MIN][name] = torch.full((LOSS_BUFFER_SIZE,), 999999999999.0, device=p.device)
+            for slot, shape in self.coordinate_slot_shapes(_working_shape(p)).items():
+                slots.setdefault(slot, {})[name] = torch.zeros(shape, device=p.device)
+        return OptimizerState(num_steps=num_steps, slots=slots)
+
+    def update(
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *, loss=None
+    ) -> tuple[Params, OptimizerState]:
+        loss = self._checked_loss(loss)
+        step, state = self.begin_update(grads, state, params)
+        if state.num_steps is None:
+            raise ValueError(
+                f"{type(self).__name__} is budget-aware and has no budget: pass num_steps=N to init(params, "
+                "num_steps=N), or total_steps=N to torch_optimizer(...) / LearnedOptimizer(...)"
+            )
+        names = list(state.slots[HIDDEN])
+        schedule = self.schedule(state, loss, names)
+        slots = {slot: dict(values) for slot, values in state.slots.items()}
+        for i, name in enumerate(names):
+            for slot in RUN_SLOTS:
+                slots[slot][name] = schedule[slot][i]
+        lr_mult = dict(zip(names, schedule["lr_mult"]))
+        updates: Params = {}
+        for name, grad in grads.items():
+            param = params[name]
+            own = {slot: values[name] for slot, values in state.slots.items() if slot not in RUN_SLOTS and name in values}
+            update, new = self.tensor_update(
+                _working(grad).clamp(-GRAD_CLIP, GRAD_CLIP), _working(param), own, lr_mult[name], step
+            )
+            for slot, value in new.items():
+                slots[slot][name] = value
+            updates[name] = update.reshape(param.shape).to(param.dtype)
+        return updates, state.replace(slots=slots, step_count=step)
+
+    def schedule(self, state: OptimizerState, loss: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+        """The scheduler's inputs and outputs for the coming update, without changing ``state``.
+
+        Rows follow ``names``: ``lr_mult`` (n,), the new ``lstm_hidden``/``lstm_cell`` (n, H) and
+        ``loss_means``/``loss_min`` (n, 10); ``loss_features`` (n, 9) and ``features`` (n, 18) are
+        the scheduler's inputs, ``fraction_trained`` the 0-d training fraction.
+        """
+        row = lambda slot: torch.stack([state.slots[slot][n] for n in names])  # noqa: E731
+        hidden = row(HIDDEN)
+        device = hidden.device
+        count = state.step_count  # losses each buffer has seen
+        decays = loss_buffer_decays(state.num_steps, device)
+        means, minima = update_loss_buffer(row(LOSS_MEANS), row(LOSS_MIN), decays, loss.to(device), count)
+        loss_features = loss_buffer_features(means, minima, decays, count + 1)
+        fraction = torch.tensor(float(state.schedule_step()), device=device) / torch.tensor(
+            float(state.num_steps), device=device
+        )
+        features = scheduler_features(fraction, loss_features)
+        lr_mult, hidden, cell = self.scheduler(features, hidden, row(CELL))
+        return {
+            "fraction_trained": fraction, "loss_features": loss_features, "features": features, "lr_mult": lr_mult,
+            HIDDEN: hidden, CELL: cell, LOSS_MEANS: means, LOSS_MIN: minima,
+        }
+
+    # -- weights -------------------------------------------------------------------------------
+    def weight_layout(self) -> dict[str, tuple[int, ...]]:
+        """npz keys -> shapes of the rule's own weights (beyond the scheduler's)."""
+        return {}
+
+    def load_rule_weights(self, arrays: Mapping[str, Tensor]) -> None:
+        """Copy the arrays of :meth:`weight_layout` into the rule's parameters."""
+
+    def load_weights(self, path: str | PathLike) -> CeloFamilyRule:
+        """Set every meta-parameter from a weights file in the reference's layout (the package's
+        ``pretrained/*_theta.npz``, see ``read_theta``); returns the rule."""
+        layout = {key: shape for key, (_, shape) in scheduler_layout(self.lstm_hidden_size).items()}
+        arrays = read_theta(path, {**layout, **self.weight_layout()}, ignored=UNUSED_SCHEDULER_KEYS)
+        load_scheduler(self.scheduler, arrays)
+        with torch.no_grad():
+            self.load_rule_weights(arrays)
+        return self
+
+    @staticmethod
+    def _checked_loss(loss) -> Tensor:
+        if loss is None:
+            raise ValueError(
+                "this rule reads the training loss at every update: pass update(..., loss=L); with the torch "
+                "optimizer call optimizer.step(closure) or optimizer.step(loss=loss)"
+            )
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1 or not loss.is_floating_point():
+                raise ValueError(
+                    f"loss must be a scalar floating-point value, got a tensor of shape {tuple(loss.shape)} "
+                    f"and dtype {loss.dtype}"
+                )
+            return loss.reshape(()).float()
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            raise ValueError(f"loss must be a finite number or a scalar floating-point tensor, got {loss!r}")
+        return as_float32(float(loss))
+
+
+def _working_shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape) if t.dim() else (1,)
+
+
+def _working(t: Tensor) -> Tensor:
+    """``t`` in float32, 0-d tensors as shape (1,) (the reference's convention)."""
+    return t.reshape(_working_shape(t)).float()
+
+
+def read_theta(path: str | PathLike, expected: Mapping[str, tuple[int, ...]], ignored: Sequence[str] = ()) -> dict[str, Tensor]:
+    """The arrays of a weights file (``celo_theta.npz`` layout, see the package README), checked.
+
+    Every key of ``expected`` must be present with that shape; ``ignored`` keys may be present
+    (layers of the reference whose output never reaches the update); any other key means a
+    foreign file. Errors name the file and the offending keys.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"cannot read Celo weights from {path}: not a readable .npz file ({error})") from error
+    missing = sorted(set(expected) - set(arrays))
+    unknown = sorted(set(arrays) - set(expected) - set(ignored))
+    if missing or unknown:
+        raise ValueError(
+            f"{path} is not a weights file for this rule: missing keys {missing}, unexpected keys {unknown}"
+        )
+    for key, shape in expected.items():
+        array = arrays[key]
+        if array.shape != tuple(shape) or array.dtype.kind != "f":
+            raise ValueError(
+                f"{path}: {key!r} has shape {array.shape} and dtype {array.dtype}; expected shape {tuple(shape)} floats"
+            )
+    return {key: torch.from_numpy(np.asarray(arrays[key], dtype=np.float32)) for key in expected}
+
+
+#: npz keys of the scheduler -> (attribute of :class:`LSTMScheduler`, stored shape).
+def scheduler_layout(hidden_size: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    h = hidden_size
+    return {
+        "lstm_init_state/hidden": ("initial_hidden", (1, h)),
+        "lstm_init_state/cell": ("initial_cell", (1, h)),
+        "rnn_params/linear_1/w": ("mix_weight", (SCHEDULER_INPUTS, h)),
+        "rnn_params/linear_1/b": ("mix_bias", (h,)),
+        "rnn_params/linear_2/w": ("in_weight", (SCHEDULER_INPUTS, h)),
+        "rnn_params/linear_2/b": ("in_bias", (h,)),
+        "rnn_params/rnn/linear/w": ("gate_weight", (2 * h, 4 * h)),
+        "rnn_params/rnn/linear/b": ("gate_bias", (4 * h,)),
+        "rnn_params/step_size/w": ("step_weight", (h, 1)),
+        "rnn_params/step_size/b": ("step_bias", (1,)),
+    }
+
+
+#: Reference layers whose output is discarded: the first mix layer (overwritten in
+#: ``_rnn_forward``) and Celo's controls (a softmax over one entry, always 1).
+UNUSED_SCHEDULER_KEYS = (
+    "rnn_params/linear/w", "rnn_params/linear/b", "rnn_params/rnn_to_controls/w", "rnn_params/rnn_to_controls/b",
+)
+
+
+def load_scheduler(scheduler: LSTMScheduler, arrays: Mapping[str, Tensor]) -> None:
+    with torch.no_grad():
+        for key, (attribute, _) in scheduler_layout(scheduler.hidden_size).items():
+            getattr(scheduler, attribute).copy_(arrays[key])

@@ -1,0 +1,218 @@
+"""Celo and Celo-Adam: general-purpose learned optimizers (Moudgil et al., TMLR 2025).
+
+Both scale a per-tensor step by the learned LSTM scheduler's ``lr_mult`` (see
+:mod:`metaoptimizer.rules._celo_common`). **Celo**'s step comes from a tiny per-coordinate MLP
+(30 inputs, two hidden layers of 4, ReLU) over Adam- and Adafactor-style features, each feature
+normalised by its root mean square over the tensor; the step is relative to the tensor's scale:
+``-lr_mult * 1e-3 * direction * exp(1e-3 * magnitude) * rms(param)``. **Celo-Adam** is Adam
+(betas 0.9/0.999, eps 1e-8) whose learning rate is ``1e-3 * lr_mult``.
+
+``CeloRule.pretrained()`` / ``CeloAdamRule.pretrained()`` carry the authors' trained weights
+(MIT, shipped in ``metaoptimizer/pretrained``); ``CeloRule()`` starts from the reference's
+initialisation for meta-training. Both need the budget (``init(params, num_steps=N)``) and the
+loss at every update (``update(..., loss=L)``); see ``CeloFamilyRule`` for dtypes and state.
+
+Example: a few Celo steps on a quadratic.
+
+>>> import torch
+>>> from metaoptimizer.rules.base import apply_updates
+>>> rule = CeloRule.pretrained()
+>>> params = {"w": torch.ones(3, 2)}
+>>> state = rule.init(params, num_steps=20)
+>>> for _ in range(20):
+...     loss = (params["w"] ** 2).sum()
+...     updates, state = rule.update({"w": 2 * params["w"]}, state, params, loss=loss)
+...     params = apply_updates(params, updates)
+>>> bool((params["w"] ** 2).sum() < 6.0)
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from metaoptimizer.rules._celo_common import (
+    CeloFamilyRule, as_float32, ema, factored_dims, factored_slot_shapes, factored_update, row_col_factors,
+    truncated_normal,
+)
+
+#: Decays of Celo's accumulators (the published configuration).
+MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
+RMS_DECAYS = (0.999,)
+ADAFACTOR_DECAYS = (0.9, 0.99, 0.999)
+
+#: The per-coordinate MLP's input groups, in the reference's order, with their widths.
+FEATURE_GROUPS = (
+    ("grad", 1), ("clipped_grad", 1), ("param", 1), ("momentum", 3), ("rms", 1), ("momentum_rsqrt_rms", 3),
+    ("rsqrt_rms", 1), ("adafactor_grad", 3), ("grad_rsqrt_rms", 1), ("row", 3), ("col", 3),
+    ("rsqrt_row", 3), ("rsqrt_col", 3), ("adafactor_momentum", 3),
+)
+NUM_FEATURES = sum(width for _, width in FEATURE_GROUPS)
+MLP_HIDDEN = 4
+#: Scales of the MLP's outputs (the reference's ``step_mult`` and ``exp_mult``).
+STEP_MULT = 1e-3
+EXP_MULT = 1e-3
+
+
+def shipped_weights(filename: str) -> Path:
+    """Path of a weights file shipped in ``metaoptimizer/pretrained``."""
+    return Path(str(resources.files("metaoptimizer.pretrained").joinpath(filename)))
+
+
+def normalise(feature: Tensor) -> Tensor:
+    """Each feature column divided by its root mean square over the tensor (eps 1e-5)."""
+    dims = tuple(range(feature.dim() - 1))
+    return feature * torch.rsqrt(1e-5 + feature.square().mean(dim=dims, keepdim=True))
+
+
+def celo_features(
+    grad: Tensor, param: Tensor, momentum: Tensor, rms: Tensor, second: Mapping[str, Tensor], adafactor_grad: Tensor
+) -> list[Tensor]:
+    """The MLP's inputs (:data:`FEATURE_GROUPS`), each with a trailing feature axis.
+
+    ``momentum``, ``rms`` and ``second`` (the factored accumulators) are already updated with
+    ``grad``. A tensor below 2 dims has no row/column factors; its full Adafactor second moment
+    stands in for both, as in the reference.
+    """
+    rsqrt_rms = torch.rsqrt(rms + 1e-6)
+    g = grad.unsqueeze(-1)
+    dims = factored_dims(grad.shape)
+    if dims is None:
+        v = second["v_diag"]
+        row = col = v
+        # m * v^-1/2; where v is tiny (a gradient that was always ~0, so m is ~0 too) the
+        # derivative through v would be 0 * inf: stop it there, the value is unchanged.
+        v_safe = torch.where(v < 1e-20, v.detach(), v)
+        adafactor_momentum = momentum * v_safe**-0.5
+    else:
+        d1, d0 = dims
+        row = second["v_row"].unsqueeze(d0).expand_as(adafactor_grad)
+        col = second["v_col"].unsqueeze(d1).expand_as(adafactor_grad)
+        row_factor, col_factor = row_col_factors(second["v_row"], second["v_col"], dims)
+        adafactor_momentum = momentum * row_factor * col_factor
+    return [
+        g, g.clamp(-0.1, 0.1), param.unsqueeze(-1), momentum, rms, momentum * rsqrt_rms, rsqrt_rms, adafactor_grad,
+        g * rsqrt_rms, row, col, torch.rsqrt(row + 1e-8), torch.rsqrt(col + 1e-8), adafactor_momentum,
+    ]
+
+
+class CeloRule(CeloFamilyRule):
+    """Celo: learned scheduler times a per-coordinate MLP step relative to the parameter scale.
+
+    State per parameter: momentum (3 floats per coordinate), RMS (1), and either Adafactor row
+    and column averages (3 decays each, one per row/column) or, below 2 dims, the full second
+    moment (3); 4 floats per coordinate for matrices, plus 148 floats per tensor for the
+    scheduler.
+    """
+
+    name = "celo"
+    weights_file = "celo_theta.npz"
+
+    def __init__(self, lstm_hidden_size: int = 64) -> None:
+        super().__init__(lstm_hidden_size)
+        self.first_weight = nn.Parameter(truncated_normal(NUM_FEATURES, MLP_HIDDEN))
+        self.first_bias = nn.Parameter(torch.zeros(MLP_HIDDEN))
+        self.hidden_weight = nn.Parameter(truncated_normal(MLP_HIDDEN, MLP_HIDDEN))
+        self.hidden_bias = nn.Parameter(torch.zeros(MLP_HIDDEN))
+        # Two outputs (direction, log-magnitude); the reference's third output is unused.
+        self.out_weight = nn.Parameter(truncated_normal(MLP_HIDDEN, 3)[:, :2].clone())
+        self.out_bias = nn.Parameter(torch.zeros(2))
+
+    @classmethod
+    def pretrained(cls) -> CeloRule:
+        """Celo with the authors' published weights."""
+        return cls().load_weights(shipped_weights(cls.weights_file))
+
+    def coordinate_slot_shapes(self, shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+        return {
+            "momentum": (*shape, len(MOMENTUM_DECAYS)),
+            "rms": (*shape, len(RMS_DECAYS)),
+            **factored_slot_shapes(shape, len(ADAFACTOR_DECAYS)),
+        }
+
+    def accumulate(self, grad: Tensor, slots: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        """The accumulators updated with ``grad``, and the Adafactor-preconditioned gradient."""
+        device = grad.device
+        new = {
+            "momentum": ema(slots["momentum"], grad, as_float32(MOMENTUM_DECAYS).to(device)),
+            "rms": ema(slots["rms"], grad * grad, as_float32(RMS_DECAYS).to(device)),
+        }
+        second = {key: value for key, value in slots.items() if key.startswith("v_")}
+        second, adafactor_grad = factored_update(grad, second, as_float32(ADAFACTOR_DECAYS).to(device))
+        return {**new, **second}, adafactor_grad
+
+    def direction_and_magnitude(self, features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """The MLP on the normalised features: (direction, log-magnitude) per coordinate."""
+        x = torch.cat([normalise(f) for f in features], dim=-1)
+        x = torch.relu(x @ self.first_weight + self.first_bias)
+        x = torch.relu(x @ self.hidden_weight + self.hidden_bias)
+        out = x @ self.out_weight + self.out_bias
+        return out[..., 0], out[..., 1]
+
+    def tensor_update(
+        self, grad: Tensor, param: Tensor, slots: dict[str, Tensor], lr_mult: Tensor, step: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        new, adafactor_grad = self.accumulate(grad, slots)
+        second = {key: value for key, value in new.items() if key.startswith("v_")}
+        features = celo_features(grad, param, new["momentum"], new["rms"], second, adafactor_grad)
+        direction, magnitude = self.direction_and_magnitude(features)
+        param_scale = torch.sqrt(param.square().mean() + 1e-9)
+        step_size = direction * (param_scale * torch.exp(magnitude * EXP_MULT)) * STEP_MULT
+        return -(lr_mult * step_size), new
+
+    def weight_layout(self) -> dict[str, tuple[int, ...]]:
+        layout = {f"ff_mod_stack/~/w0__{i}": (1, width, MLP_HIDDEN) for i, (_, width) in enumerate(FEATURE_GROUPS)}
+        return {
+            **layout,
+            "ff_mod_stack/~/b0": (1, MLP_HIDDEN),
+            "ff_mod_stack/~/w1": (1, MLP_HIDDEN, MLP_HIDDEN),
+            "ff_mod_stack/~/b1": (1, MLP_HIDDEN),
+            "ff_mod_stack/~/w2": (1, MLP_HIDDEN, 3),
+            "ff_mod_stack/~/b2": (1, 3),
+        }
+
+    def load_rule_weights(self, arrays: Mapping[str, Tensor]) -> None:
+        # The leading axis is the reference's ``param_inits = 1`` (its controls are then always 1).
+        first = [arrays[f"ff_mod_stack/~/w0__{i}"][0] for i in range(len(FEATURE_GROUPS))]
+        self.first_weight.copy_(torch.cat(first))
+        self.first_bias.copy_(arrays["ff_mod_stack/~/b0"][0])
+        self.hidden_weight.copy_(arrays["ff_mod_stack/~/w1"][0])
+        self.hidden_bias.copy_(arrays["ff_mod_stack/~/b1"][0])
+        self.out_weight.copy_(arrays["ff_mod_stack/~/w2"][0, :, :2])
+        self.out_bias.copy_(arrays["ff_mod_stack/~/b2"][0, :2])
+
+
+class CeloAdamRule(CeloFamilyRule):
+    """Celo-Adam: Adam (bias-corrected, betas 0.9/0.999, eps 1e-8) at learning rate
+    ``1e-3 * lr_mult`` from the learned scheduler. State: 2 floats per coordinate plus 148 per tensor.
+    """
+
+    name = "celo_adam"
+    weights_file = "celo_adam_theta.npz"
+    betas = (0.9, 0.999)
+    eps = 1e-8
+
+    @classmethod
+    def pretrained(cls) -> CeloAdamRule:
+        """Celo-Adam with the authors' published weights."""
+        return cls().load_weights(shipped_weights(cls.weights_file))
+
+    def coordinate_slot_shapes(self, shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+        return {"momentum": (*shape, 1), "rms": (*shape, 1)}
+
+    def tensor_update(
+        self, grad: Tensor, param: Tensor, slots: dict[str, Tensor], lr_mult: Tensor, step: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        beta1, beta2 = (as_float32((beta,)).to(grad.device) for beta in self.betas)
+        momentum = ema(slots["momentum"], grad, beta1)
+        rms = ema(slots["rms"], grad * grad, beta2)
+        corrected_m = momentum / (1 - beta1**step)
+        corrected_rms = rms / (1 - beta2**step)
+        lr = lr_mult * STEP_MULT
+        step_size = corrected_m * (lr / (self.eps + torch.sqrt(corrected_rms + 1e-10)))
+        return -step_size[..., -1], {"momentum": momentum, "rms": rms}
