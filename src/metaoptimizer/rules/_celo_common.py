@@ -246,9 +246,10 @@ class CeloFamilyRule(UpdateRule):
             check_positive("num_steps", num_steps, integer=True)
         slots: dict[str, dict[str, Tensor]] = {slot: {} for slot in RUN_SLOTS}
         for name, p in params.items():
-            # The trained initial LSTM state, one row per tensor (differentiable: a meta-parameter).
-            slots[HIDDEN][name] = self.scheduler.initial_hidden[0].to(p.device).clone()
-            slots[CELL][name] = self.scheduler.initial_cell[0].to(p.device).clone()
+            # The trained initial LSTM state, one row per tensor; detached, so that a fresh state
+            # holds no autograd graph (it can be copied and saved like any other).
+            slots[HIDDEN][name] = self.scheduler.initial_hidden.detach()[0].to(p.device, copy=True)
+            slots[CELL][name] = self.scheduler.initial_cell.detach()[0].to(p.device, copy=True)
             slots[LOSS_MEANS][name] = torch.zeros(LOSS_BUFFER_SIZE, device=p.device)
             slots[LOSS_MIN][name] = torch.full((LOSS_BUFFER_SIZE,), 999999999999.0, device=p.device)
             for slot, shape in self.coordinate_slot_shapes(_working_shape(p)).items():
