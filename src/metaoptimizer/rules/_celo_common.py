@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from os import PathLike
 
 import numpy as np
@@ -222,6 +223,8 @@ class CeloFamilyRule(UpdateRule):
 
     budget_aware = True
     reads_loss = True
+    #: The published weights, shipped in ``metaoptimizer/pretrained``.
+    weights_file = ""
 
     def __init__(self, lstm_hidden_size: int = 64) -> None:
         super().__init__()
@@ -326,6 +329,11 @@ class CeloFamilyRule(UpdateRule):
         with torch.no_grad():
             self.load_rule_weights(arrays)
         return self
+
+    @classmethod
+    def pretrained(cls) -> CeloFamilyRule:
+        """The rule with the authors' published weights (``weights_file``)."""
+        return cls().load_weights(resources.files("metaoptimizer.pretrained").joinpath(cls.weights_file))
 
     @staticmethod
     def _checked_loss(loss) -> Tensor:

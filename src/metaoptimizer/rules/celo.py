@@ -30,9 +30,6 @@ True
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from importlib import resources
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
@@ -57,11 +54,6 @@ MLP_HIDDEN = 4
 #: Scales of the MLP's outputs (the reference's ``step_mult`` and ``exp_mult``).
 STEP_MULT = 1e-3
 EXP_MULT = 1e-3
-
-
-def shipped_weights(filename: str) -> Path:
-    """Path of a weights file shipped in ``metaoptimizer/pretrained``."""
-    return Path(str(resources.files("metaoptimizer.pretrained").joinpath(filename)))
 
 
 def normalise(feature: Tensor) -> Tensor:
@@ -122,11 +114,6 @@ class CeloRule(CeloFamilyRule):
         # Two outputs (direction, log-magnitude); the reference's third output is unused.
         self.out_weight = nn.Parameter(truncated_normal(MLP_HIDDEN, 3)[:, :2].clone())
         self.out_bias = nn.Parameter(torch.zeros(2))
-
-    @classmethod
-    def pretrained(cls) -> CeloRule:
-        """Celo with the authors' published weights."""
-        return cls().load_weights(shipped_weights(cls.weights_file))
 
     def coordinate_slot_shapes(self, shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
         return {
@@ -196,11 +183,6 @@ class CeloAdamRule(CeloFamilyRule):
     weights_file = "celo_adam_theta.npz"
     betas = (0.9, 0.999)
     eps = 1e-8
-
-    @classmethod
-    def pretrained(cls) -> CeloAdamRule:
-        """Celo-Adam with the authors' published weights."""
-        return cls().load_weights(shipped_weights(cls.weights_file))
 
     def coordinate_slot_shapes(self, shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
         return {"momentum": (*shape, 1), "rms": (*shape, 1)}
