@@ -344,3 +344,48 @@ def test_bad_weights_files_are_named(tmp_path):
     (tmp_path / "corrupt.npz").write_bytes(b"not an archive")
     with pytest.raises(ValueError, match="not a readable .npz"):
         CeloRule().load_weights(tmp_path / "corrupt.npz")
+
+
+# -- fused deployment path -----------------------------------------------------------------------
+def _compiled_as_eager(monkeypatch):
+    """Make ``compiled(fn)`` return ``fn`` itself (compiling takes minutes on a CPU; the compiled
+    kernels are checked against eager by ``benchmarks/bench_celo_step.py check``) and record calls."""
+    calls = []
+    monkeypatch.setattr("metaoptimizer.rules.celo.compiled", lambda fn: calls.append(fn.__name__) or fn)
+    return calls
+
+
+def test_two_pass_pointwise_form_equals_the_eager_form(monkeypatch):
+    """What ``torch.compile`` receives (statistics pass, then the pointwise MLP with the
+    normalisation folded into its first layer) gives eager's updates to 1e-6 (float32)."""
+    calls = _compiled_as_eager(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    params = {
+        "w": torch.randn(30, 20, generator=gen), "conv": torch.randn(3, 3, 4, 4, generator=gen),
+        "b": torch.randn(20, generator=gen), "s": torch.tensor(0.3), "one": torch.randn(1, generator=gen),
+    }
+    eager, fused = CeloRule.pretrained(), CeloRule.pretrained(backend="compiled")
+    states = [eager.init(params, num_steps=20), fused.init(params, num_steps=20)]
+    for t in range(3):
+        grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+        with torch.no_grad():
+            (expected, states[0]), (got, states[1]) = (
+                rule.update(grads, state, params, loss=3.0 - t) for rule, state in zip((eager, fused), states)
+            )
+        for key in params:
+            scale = expected[key].abs().max()
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6 * scale.item())
+        for slot, values in states[0].slots.items():
+            for key, value in values.items():
+                torch.testing.assert_close(states[1].slots[slot][key], value, rtol=0, atol=0)
+    assert set(calls) == {"statistics_pass", "update_pass"}
+
+
+def test_compiled_backend_runs_eager_under_autograd(monkeypatch):
+    calls = _compiled_as_eager(monkeypatch)
+    params = {"w": torch.randn(4, 3, requires_grad=True)}
+    rule = CeloRule.pretrained(backend="compiled")
+    updates, _ = rule.update({"w": torch.randn(4, 3)}, rule.init(params, num_steps=5), params, loss=1.0)
+    assert updates["w"].requires_grad and calls == []
+    with pytest.raises(ValueError, match="backend='jit'.*'eager', 'compiled'"):
+        CeloRule(backend="jit")

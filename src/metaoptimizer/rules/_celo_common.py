@@ -120,28 +120,36 @@ def row_col_factors(v_row: Tensor, v_col: Tensor, dims: tuple[int, int]) -> tupl
     return row_factor.unsqueeze(d0), _safe_rsqrt(v_col).unsqueeze(d1)
 
 
-def factored_update(grad: Tensor, second: Mapping[str, Tensor], decays: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-    """Adafactor-style second moments of ``grad`` and the gradient they precondition.
+def factored_accumulate(grad: Tensor, second: Mapping[str, Tensor], decays: Tensor) -> dict[str, Tensor]:
+    """Adafactor-style second moments of ``grad``, advanced one step.
 
     ``second`` holds ``v_row`` and ``v_col`` (means of squared gradients over the largest and the
     second-largest axis, see :func:`factored_dims`) for tensors of 2 or more dims, ``v_diag``
-    (the full second moment) otherwise. Returns (new accumulators, preconditioned gradient with a
-    trailing decay axis).
+    (the full second moment) otherwise; each with a trailing decay axis.
     """
     squared = grad * grad + FACTORED_EPS
     dims = factored_dims(grad.shape)
     if dims is None:
-        v_diag = ema(second["v_diag"], squared, decays)
-        return {"v_diag": v_diag}, grad.unsqueeze(-1) * _safe_rsqrt(v_diag + 1e-9)
+        return {"v_diag": ema(second["v_diag"], squared, decays)}
     d1, d0 = dims
-    v_row = ema(second["v_row"], squared.mean(dim=d0), decays)
-    v_col = ema(second["v_col"], squared.mean(dim=d1), decays)
-    row_factor, col_factor = row_col_factors(v_row, v_col, dims)
-    return {"v_row": v_row, "v_col": v_col}, grad.unsqueeze(-1) * row_factor * col_factor
+    return {
+        "v_row": ema(second["v_row"], squared.mean(dim=d0), decays),
+        "v_col": ema(second["v_col"], squared.mean(dim=d1), decays),
+    }
+
+
+def factored_preconditioned(grad: Tensor, second: Mapping[str, Tensor]) -> Tensor:
+    """``grad`` preconditioned by the (updated) accumulators of :func:`factored_accumulate`,
+    with a trailing decay axis."""
+    dims = factored_dims(grad.shape)
+    if dims is None:
+        return grad.unsqueeze(-1) * _safe_rsqrt(second["v_diag"] + 1e-9)
+    row_factor, col_factor = row_col_factors(second["v_row"], second["v_col"], dims)
+    return grad.unsqueeze(-1) * row_factor * col_factor
 
 
 def factored_slot_shapes(shape: Sequence[int], decays: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of :func:`factored_update`'s accumulators for a tensor of ``shape``."""
+    """Shapes of :func:`factored_accumulate`'s accumulators for a tensor of ``shape``."""
     dims = factored_dims(shape)
     if dims is None:
         return {"v_diag": (*shape, decays)}
@@ -331,9 +339,9 @@ class CeloFamilyRule(UpdateRule):
         return self
 
     @classmethod
-    def pretrained(cls) -> CeloFamilyRule:
-        """The rule with the authors' published weights (``weights_file``)."""
-        return cls().load_weights(resources.files("metaoptimizer.pretrained").joinpath(cls.weights_file))
+    def pretrained(cls, **options) -> CeloFamilyRule:
+        """The rule (constructor ``options``) with the authors' published weights (``weights_file``)."""
+        return cls(**options).load_weights(resources.files("metaoptimizer.pretrained").joinpath(cls.weights_file))
 
     @staticmethod
     def _checked_loss(loss) -> Tensor:

@@ -34,9 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from metaoptimizer.rules._celo_common import (
-    CeloFamilyRule, as_float32, ema, factored_dims, factored_slot_shapes, factored_update, row_col_factors,
-    truncated_normal,
+    CeloFamilyRule, as_float32, ema, factored_accumulate, factored_dims, factored_preconditioned,
+    factored_slot_shapes, row_col_factors, truncated_normal,
 )
+from metaoptimizer.rules.fused import Layers, compiled, mlp_pointwise
+from metaoptimizer.rules.mlp import autograd_needed
 
 #: Decays of Celo's accumulators (the published configuration).
 MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
@@ -54,28 +56,44 @@ MLP_HIDDEN = 4
 #: Scales of the MLP's outputs (the reference's ``step_mult`` and ``exp_mult``).
 STEP_MULT = 1e-3
 EXP_MULT = 1e-3
+BACKENDS = ("eager", "compiled")
 
 
 def normalise(feature: Tensor) -> Tensor:
     """Each feature column divided by its root mean square over the tensor (eps 1e-5)."""
-    dims = tuple(range(feature.dim() - 1))
-    return feature * torch.rsqrt(1e-5 + feature.square().mean(dim=dims, keepdim=True))
+    return feature * torch.rsqrt(1e-5 + column_mean_squares(feature))
 
 
-def celo_features(
-    grad: Tensor, param: Tensor, momentum: Tensor, rms: Tensor, second: Mapping[str, Tensor], adafactor_grad: Tensor
-) -> list[Tensor]:
-    """The MLP's inputs (:data:`FEATURE_GROUPS`), each with a trailing feature axis.
+def column_mean_squares(feature: Tensor) -> Tensor:
+    """Mean of the squares of each feature column over the tensor (keeps the dims)."""
+    return feature.square().mean(dim=tuple(range(feature.dim() - 1)), keepdim=True)
 
-    ``momentum``, ``rms`` and ``second`` (the factored accumulators) are already updated with
-    ``grad``. A tensor below 2 dims has no row/column factors; its full Adafactor second moment
-    stands in for both, as in the reference.
+
+def accumulate(grad: Tensor, slots: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Celo's accumulators (momentum, RMS, Adafactor moments) advanced with ``grad``."""
+    device = grad.device
+    second = {key: value for key, value in slots.items() if key.startswith("v_")}
+    return {
+        "momentum": ema(slots["momentum"], grad, as_float32(MOMENTUM_DECAYS).to(device)),
+        "rms": ema(slots["rms"], grad * grad, as_float32(RMS_DECAYS).to(device)),
+        **factored_accumulate(grad, second, as_float32(ADAFACTOR_DECAYS).to(device)),
+    }
+
+
+def celo_features(grad: Tensor, param: Tensor, acc: Mapping[str, Tensor]) -> list[Tensor]:
+    """The MLP's inputs (:data:`FEATURE_GROUPS`), each with a trailing feature axis, from the
+    accumulators ``acc`` already advanced with ``grad``.
+
+    A tensor below 2 dims has no row/column factors; its full Adafactor second moment stands in
+    for both, as in the reference.
     """
+    momentum, rms = acc["momentum"], acc["rms"]
+    adafactor_grad = factored_preconditioned(grad, acc)
     rsqrt_rms = torch.rsqrt(rms + 1e-6)
     g = grad.unsqueeze(-1)
     dims = factored_dims(grad.shape)
     if dims is None:
-        v = second["v_diag"]
+        v = acc["v_diag"]
         row = col = v
         # m * v^-1/2; where v is tiny (a gradient that was always ~0, so m is ~0 too) the
         # derivative through v would be 0 * inf: stop it there, the value is unchanged.
@@ -83,14 +101,36 @@ def celo_features(
         adafactor_momentum = momentum * v_safe**-0.5
     else:
         d1, d0 = dims
-        row = second["v_row"].unsqueeze(d0).expand_as(adafactor_grad)
-        col = second["v_col"].unsqueeze(d1).expand_as(adafactor_grad)
-        row_factor, col_factor = row_col_factors(second["v_row"], second["v_col"], dims)
+        row = acc["v_row"].unsqueeze(d0).expand_as(adafactor_grad)
+        col = acc["v_col"].unsqueeze(d1).expand_as(adafactor_grad)
+        row_factor, col_factor = row_col_factors(acc["v_row"], acc["v_col"], dims)
         adafactor_momentum = momentum * row_factor * col_factor
     return [
         g, g.clamp(-0.1, 0.1), param.unsqueeze(-1), momentum, rms, momentum * rsqrt_rms, rsqrt_rms, adafactor_grad,
         g * rsqrt_rms, row, col, torch.rsqrt(row + 1e-8), torch.rsqrt(col + 1e-8), adafactor_momentum,
     ]
+
+
+def celo_step(direction: Tensor, magnitude: Tensor, param: Tensor, lr_mult: Tensor) -> Tensor:
+    """The update from the MLP's outputs: a step relative to the tensor's root mean square."""
+    param_scale = torch.sqrt(param.square().mean() + 1e-9)
+    return -(lr_mult * (direction * (param_scale * torch.exp(magnitude * EXP_MULT)) * STEP_MULT))
+
+
+def statistics_pass(grad: Tensor, param: Tensor, slots: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+    """First pass over the coordinates: the advanced accumulators and the (30,) mean squares of
+    the features (the features themselves are not kept)."""
+    acc = accumulate(grad, slots)
+    return acc, torch.cat([column_mean_squares(f).reshape(-1) for f in celo_features(grad, param, acc)])
+
+
+def update_pass(
+    grad: Tensor, param: Tensor, acc: Mapping[str, Tensor], layers: Layers, lr_mult: Tensor
+) -> Tensor:
+    """Second pass, pointwise: features, the MLP (normalisation folded into ``layers``), the step."""
+    columns = [f[..., j] for f in celo_features(grad, param, acc) for j in range(f.shape[-1])]
+    direction, magnitude = mlp_pointwise(columns, layers)
+    return celo_step(direction, magnitude, param, lr_mult)
 
 
 class CeloRule(CeloFamilyRule):
@@ -100,13 +140,23 @@ class CeloRule(CeloFamilyRule):
     and column averages (3 decays each, one per row/column) or, below 2 dims, the full second
     moment (3); 4 floats per coordinate for matrices, plus 148 floats per tensor for the
     scheduler.
+
+    ``backend='eager'`` computes the features once and the MLP as matrix products (what the
+    golden tests and meta-training use). ``'compiled'`` runs each tensor in two fused passes
+    through ``torch.compile`` (accumulators and feature statistics, then the pointwise MLP with
+    the normalisation folded into its first layer), which never materialises the 30 features;
+    it is used only when no autograd graph is recorded (deployment), the eager form otherwise,
+    and agrees with it to float32 rounding. The first compiled step takes minutes on a CPU.
     """
 
     name = "celo"
     weights_file = "celo_theta.npz"
 
-    def __init__(self, lstm_hidden_size: int = 64) -> None:
+    def __init__(self, lstm_hidden_size: int = 64, backend: str = "eager") -> None:
         super().__init__(lstm_hidden_size)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not supported; accepted values: {BACKENDS}")
+        self.backend = backend
         self.first_weight = nn.Parameter(truncated_normal(NUM_FEATURES, MLP_HIDDEN))
         self.first_bias = nn.Parameter(torch.zeros(MLP_HIDDEN))
         self.hidden_weight = nn.Parameter(truncated_normal(MLP_HIDDEN, MLP_HIDDEN))
@@ -122,35 +172,26 @@ class CeloRule(CeloFamilyRule):
             **factored_slot_shapes(shape, len(ADAFACTOR_DECAYS)),
         }
 
-    def accumulate(self, grad: Tensor, slots: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
-        """The accumulators updated with ``grad``, and the Adafactor-preconditioned gradient."""
-        device = grad.device
-        new = {
-            "momentum": ema(slots["momentum"], grad, as_float32(MOMENTUM_DECAYS).to(device)),
-            "rms": ema(slots["rms"], grad * grad, as_float32(RMS_DECAYS).to(device)),
-        }
-        second = {key: value for key, value in slots.items() if key.startswith("v_")}
-        second, adafactor_grad = factored_update(grad, second, as_float32(ADAFACTOR_DECAYS).to(device))
-        return {**new, **second}, adafactor_grad
-
-    def direction_and_magnitude(self, features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """The MLP on the normalised features: (direction, log-magnitude) per coordinate."""
-        x = torch.cat([normalise(f) for f in features], dim=-1)
-        x = torch.relu(x @ self.first_weight + self.first_bias)
-        x = torch.relu(x @ self.hidden_weight + self.hidden_bias)
-        out = x @ self.out_weight + self.out_bias
-        return out[..., 0], out[..., 1]
+    def layers(self) -> list[tuple[Tensor, Tensor]]:
+        """The MLP's (weight, bias) pairs, ReLU between them."""
+        return [
+            (self.first_weight, self.first_bias), (self.hidden_weight, self.hidden_bias),
+            (self.out_weight, self.out_bias),
+        ]
 
     def tensor_update(
         self, grad: Tensor, param: Tensor, slots: dict[str, Tensor], lr_mult: Tensor, step: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        new, adafactor_grad = self.accumulate(grad, slots)
-        second = {key: value for key, value in new.items() if key.startswith("v_")}
-        features = celo_features(grad, param, new["momentum"], new["rms"], second, adafactor_grad)
-        direction, magnitude = self.direction_and_magnitude(features)
-        param_scale = torch.sqrt(param.square().mean() + 1e-9)
-        step_size = direction * (param_scale * torch.exp(magnitude * EXP_MULT)) * STEP_MULT
-        return -(lr_mult * step_size), new
+        if self.backend == "compiled" and not autograd_needed(self, {"": grad}, {"": param}, slots, {"": lr_mult}):
+            acc, mean_squares = compiled(statistics_pass)(grad, param, slots)
+            (first_weight, first_bias), *rest = self.layers()
+            folded = [(first_weight * torch.rsqrt(1e-5 + mean_squares)[:, None], first_bias), *rest]
+            return compiled(update_pass)(grad, param, acc, folded, lr_mult), acc
+        acc = accumulate(grad, slots)
+        x = torch.cat([normalise(f) for f in celo_features(grad, param, acc)], dim=-1)
+        for index, (weight, bias) in enumerate(self.layers()):
+            x = (torch.relu(x) if index else x) @ weight + bias
+        return celo_step(x[..., 0], x[..., 1], param, lr_mult), acc
 
     def weight_layout(self) -> dict[str, tuple[int, ...]]:
         layout = {f"ff_mod_stack/~/w0__{i}": (1, width, MLP_HIDDEN) for i, (_, width) in enumerate(FEATURE_GROUPS)}
