@@ -59,7 +59,7 @@ def tensors(g, prefix: str, keys, index=None) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(pick(g[f"{prefix}/{k}"]), dtype=np.float32)) for k in keys}
 
 
-#: Our slot -> the reference's state array, per leaf.
+#: Our slot -> the reference's state array, per leaf (the reference's decay axis is last, ours first).
 ACCUMULATORS = {
     "momentum": "mom_rolling/m", "rms": "rms_rolling/rms",
     "v_row": "fac_rolling/v_row", "v_col": "fac_rolling/v_col", "v_diag": "fac_rolling/v_diag",
@@ -126,8 +126,8 @@ def _reference_state(rule, g, keys, t: int):
         slots[LOSS_MIN][key] = torch.from_numpy(g["state/loss_buffer/running_min"][t - 1])
         for slot in slots.keys() & ACCUMULATORS.keys():
             if key in slots[slot]:
-                ref = g[f"state/{ACCUMULATORS[slot]}/{key}"][t - 1]
-                slots[slot][key] = torch.from_numpy(np.array(ref)).reshape(slots[slot][key].shape)
+                ref = torch.from_numpy(np.array(g[f"state/{ACCUMULATORS[slot]}/{key}"][t - 1]))
+                slots[slot][key] = ref.movedim(-1, 0).reshape(slots[slot][key].shape)
     return params, state.replace(slots=slots, step_count=t)
 
 
@@ -146,7 +146,8 @@ def _check_update(name, g, keys, t, schedule, updates, params, new_state, what):
         assert_matches(new_state.slots[LOSS_MIN][key], g["state/loss_buffer/running_min"][t], f"{what} loss min")
         for slot, ref in ACCUMULATORS.items():
             if key in new_state.slots.get(slot, {}):
-                assert_matches(new_state.slots[slot][key], g[f"state/{ref}/{key}"][t], f"{what} {slot}[{key}]")
+                ours = new_state.slots[slot][key].movedim(0, -1)
+                assert_matches(ours, g[f"state/{ref}/{key}"][t], f"{what} {slot}[{key}]")
         new = params[key] + updates[key]
         assert new.shape == params[key].shape and updates[key].dtype == torch.float32
         assert_matches(new, g[f"params/{key}"][t], f"{what} params[{key}]")

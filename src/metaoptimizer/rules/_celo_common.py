@@ -9,9 +9,10 @@ accumulators (``common.py``), the loss buffer and the tanh embedding of the trai
 (VeLO's ``hyper_v2.py``). This is our own implementation of the same arithmetic, written against
 ``reference/*.py`` and checked against golden trajectories of the JAX code (``tests/test_celo.py``).
 
-Conventions kept from the reference: every accumulator carries the decay axis last; the
-factored (Adafactor-style) second moment reduces the two largest axes, ties broken by position
-(``numpy.argsort`` on these short shapes is a stable sort); 0-d tensors are treated as shape (1,).
+Conventions: every accumulator carries its decay axis *first* (the reference puts it last; first
+keeps each decay's values contiguous, which the fused kernels need); the factored
+(Adafactor-style) second moment reduces the two largest axes, ties broken by position (as
+``numpy.argsort`` does on these short shapes); 0-d tensors are treated as shape (1,).
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ def loss_buffer_features(means: Tensor, running_min: Tensor, decays: Tensor, cou
 
 
 def ema(average: Tensor, value: Tensor, decays: Tensor) -> Tensor:
-    """One exponential-average step per decay; ``average`` carries the decay axis last."""
-    return decays * average + (1 - decays) * value.unsqueeze(-1)
+    """One exponential-average step per decay; ``average`` carries the decay axis first."""
+    decays = decays.reshape(-1, *[1] * value.dim())
+    return decays * average + (1 - decays) * value.unsqueeze(0)
 
 
 def _safe_rsqrt(x: Tensor) -> Tensor:
@@ -113,11 +115,11 @@ def _safe_rsqrt(x: Tensor) -> Tensor:
 
 
 def row_col_factors(v_row: Tensor, v_col: Tensor, dims: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Adafactor's factors, broadcastable against the full tensor (decay axis last)."""
+    """Adafactor's factors, broadcastable against the full tensor (decay axis first)."""
     d1, d0 = dims
     reduced_d1 = d1 - 1 if d1 > d0 else d1
-    row_factor = _safe_rsqrt(v_row / (v_row.mean(dim=reduced_d1, keepdim=True) + 1e-9))
-    return row_factor.unsqueeze(d0), _safe_rsqrt(v_col).unsqueeze(d1)
+    row_factor = _safe_rsqrt(v_row / (v_row.mean(dim=1 + reduced_d1, keepdim=True) + 1e-9))
+    return row_factor.unsqueeze(1 + d0), _safe_rsqrt(v_col).unsqueeze(1 + d1)
 
 
 def factored_accumulate(grad: Tensor, second: Mapping[str, Tensor], decays: Tensor) -> dict[str, Tensor]:
@@ -125,7 +127,7 @@ def factored_accumulate(grad: Tensor, second: Mapping[str, Tensor], decays: Tens
 
     ``second`` holds ``v_row`` and ``v_col`` (means of squared gradients over the largest and the
     second-largest axis, see :func:`factored_dims`) for tensors of 2 or more dims, ``v_diag``
-    (the full second moment) otherwise; each with a trailing decay axis.
+    (the full second moment) otherwise; each with a leading decay axis.
     """
     squared = grad * grad + FACTORED_EPS
     dims = factored_dims(grad.shape)
@@ -140,22 +142,22 @@ def factored_accumulate(grad: Tensor, second: Mapping[str, Tensor], decays: Tens
 
 def factored_preconditioned(grad: Tensor, second: Mapping[str, Tensor]) -> Tensor:
     """``grad`` preconditioned by the (updated) accumulators of :func:`factored_accumulate`,
-    with a trailing decay axis."""
+    with a leading decay axis."""
     dims = factored_dims(grad.shape)
     if dims is None:
-        return grad.unsqueeze(-1) * _safe_rsqrt(second["v_diag"] + 1e-9)
+        return grad.unsqueeze(0) * _safe_rsqrt(second["v_diag"] + 1e-9)
     row_factor, col_factor = row_col_factors(second["v_row"], second["v_col"], dims)
-    return grad.unsqueeze(-1) * row_factor * col_factor
+    return grad.unsqueeze(0) * row_factor * col_factor
 
 
 def factored_slot_shapes(shape: Sequence[int], decays: int) -> dict[str, tuple[int, ...]]:
     """Shapes of :func:`factored_accumulate`'s accumulators for a tensor of ``shape``."""
     dims = factored_dims(shape)
     if dims is None:
-        return {"v_diag": (*shape, decays)}
+        return {"v_diag": (decays, *shape)}
     d1, d0 = dims
     drop = lambda axis: tuple(n for i, n in enumerate(shape) if i != axis)  # noqa: E731
-    return {"v_row": (*drop(d0), decays), "v_col": (*drop(d1), decays)}
+    return {"v_row": (decays, *drop(d0)), "v_col": (decays, *drop(d1))}
 
 
 class LSTMScheduler(nn.Module):
@@ -168,7 +170,7 @@ class LSTMScheduler(nn.Module):
     this computes (a tensor's schedule then never depends on which other tensors share the
     call). Parameters start as Haiku's defaults (truncated normal with
     standard deviation ``1/sqrt(fan_in)``, zero biases, zero initial state) for training from
-    scratch; :func:`load_theta` sets the published ones.
+    scratch; ``CeloFamilyRule.load_weights`` sets the published ones.
     """
 
     def __init__(self, hidden_size: int = 64) -> None:

@@ -60,13 +60,13 @@ BACKENDS = ("eager", "compiled")
 
 
 def normalise(feature: Tensor) -> Tensor:
-    """Each feature column divided by its root mean square over the tensor (eps 1e-5)."""
-    return feature * torch.rsqrt(1e-5 + column_mean_squares(feature))
+    """Each feature (leading axis) divided by its root mean square over the tensor (eps 1e-5)."""
+    return feature * torch.rsqrt(1e-5 + mean_squares(feature))
 
 
-def column_mean_squares(feature: Tensor) -> Tensor:
-    """Mean of the squares of each feature column over the tensor (keeps the dims)."""
-    return feature.square().mean(dim=tuple(range(feature.dim() - 1)), keepdim=True)
+def mean_squares(feature: Tensor) -> Tensor:
+    """Mean of the squares of each feature (leading axis) over the tensor (keeps the dims)."""
+    return feature.square().mean(dim=tuple(range(1, feature.dim())), keepdim=True)
 
 
 def accumulate(grad: Tensor, slots: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -81,7 +81,7 @@ def accumulate(grad: Tensor, slots: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def celo_features(grad: Tensor, param: Tensor, acc: Mapping[str, Tensor]) -> list[Tensor]:
-    """The MLP's inputs (:data:`FEATURE_GROUPS`), each with a trailing feature axis, from the
+    """The MLP's inputs (:data:`FEATURE_GROUPS`), each with a leading feature axis, from the
     accumulators ``acc`` already advanced with ``grad``.
 
     A tensor below 2 dims has no row/column factors; its full Adafactor second moment stands in
@@ -90,7 +90,7 @@ def celo_features(grad: Tensor, param: Tensor, acc: Mapping[str, Tensor]) -> lis
     momentum, rms = acc["momentum"], acc["rms"]
     adafactor_grad = factored_preconditioned(grad, acc)
     rsqrt_rms = torch.rsqrt(rms + 1e-6)
-    g = grad.unsqueeze(-1)
+    g = grad.unsqueeze(0)
     dims = factored_dims(grad.shape)
     if dims is None:
         v = acc["v_diag"]
@@ -101,12 +101,12 @@ def celo_features(grad: Tensor, param: Tensor, acc: Mapping[str, Tensor]) -> lis
         adafactor_momentum = momentum * v_safe**-0.5
     else:
         d1, d0 = dims
-        row = acc["v_row"].unsqueeze(d0).expand_as(adafactor_grad)
-        col = acc["v_col"].unsqueeze(d1).expand_as(adafactor_grad)
+        row = acc["v_row"].unsqueeze(1 + d0).expand_as(adafactor_grad)
+        col = acc["v_col"].unsqueeze(1 + d1).expand_as(adafactor_grad)
         row_factor, col_factor = row_col_factors(acc["v_row"], acc["v_col"], dims)
         adafactor_momentum = momentum * row_factor * col_factor
     return [
-        g, g.clamp(-0.1, 0.1), param.unsqueeze(-1), momentum, rms, momentum * rsqrt_rms, rsqrt_rms, adafactor_grad,
+        g, g.clamp(-0.1, 0.1), param.unsqueeze(0), momentum, rms, momentum * rsqrt_rms, rsqrt_rms, adafactor_grad,
         g * rsqrt_rms, row, col, torch.rsqrt(row + 1e-8), torch.rsqrt(col + 1e-8), adafactor_momentum,
     ]
 
@@ -121,14 +121,14 @@ def statistics_pass(grad: Tensor, param: Tensor, slots: Mapping[str, Tensor]) ->
     """First pass over the coordinates: the advanced accumulators and the (30,) mean squares of
     the features (the features themselves are not kept)."""
     acc = accumulate(grad, slots)
-    return acc, torch.cat([column_mean_squares(f).reshape(-1) for f in celo_features(grad, param, acc)])
+    return acc, torch.cat([mean_squares(f).reshape(-1) for f in celo_features(grad, param, acc)])
 
 
 def update_pass(
     grad: Tensor, param: Tensor, acc: Mapping[str, Tensor], layers: Layers, lr_mult: Tensor
 ) -> Tensor:
     """Second pass, pointwise: features, the MLP (normalisation folded into ``layers``), the step."""
-    columns = [f[..., j] for f in celo_features(grad, param, acc) for j in range(f.shape[-1])]
+    columns = [column for f in celo_features(grad, param, acc) for column in f]
     direction, magnitude = mlp_pointwise(columns, layers)
     return celo_step(direction, magnitude, param, lr_mult)
 
@@ -167,8 +167,8 @@ class CeloRule(CeloFamilyRule):
 
     def coordinate_slot_shapes(self, shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
         return {
-            "momentum": (*shape, len(MOMENTUM_DECAYS)),
-            "rms": (*shape, len(RMS_DECAYS)),
+            "momentum": (len(MOMENTUM_DECAYS), *shape),
+            "rms": (len(RMS_DECAYS), *shape),
             **factored_slot_shapes(shape, len(ADAFACTOR_DECAYS)),
         }
 
@@ -188,10 +188,11 @@ class CeloRule(CeloFamilyRule):
             folded = [(first_weight * torch.rsqrt(1e-5 + mean_squares)[:, None], first_bias), *rest]
             return compiled(update_pass)(grad, param, acc, folded, lr_mult), acc
         acc = accumulate(grad, slots)
-        x = torch.cat([normalise(f) for f in celo_features(grad, param, acc)], dim=-1)
+        x = torch.cat([normalise(f) for f in celo_features(grad, param, acc)]).reshape(NUM_FEATURES, -1).T
         for index, (weight, bias) in enumerate(self.layers()):
             x = (torch.relu(x) if index else x) @ weight + bias
-        return celo_step(x[..., 0], x[..., 1], param, lr_mult), acc
+        direction, magnitude = (x[:, i].reshape(param.shape) for i in (0, 1))
+        return celo_step(direction, magnitude, param, lr_mult), acc
 
     def weight_layout(self) -> dict[str, tuple[int, ...]]:
         layout = {f"ff_mod_stack/~/w0__{i}": (1, width, MLP_HIDDEN) for i, (_, width) in enumerate(FEATURE_GROUPS)}
@@ -226,7 +227,7 @@ class CeloAdamRule(CeloFamilyRule):
     eps = 1e-8
 
     def coordinate_slot_shapes(self, shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
-        return {"momentum": (*shape, 1), "rms": (*shape, 1)}
+        return {"momentum": (1, *shape), "rms": (1, *shape)}
 
     def tensor_update(
         self, grad: Tensor, param: Tensor, slots: dict[str, Tensor], lr_mult: Tensor, step: int
@@ -238,4 +239,4 @@ class CeloAdamRule(CeloFamilyRule):
         corrected_rms = rms / (1 - beta2**step)
         lr = lr_mult * STEP_MULT
         step_size = corrected_m * (lr / (self.eps + torch.sqrt(corrected_rms + 1e-10)))
-        return -step_size[..., -1], {"momentum": momentum, "rms": rms}
+        return -step_size[-1], {"momentum": momentum, "rms": rms}
