@@ -38,7 +38,7 @@ def test_pretrain_rebuilds_a_checkpoint(tmp_path):
 
 
 def test_shipped_checkpoint_loads_ready_to_use():
-    assert pretrained.available() == ["lstm-digits-mlp"]
+    assert pretrained.available() == ["celo", "celo-adam", "lstm-digits-mlp"]
     meta = pretrained.load("lstm-digits-mlp")
     assert meta.config.method == "lstm" and meta.meta_steps == pretrained.REGISTRY["lstm-digits-mlp"][1]
     # `metaopt pretrain` trains DEMO_CONFIG: the shipped file must be that configuration
