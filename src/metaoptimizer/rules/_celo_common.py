@@ -122,15 +122,17 @@ def row_col_factors(v_row: Tensor, v_col: Tensor, dims: tuple[int, int]) -> tupl
     return row_factor.unsqueeze(1 + d0), _safe_rsqrt(v_col).unsqueeze(1 + d1)
 
 
-def factored_accumulate(grad: Tensor, second: Mapping[str, Tensor], decays: Tensor) -> dict[str, Tensor]:
+def factored_accumulate(
+    grad: Tensor, second: Mapping[str, Tensor], decays: Tensor, dims: tuple[int, int] | None
+) -> dict[str, Tensor]:
     """Adafactor-style second moments of ``grad``, advanced one step.
 
     ``second`` holds ``v_row`` and ``v_col`` (means of squared gradients over the largest and the
-    second-largest axis, see :func:`factored_dims`) for tensors of 2 or more dims, ``v_diag``
-    (the full second moment) otherwise; each with a leading decay axis.
+    second-largest axis, ``dims = factored_dims(grad.shape)``, passed in so that compiled callers
+    see plain ints) for tensors of 2 or more dims, ``v_diag`` (the full second moment) otherwise;
+    each with a leading decay axis.
     """
     squared = grad * grad + FACTORED_EPS
-    dims = factored_dims(grad.shape)
     if dims is None:
         return {"v_diag": ema(second["v_diag"], squared, decays)}
     d1, d0 = dims
@@ -140,10 +142,9 @@ def factored_accumulate(grad: Tensor, second: Mapping[str, Tensor], decays: Tens
     }
 
 
-def factored_preconditioned(grad: Tensor, second: Mapping[str, Tensor]) -> Tensor:
+def factored_preconditioned(grad: Tensor, second: Mapping[str, Tensor], dims: tuple[int, int] | None) -> Tensor:
     """``grad`` preconditioned by the (updated) accumulators of :func:`factored_accumulate`,
     with a leading decay axis."""
-    dims = factored_dims(grad.shape)
     if dims is None:
         return grad.unsqueeze(0) * _safe_rsqrt(second["v_diag"] + 1e-9)
     row_factor, col_factor = row_col_factors(second["v_row"], second["v_col"], dims)
@@ -289,7 +290,7 @@ class CeloFamilyRule(UpdateRule):
         updates: Params = {}
         for name, grad in grads.items():
             param = params[name]
-            own = {slot: values[name] for slot, values in state.slots.items() if slot not in RUN_SLOTS and name in values}
+            own = {slot: v[name] for slot, v in state.slots.items() if slot not in RUN_SLOTS and name in v}
             update, new = self.tensor_update(
                 _working(grad).clamp(-GRAD_CLIP, GRAD_CLIP), _working(param), own, lr_mult[name], step
             )
@@ -373,7 +374,9 @@ def _working(t: Tensor) -> Tensor:
     return t.reshape(_working_shape(t)).float()
 
 
-def read_theta(path: str | PathLike, expected: Mapping[str, tuple[int, ...]], ignored: Sequence[str] = ()) -> dict[str, Tensor]:
+def read_theta(
+    path: str | PathLike, expected: Mapping[str, tuple[int, ...]], ignored: Sequence[str] = ()
+) -> dict[str, Tensor]:
     """The arrays of a weights file (``celo_theta.npz`` layout, see the package README), checked.
 
     Every key of ``expected`` must be present with that shape; ``ignored`` keys may be present

@@ -69,18 +69,22 @@ def mean_squares(feature: Tensor) -> Tensor:
     return feature.square().mean(dim=tuple(range(1, feature.dim())), keepdim=True)
 
 
-def accumulate(grad: Tensor, slots: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Celo's accumulators (momentum, RMS, Adafactor moments) advanced with ``grad``."""
+Dims = tuple[int, int] | None
+
+
+def accumulate(grad: Tensor, slots: Mapping[str, Tensor], dims: Dims) -> dict[str, Tensor]:
+    """Celo's accumulators (momentum, RMS, Adafactor moments) advanced with ``grad``; ``dims`` is
+    ``factored_dims(grad.shape)``, computed by the caller so compiled passes see plain ints."""
     device = grad.device
     second = {key: value for key, value in slots.items() if key.startswith("v_")}
     return {
         "momentum": ema(slots["momentum"], grad, as_float32(MOMENTUM_DECAYS).to(device)),
         "rms": ema(slots["rms"], grad * grad, as_float32(RMS_DECAYS).to(device)),
-        **factored_accumulate(grad, second, as_float32(ADAFACTOR_DECAYS).to(device)),
+        **factored_accumulate(grad, second, as_float32(ADAFACTOR_DECAYS).to(device), dims),
     }
 
 
-def celo_features(grad: Tensor, param: Tensor, acc: Mapping[str, Tensor]) -> list[Tensor]:
+def celo_features(grad: Tensor, param: Tensor, acc: Mapping[str, Tensor], dims: Dims) -> list[Tensor]:
     """The MLP's inputs (:data:`FEATURE_GROUPS`), each with a leading feature axis, from the
     accumulators ``acc`` already advanced with ``grad``.
 
@@ -88,10 +92,9 @@ def celo_features(grad: Tensor, param: Tensor, acc: Mapping[str, Tensor]) -> lis
     for both, as in the reference.
     """
     momentum, rms = acc["momentum"], acc["rms"]
-    adafactor_grad = factored_preconditioned(grad, acc)
+    adafactor_grad = factored_preconditioned(grad, acc, dims)
     rsqrt_rms = torch.rsqrt(rms + 1e-6)
     g = grad.unsqueeze(0)
-    dims = factored_dims(grad.shape)
     if dims is None:
         v = acc["v_diag"]
         row = col = v
@@ -117,18 +120,20 @@ def celo_step(direction: Tensor, magnitude: Tensor, param: Tensor, lr_mult: Tens
     return -(lr_mult * (direction * (param_scale * torch.exp(magnitude * EXP_MULT)) * STEP_MULT))
 
 
-def statistics_pass(grad: Tensor, param: Tensor, slots: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+def statistics_pass(
+    grad: Tensor, param: Tensor, slots: Mapping[str, Tensor], dims: Dims
+) -> tuple[dict[str, Tensor], Tensor]:
     """First pass over the coordinates: the advanced accumulators and the (30,) mean squares of
     the features (the features themselves are not kept)."""
-    acc = accumulate(grad, slots)
-    return acc, torch.cat([mean_squares(f).reshape(-1) for f in celo_features(grad, param, acc)])
+    acc = accumulate(grad, slots, dims)
+    return acc, torch.cat([mean_squares(f).reshape(-1) for f in celo_features(grad, param, acc, dims)])
 
 
 def update_pass(
-    grad: Tensor, param: Tensor, acc: Mapping[str, Tensor], layers: Layers, lr_mult: Tensor
+    grad: Tensor, param: Tensor, acc: Mapping[str, Tensor], layers: Layers, lr_mult: Tensor, dims: Dims
 ) -> Tensor:
     """Second pass, pointwise: features, the MLP (normalisation folded into ``layers``), the step."""
-    columns = [column for f in celo_features(grad, param, acc) for column in f]
+    columns = [column for f in celo_features(grad, param, acc, dims) for column in f]
     direction, magnitude = mlp_pointwise(columns, layers)
     return celo_step(direction, magnitude, param, lr_mult)
 
@@ -182,13 +187,14 @@ class CeloRule(CeloFamilyRule):
     def tensor_update(
         self, grad: Tensor, param: Tensor, slots: dict[str, Tensor], lr_mult: Tensor, step: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        dims = factored_dims(grad.shape)
         if self.backend == "compiled" and not autograd_needed(self, {"": grad}, {"": param}, slots, {"": lr_mult}):
-            acc, mean_squares = compiled(statistics_pass)(grad, param, slots)
+            acc, mean_squares = compiled(statistics_pass)(grad, param, slots, dims)
             (first_weight, first_bias), *rest = self.layers()
             folded = [(first_weight * torch.rsqrt(1e-5 + mean_squares)[:, None], first_bias), *rest]
-            return compiled(update_pass)(grad, param, acc, folded, lr_mult), acc
-        acc = accumulate(grad, slots)
-        x = torch.cat([normalise(f) for f in celo_features(grad, param, acc)]).reshape(NUM_FEATURES, -1).T
+            return compiled(update_pass)(grad, param, acc, folded, lr_mult, dims), acc
+        acc = accumulate(grad, slots, dims)
+        x = torch.cat([normalise(f) for f in celo_features(grad, param, acc, dims)]).reshape(NUM_FEATURES, -1).T
         for index, (weight, bias) in enumerate(self.layers()):
             x = (torch.relu(x) if index else x) @ weight + bias
         direction, magnitude = (x[:, i].reshape(param.shape) for i in (0, 1))
