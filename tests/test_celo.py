@@ -386,6 +386,16 @@ def test_two_pass_pointwise_form_equals_the_eager_form(monkeypatch):
     assert set(calls) == {"statistics_pass", "update_pass"}
 
 
+def test_celo_adam_compiled_backend_runs_its_pointwise_pass(monkeypatch):
+    calls = _compiled_as_eager(monkeypatch)
+    params, grads = _quadratic()
+    eager, fused = CeloAdamRule.pretrained(), CeloAdamRule.pretrained(backend="compiled")
+    with torch.no_grad():
+        expected, _ = eager.update(grads, eager.init(params, num_steps=5), params, loss=1.0)
+        got, _ = fused.update(grads, fused.init(params, num_steps=5), params, loss=1.0)
+    assert all(torch.equal(got[k], expected[k]) for k in params) and set(calls) == {"adam_pass"}
+
+
 def test_compiled_backend_runs_eager_under_autograd(monkeypatch):
     calls = _compiled_as_eager(monkeypatch)
     params = {"w": torch.randn(4, 3, requires_grad=True)}

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from metaoptimizer.config import OptimizerState, check_positive
 from metaoptimizer.rules.base import Params, UpdateRule
+from metaoptimizer.rules.mlp import autograd_needed
 
 #: Points (as fractions of the budget) where the tanh embedding of training progress switches.
 FRACTION_TIMESCALES = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
@@ -215,6 +216,9 @@ def scheduler_features(fraction: Tensor, loss_features: Tensor) -> Tensor:
 
 
 RUN_SLOTS = (HIDDEN, CELL, LOSS_MEANS, LOSS_MIN)
+#: ``'eager'``: plain torch ops (differentiable; what the golden tests check). ``'compiled'``:
+#: the per-coordinate work fused by ``torch.compile`` when no autograd graph is recorded.
+BACKENDS = ("eager", "compiled")
 
 
 class CeloFamilyRule(UpdateRule):
@@ -227,6 +231,8 @@ class CeloFamilyRule(UpdateRule):
     parameter in the state at each update (it reads only the clock and the loss), while the
     per-coordinate accumulators advance only for parameters that have a gradient.
 
+    ``backend`` (see :data:`BACKENDS`) picks how the per-coordinate work runs.
+
     Computation is in float32 for every parameter dtype (float16, bfloat16, float32, float64):
     the weights were trained in float32 and the accumulators need its range. State is stored in
     float32; the update is cast back to the parameter's dtype.
@@ -237,10 +243,21 @@ class CeloFamilyRule(UpdateRule):
     #: The published weights, shipped in ``metaoptimizer/pretrained``.
     weights_file = ""
 
-    def __init__(self, lstm_hidden_size: int = 64) -> None:
+    def __init__(self, lstm_hidden_size: int = 64, backend: str = "eager") -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not supported; accepted values: {BACKENDS}")
         self.lstm_hidden_size = lstm_hidden_size
+        self.backend = backend
         self.scheduler = LSTMScheduler(lstm_hidden_size)
+
+    def fused_step(self, *inputs: Tensor | Mapping[str, Tensor]) -> bool:
+        """Whether this tensor's step runs compiled: ``backend='compiled'`` and no autograd graph
+        is being recorded (``torch.compile`` cannot differentiate twice; meta-training stays eager)."""
+        if self.backend != "compiled":
+            return False
+        tensors = [t for x in inputs for t in (x.values() if isinstance(x, Mapping) else [x])]
+        return not autograd_needed(self, {str(i): t for i, t in enumerate(tensors)})
 
     # -- subclass hooks ------------------------------------------------------------------------
     def coordinate_slot_shapes(self, shape: Sequence[int]) -> dict[str, tuple[int, ...]]:

@@ -38,7 +38,6 @@ from metaoptimizer.rules._celo_common import (
     factored_slot_shapes, row_col_factors, truncated_normal,
 )
 from metaoptimizer.rules.fused import Layers, compiled, mlp_pointwise
-from metaoptimizer.rules.mlp import autograd_needed
 
 #: Decays of Celo's accumulators (the published configuration).
 MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
@@ -56,7 +55,6 @@ MLP_HIDDEN = 4
 #: Scales of the MLP's outputs (the reference's ``step_mult`` and ``exp_mult``).
 STEP_MULT = 1e-3
 EXP_MULT = 1e-3
-BACKENDS = ("eager", "compiled")
 
 
 def normalise(feature: Tensor) -> Tensor:
@@ -158,10 +156,7 @@ class CeloRule(CeloFamilyRule):
     weights_file = "celo_theta.npz"
 
     def __init__(self, lstm_hidden_size: int = 64, backend: str = "eager") -> None:
-        super().__init__(lstm_hidden_size)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not supported; accepted values: {BACKENDS}")
-        self.backend = backend
+        super().__init__(lstm_hidden_size, backend)
         self.first_weight = nn.Parameter(truncated_normal(NUM_FEATURES, MLP_HIDDEN))
         self.first_bias = nn.Parameter(torch.zeros(MLP_HIDDEN))
         self.hidden_weight = nn.Parameter(truncated_normal(MLP_HIDDEN, MLP_HIDDEN))
@@ -188,7 +183,7 @@ class CeloRule(CeloFamilyRule):
         self, grad: Tensor, param: Tensor, slots: dict[str, Tensor], lr_mult: Tensor, step: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
         dims = factored_dims(grad.shape)
-        if self.backend == "compiled" and not autograd_needed(self, {"": grad}, {"": param}, slots, {"": lr_mult}):
+        if self.fused_step(grad, param, slots, lr_mult):
             acc, mean_squares = compiled(statistics_pass)(grad, param, slots, dims)
             (first_weight, first_bias), *rest = self.layers()
             folded = [(first_weight * torch.rsqrt(1e-5 + mean_squares)[:, None], first_bias), *rest]
@@ -222,15 +217,32 @@ class CeloRule(CeloFamilyRule):
         self.out_bias.copy_(arrays["ff_mod_stack/~/b2"][0, :2])
 
 
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def adam_pass(
+    grad: Tensor, momentum: Tensor, rms: Tensor, lr_mult: Tensor, corrections: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Celo-Adam's pointwise step: (update, new momentum, new RMS); ``corrections`` are Adam's bias
+    corrections ``1 - beta**step`` as float32 tensors (so a compiled pass does not see the step)."""
+    beta1, beta2 = (as_float32((beta,)).to(grad.device) for beta in ADAM_BETAS)
+    momentum = ema(momentum, grad, beta1)
+    rms = ema(rms, grad * grad, beta2)
+    lr = lr_mult * STEP_MULT
+    step_size = (momentum / corrections[0]) * (lr / (ADAM_EPS + torch.sqrt(rms / corrections[1] + 1e-10)))
+    return -step_size[-1], momentum, rms
+
+
 class CeloAdamRule(CeloFamilyRule):
     """Celo-Adam: Adam (bias-corrected, betas 0.9/0.999, eps 1e-8) at learning rate
     ``1e-3 * lr_mult`` from the learned scheduler. State: 2 floats per coordinate plus 148 per tensor.
+    ``backend='compiled'`` fuses the pointwise step with ``torch.compile`` (deployment only, as for
+    :class:`CeloRule`).
     """
 
     name = "celo_adam"
     weights_file = "celo_adam_theta.npz"
-    betas = (0.9, 0.999)
-    eps = 1e-8
 
     def coordinate_slot_shapes(self, shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
         return {"momentum": (1, *shape), "rms": (1, *shape)}
@@ -238,11 +250,7 @@ class CeloAdamRule(CeloFamilyRule):
     def tensor_update(
         self, grad: Tensor, param: Tensor, slots: dict[str, Tensor], lr_mult: Tensor, step: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        beta1, beta2 = (as_float32((beta,)).to(grad.device) for beta in self.betas)
-        momentum = ema(slots["momentum"], grad, beta1)
-        rms = ema(slots["rms"], grad * grad, beta2)
-        corrected_m = momentum / (1 - beta1**step)
-        corrected_rms = rms / (1 - beta2**step)
-        lr = lr_mult * STEP_MULT
-        step_size = corrected_m * (lr / (self.eps + torch.sqrt(corrected_rms + 1e-10)))
-        return -step_size[-1], {"momentum": momentum, "rms": rms}
+        corrections = tuple(1 - as_float32(beta).to(grad.device) ** step for beta in ADAM_BETAS)
+        fn = compiled(adam_pass) if self.fused_step(grad, slots, lr_mult) else adam_pass
+        update, momentum, rms = fn(grad, slots["momentum"], slots["rms"], lr_mult, corrections)
+        return update, {"momentum": momentum, "rms": rms}
