@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from metaoptimizer.config import OptimizerState, check_positive
-from metaoptimizer.rules.base import Params, UpdateRule
+from metaoptimizer._validation import check_positive
+from metaoptimizer.rules.base import Params, UpdateRule, check_slots
 from metaoptimizer.rules.mlp import autograd_needed
+from metaoptimizer.rules.state import OptimizerState
 
 #: Points (as fractions of the budget) where the tanh embedding of training progress switches.
 FRACTION_TIMESCALES = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
@@ -41,7 +42,7 @@ GRAD_CLIP = 1000.0
 FACTORED_EPS = 1e-30
 
 #: Run-level slots, one small copy per parameter tensor so the state splits per parameter.
-HIDDEN, CELL, LOSS_MEANS, LOSS_MIN = "lstm_hidden", "lstm_cell", "loss_means", "loss_min"
+HIDDEN, CELL, LOSS_MEANS, LOSS_MIN, LOSS_COUNT = "lstm_hidden", "lstm_cell", "loss_means", "loss_min", "loss_count"
 
 
 def factored_dims(shape: Sequence[int]) -> tuple[int, int] | None:
@@ -77,32 +78,30 @@ def loss_buffer_decays(num_steps: int, device: torch.device | None = None) -> Te
 
 
 def update_loss_buffer(
-    means: Tensor, running_min: Tensor, decays: Tensor, loss: Tensor, count: int
+    means: Tensor, running_min: Tensor, decays: Tensor, loss: Tensor, count: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Fold ``loss`` into the averages (last axis; ``count`` losses seen before it); returns
-    (means, running minimum of the bias-corrected means).
+    """Fold ``loss`` into the averages (last axis) of buffers that have seen ``count`` losses
+    (shape ``means.shape[:-1] + (1,)``); returns (means, running minimum of the bias-corrected means).
 
     A loss above twice the largest bias-corrected average is clipped there, so a spike does not
     swamp the buffer (the first loss is taken as it is).
     """
-    if count:
-        ceiling = (means / (1 - decays ** (count + 1))).amax(dim=-1, keepdim=True).abs() * 2
-        loss = torch.minimum(ceiling, loss)
+    correction = 1 - decays ** (count + 1)
+    ceiling = (means / correction).amax(dim=-1, keepdim=True).abs() * 2
+    loss = torch.where(count == 0, loss, torch.minimum(ceiling, loss))
     means = means * decays + loss * (1.0 - decays)
-    corrected = means / (1 - decays ** (count + 1))
-    return means, torch.minimum(running_min, corrected)
+    return means, torch.minimum(running_min, means / correction)
 
 
-def loss_buffer_features(means: Tensor, running_min: Tensor, decays: Tensor, count: int) -> Tensor:
+def loss_buffer_features(means: Tensor, running_min: Tensor, decays: Tensor, count: Tensor) -> Tensor:
     """Where each shorter average sits between its running minimum (-1) and the next longer
     average (0), clipped to [-1, 1] (last axis: 9 features); zeros while ``count`` (losses seen,
-    this one included) is at most 2."""
-    if count <= 2:
-        return means.new_zeros(*means.shape[:-1], LOSS_BUFFER_SIZE - 1)
+    this one included, at least 1) is at most 2."""
     corrected = means / (1 - decays**count)
     shorter, longer, floor = corrected[..., :-1], corrected[..., 1:], running_min[..., :-1]
     spread = torch.clamp(longer - floor, min=1e-8)
-    return torch.clamp((shorter - floor) / spread - 1.0, -1.0, 1.0)
+    features = torch.clamp((shorter - floor) / spread - 1.0, -1.0, 1.0)
+    return torch.where(count <= 2, torch.zeros_like(features), features)
 
 
 def ema(average: Tensor, value: Tensor, decays: Tensor) -> Tensor:
@@ -215,7 +214,7 @@ def scheduler_features(fraction: Tensor, loss_features: Tensor) -> Tensor:
     return torch.cat([progress, loss_features], dim=-1)
 
 
-RUN_SLOTS = (HIDDEN, CELL, LOSS_MEANS, LOSS_MIN)
+RUN_SLOTS = (HIDDEN, CELL, LOSS_MEANS, LOSS_MIN, LOSS_COUNT)
 #: ``'eager'``: plain torch ops (differentiable; what the golden tests check). ``'compiled'``:
 #: the per-coordinate work fused by ``torch.compile`` when no autograd graph is recorded.
 BACKENDS = ("eager", "compiled")
@@ -227,9 +226,9 @@ class CeloFamilyRule(UpdateRule):
     Budget-aware and loss-reading: ``init(params, num_steps=N)`` sets the run's length and
     ``update(..., loss=L)`` needs the loss at the current parameters (before the update). The
     training fraction is ``state.schedule_step() / num_steps``. The scheduler's state (an LSTM
-    row and the loss averages) is tiny and kept per parameter name; it advances for every
-    parameter in the state at each update (it reads only the clock and the loss), while the
-    per-coordinate accumulators advance only for parameters that have a gradient.
+    row, the loss averages and the number of losses they hold) is tiny and kept per parameter
+    name, so the state splits per parameter; like the per-coordinate accumulators, it advances
+    only for parameters that have a gradient in the update.
 
     ``backend`` (see :data:`BACKENDS`) picks how the per-coordinate work runs.
 
@@ -273,8 +272,7 @@ class CeloFamilyRule(UpdateRule):
 
     # -- contract ------------------------------------------------------------------------------
     def init(self, params: Mapping[str, Tensor], *, num_steps: int | None = None) -> OptimizerState:
-        if num_steps is not None:
-            check_positive("num_steps", num_steps, integer=True)
+        num_steps = self.resolve_num_steps(num_steps)
         slots: dict[str, dict[str, Tensor]] = {slot: {} for slot in RUN_SLOTS}
         for name, p in params.items():
             # The trained initial LSTM state, one row per tensor; detached, so that a fresh state
@@ -283,6 +281,7 @@ class CeloFamilyRule(UpdateRule):
             slots[CELL][name] = self.scheduler.initial_cell.detach()[0].to(p.device, copy=True)
             slots[LOSS_MEANS][name] = torch.zeros(LOSS_BUFFER_SIZE, device=p.device)
             slots[LOSS_MIN][name] = torch.full((LOSS_BUFFER_SIZE,), 999999999999.0, device=p.device)
+            slots[LOSS_COUNT][name] = torch.zeros(1, device=p.device)
             for slot, shape in self.coordinate_slot_shapes(_working_shape(p)).items():
                 slots.setdefault(slot, {})[name] = torch.zeros(shape, device=p.device)
         return OptimizerState(num_steps=num_steps, slots=slots)
@@ -290,14 +289,13 @@ class CeloFamilyRule(UpdateRule):
     def update(
         self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *, loss=None
     ) -> tuple[Params, OptimizerState]:
+        step, state = self.begin_update(grads, state, params, loss)
         loss = self._checked_loss(loss)
-        step, state = self.begin_update(grads, state, params)
-        if state.num_steps is None:
-            raise ValueError(
-                f"{type(self).__name__} is budget-aware and has no budget: pass num_steps=N to init(params, "
-                "num_steps=N), or total_steps=N to torch_optimizer(...) / LearnedOptimizer(...)"
-            )
-        names = list(state.slots[HIDDEN])
+        for name in grads:
+            check_slots(self, state, [name], [*RUN_SLOTS, *self.coordinate_slot_shapes(_working_shape(params[name]))])
+        names = list(grads)
+        if not names:
+            return {}, state.replace(step_count=step)
         schedule = self.schedule(state, loss, names)
         slots = {slot: dict(values) for slot, values in state.slots.items()}
         for i, name in enumerate(names):
@@ -319,14 +317,14 @@ class CeloFamilyRule(UpdateRule):
     def schedule(self, state: OptimizerState, loss: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
         """The scheduler's inputs and outputs for the coming update, without changing ``state``.
 
-        Rows follow ``names``: ``lr_mult`` (n,), the new ``lstm_hidden``/``lstm_cell`` (n, H) and
-        ``loss_means``/``loss_min`` (n, 10); ``loss_features`` (n, 9) and ``features`` (n, 18) are
-        the scheduler's inputs, ``fraction_trained`` the 0-d training fraction.
+        Rows follow ``names``: ``lr_mult`` (n,), the new ``lstm_hidden``/``lstm_cell`` (n, H),
+        ``loss_means``/``loss_min`` (n, 10) and ``loss_count`` (n, 1); ``loss_features`` (n, 9) and
+        ``features`` (n, 18) are the scheduler's inputs, ``fraction_trained`` the 0-d training fraction.
         """
         row = lambda slot: torch.stack([state.slots[slot][n] for n in names])  # noqa: E731
         hidden = row(HIDDEN)
         device = hidden.device
-        count = state.step_count  # losses each buffer has seen
+        count = row(LOSS_COUNT)
         decays = loss_buffer_decays(state.num_steps, device)
         means, minima = update_loss_buffer(row(LOSS_MEANS), row(LOSS_MIN), decays, loss.to(device), count)
         loss_features = loss_buffer_features(means, minima, decays, count + 1)
@@ -337,7 +335,7 @@ class CeloFamilyRule(UpdateRule):
         lr_mult, hidden, cell = self.scheduler(features, hidden, row(CELL))
         return {
             "fraction_trained": fraction, "loss_features": loss_features, "features": features, "lr_mult": lr_mult,
-            HIDDEN: hidden, CELL: cell, LOSS_MEANS: means, LOSS_MIN: minima,
+            HIDDEN: hidden, CELL: cell, LOSS_MEANS: means, LOSS_MIN: minima, LOSS_COUNT: count + 1,
         }
 
     # -- weights -------------------------------------------------------------------------------
