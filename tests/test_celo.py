@@ -456,3 +456,11 @@ def test_pretrained_torch_optimizer_end_to_end(name):
         params = apply_updates(params, updates)
     for key, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), params[key], rtol=1e-5, atol=1e-6)
+
+
+def test_module_example_runs():
+    import doctest
+
+    from metaoptimizer.rules import celo
+
+    assert doctest.testmod(celo, raise_on_error=True).attempted > 0

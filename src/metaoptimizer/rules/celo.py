@@ -30,6 +30,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -141,8 +142,8 @@ class CeloRule(CeloFamilyRule):
 
     State per parameter: momentum (3 floats per coordinate), RMS (1), and either Adafactor row
     and column averages (3 decays each, one per row/column) or, below 2 dims, the full second
-    moment (3); 4 floats per coordinate for matrices, plus 148 floats per tensor for the
-    scheduler.
+    moment (3): for a tensor of 2+ dims, 4 floats per coordinate plus 3 per row and per column,
+    for a vector 7 per coordinate; plus 149 floats per tensor for the scheduler.
 
     ``backend='eager'`` computes the features once and the MLP as matrix products (what the
     golden tests and meta-training use). ``'compiled'`` runs each tensor in two fused passes
@@ -236,7 +237,7 @@ def adam_pass(
 
 class CeloAdamRule(CeloFamilyRule):
     """Celo-Adam: Adam (bias-corrected, betas 0.9/0.999, eps 1e-8) at learning rate
-    ``1e-3 * lr_mult`` from the learned scheduler. State: 2 floats per coordinate plus 148 per tensor.
+    ``1e-3 * lr_mult`` from the learned scheduler. State: 2 floats per coordinate plus 149 per tensor.
     ``backend='compiled'`` fuses the pointwise step with ``torch.compile`` (deployment only, as for
     :class:`CeloRule`).
     """
