@@ -24,15 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaoptimizer import pretrained
+from metaoptimizer.rules import OptimizerState
 from metaoptimizer.rules._celo_common import (
     CELL, HIDDEN, LOSS_COUNT, LOSS_MEANS, LOSS_MIN, factored_dims, loss_buffer_decays, scheduler_layout,
 )
-from metaoptimizer.rules import OptimizerState
 from metaoptimizer.rules.base import apply_updates
 from metaoptimizer.rules.celo import CeloAdamRule, CeloRule
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "celo"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"Celo golden data folder {DATA} is absent")
+#: The golden tests read the data folder; the others need only the weights shipped in the package.
+needs_golden = pytest.mark.skipif(not DATA.is_dir(), reason=f"Celo golden data folder {DATA} is absent")
 
 RULES = {"celo": CeloRule, "celo_adam": CeloAdamRule}
 RTOL = 1e-5
@@ -74,9 +75,15 @@ def synthetic(request):
     return request.param, golden(request.param), RULES[request.param].pretrained()
 
 
+@needs_golden
+def test_shipped_weights_are_the_reference_files():
+    for name, filename in (("celo", "celo_theta.npz"), ("celo-adam", "celo_adam_theta.npz")):
+        assert pretrained.path(name).read_bytes() == (DATA / filename).read_bytes()
+
+
 def test_weights_load_into_the_scheduler_and_mlp():
     rule = CeloRule.pretrained()
-    theta = np.load(DATA / "celo_theta.npz")
+    theta = np.load(pretrained.path("celo"))
     for key, (attribute, _) in scheduler_layout(64).items():
         np.testing.assert_array_equal(getattr(rule.scheduler, attribute).detach().numpy(), theta[key])
     first = np.concatenate([theta[f"ff_mod_stack/~/w0__{i}"][0] for i in range(14)])
@@ -85,6 +92,7 @@ def test_weights_load_into_the_scheduler_and_mlp():
     assert sum(p.numel() for p in rule.parameters()) == 37089 - 18 * 64 - 64 - 64 - 1 - 4 - 1  # unused layers dropped
 
 
+@needs_golden
 def test_factored_dims_match_reference():
     g = golden("celo")
     for key in g["leaf_keys"]:
@@ -92,12 +100,14 @@ def test_factored_dims_match_reference():
         assert tuple(g[f"factored_dims/{key}"]) == ((-1, -1) if dims is None else dims), key
 
 
+@needs_golden
 def test_reference_controls_are_constant():
     """Celo's controls are a softmax over one entry (param_inits=1): always 1, so the port omits them."""
     assert np.all(golden("celo")["controls"] == 1.0)
     assert np.all(golden("digits_celo")["controls"] == 1.0)
 
 
+@needs_golden
 def test_initial_state_matches_reference(synthetic):
     name, g, rule = synthetic
     keys = list(g["leaf_keys"])
@@ -159,6 +169,7 @@ def _check_update(name, g, keys, t, schedule, updates, params, new_state, what):
     assert new_state.step_count == t + 1
 
 
+@needs_golden
 def test_every_step_from_the_reference_state(synthetic):
     """Each of the 30 updates, started from the reference's state before it, reproduces every
     recorded intermediate (isolates each step's arithmetic from accumulated rounding)."""
@@ -173,6 +184,7 @@ def test_every_step_from_the_reference_state(synthetic):
         _check_update(name, g, keys, t, schedule, updates, params, new_state, f"{name} update {t}")
 
 
+@needs_golden
 def test_free_running_trajectory(synthetic):
     """The 30 updates chained from ``init``: every intermediate at every step."""
     name, g, rule = synthetic
@@ -216,6 +228,7 @@ def _digits_run(name: str, steps: int):
     return g, keys, snapshots, full, np.array(train_losses)
 
 
+@needs_golden
 def test_digits_celo_end_to_end():
     """Celo's 200 steps stay on the reference trajectory: parameters within 1e-5 of it at every
     snapshot (about 5e-7 is measured at step 200), the full-data loss within 1e-5 relative."""
@@ -227,6 +240,7 @@ def test_digits_celo_end_to_end():
     np.testing.assert_allclose(train, g["train_loss"], rtol=1e-5)
 
 
+@needs_golden
 def test_digits_celo_adam_end_to_end():
     """Celo-Adam divides by sqrt(v) of near-zero gradients, which turns gradient rounding into
     different trajectories after about 40 steps: computing only the last layer's logits in
@@ -341,11 +355,11 @@ def test_short_unroll_has_finite_meta_gradients(name):
 
 # -- weights files -------------------------------------------------------------------------------
 def test_bad_weights_files_are_named(tmp_path):
-    theta = dict(np.load(DATA / "celo_theta.npz"))
+    theta = dict(np.load(pretrained.path("celo")))
     with pytest.raises(ValueError, match="unexpected keys.*ff_mod_stack"):
-        CeloAdamRule().load_weights(DATA / "celo_theta.npz")
+        CeloAdamRule().load_weights(pretrained.path("celo"))
     with pytest.raises(ValueError, match="missing keys.*ff_mod_stack"):
-        CeloRule().load_weights(DATA / "celo_adam_theta.npz")
+        CeloRule().load_weights(pretrained.path("celo-adam"))
     wrong = {**theta, "rnn_params/rnn/linear/w": np.zeros((64, 256), np.float32)}
     np.savez(tmp_path / "wrong.npz", **wrong)
     shape_error = r"'rnn_params/rnn/linear/w' has shape \(64, 256\).*expected shape \(128, 256\)"
