@@ -2,9 +2,10 @@
 
 Each entry has a model card ``<name>.md`` in this folder. Our own meta-trained rules ship as a
 checkpoint ``<name>.pt`` (training command, data, budget, seeds and results in the card), and
-``train(name, out_dir, ...)`` reproduces one. ``celo`` and ``celo-adam`` are the published weights
-of Moudgil et al. (2025), shipped as ``celo_theta.npz`` / ``celo_adam_theta.npz`` (MIT, see
-``LICENSE-celo-MIT.txt``) and run by :class:`~metaoptimizer.rules.celo.CeloRule` /
+``train(name, out_dir, ...)`` reproduces one with the recipe in
+:mod:`metaoptimizer.pretrained.lstm_digits_mlp`. ``celo`` and ``celo-adam`` are the published
+weights of Moudgil et al. (2025), shipped as ``celo_theta.npz`` / ``celo_adam_theta.npz`` (MIT,
+see ``LICENSE-celo-MIT.txt``) and run by :class:`~metaoptimizer.rules.celo.CeloRule` /
 :class:`~metaoptimizer.rules.celo.CeloAdamRule`; both are budget-aware and read the loss, so
 their torch optimizer needs ``total_steps=N`` and a loss at every step::
 
@@ -20,10 +21,16 @@ from pathlib import Path
 from torch import nn
 
 from metaoptimizer.facade import MetaOptimizer
+from metaoptimizer.pretrained import lstm_digits_mlp
+from metaoptimizer.progress import ProgressCallback
 from metaoptimizer.rules.celo import CeloAdamRule, CeloRule
 
+__all__ = ["PUBLISHED", "REGISTRY", "available", "load", "path", "train"]
+
 #: name -> (meta-training family, number of meta-steps used for the shipped checkpoint, seed)
-REGISTRY: dict[str, tuple[str, int, int]] = {"lstm-digits-mlp": ("digits_mlp", 200, 0)}
+REGISTRY: dict[str, tuple[str, int, int]] = {
+    "lstm-digits-mlp": (lstm_digits_mlp.FAMILY, lstm_digits_mlp.META_STEPS, lstm_digits_mlp.SEED),
+}
 #: name -> rule class whose ``pretrained()`` loads published weights shipped in this folder.
 PUBLISHED: dict[str, type[CeloRule] | type[CeloAdamRule]] = {"celo": CeloRule, "celo-adam": CeloAdamRule}
 
@@ -55,10 +62,12 @@ def load(name: str, base_model: nn.Module | None = None) -> MetaOptimizer:
     return MetaOptimizer.load(checkpoint, base_model)
 
 
-def train(name: str, out_dir: str | Path, *, meta_steps: int | None = None, seed: int | None = None) -> Path:
-    """Meta-train ``name`` from scratch as the shipped checkpoint was; returns the checkpoint path."""
-    from metaoptimizer.demo import DEMO_CONFIG, meta_train
-
+def train(
+    name: str, out_dir: str | Path, *, meta_steps: int | None = None, seed: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """Meta-train ``name`` from scratch as the shipped checkpoint was (its meta-steps and seed
+    unless given); returns the checkpoint path. ``progress`` hears of every meta-step."""
     if name in PUBLISHED:
         raise ValueError(
             f"{name!r} ships the authors' published weights (see its model card); this project does not "
@@ -69,9 +78,10 @@ def train(name: str, out_dir: str | Path, *, meta_steps: int | None = None, seed
     _, default_steps, default_seed = REGISTRY[name]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = meta_train(
-        DEMO_CONFIG, minutes=float("inf"), meta_steps=meta_steps or default_steps,
-        seed=default_seed if seed is None else seed, log_path=out / f"{name}.csv",
+    meta, trainer = lstm_digits_mlp.start(seed=default_seed if seed is None else seed)
+    lstm_digits_mlp.meta_train(
+        meta, trainer, default_steps if meta_steps is None else meta_steps, log_path=out / f"{name}.csv",
+        progress=progress,
     )
     checkpoint = out / f"{name}.pt"
     meta.save(checkpoint)
