@@ -9,6 +9,11 @@ accumulators (``common.py``), the loss buffer and the tanh embedding of the trai
 (VeLO's ``hyper_v2.py``). This is our own implementation of the same arithmetic, written against
 ``reference/*.py`` and checked against golden trajectories of the JAX code (``tests/test_celo.py``).
 
+Notice: the algorithms here are adapted from google/learned_optimization, Copyright 2021 Google
+LLC, licensed under the Apache License, Version 2.0 (http://www.apache.org/licenses/LICENSE-2.0),
+and from amoudgl/celo, Copyright (c) 2025 Abhinav Moudgil, MIT licence
+(``metaoptimizer/pretrained/LICENSE-celo-MIT.txt``).
+
 Conventions: every accumulator carries its decay axis *first* (the reference puts it last; first
 keeps each decay's values contiguous, which the fused kernels need); the factored
 (Adafactor-style) second moment reduces the two largest axes, ties broken by position (as
@@ -250,13 +255,11 @@ class CeloFamilyRule(UpdateRule):
         self.backend = backend
         self.scheduler = LSTMScheduler(lstm_hidden_size)
 
-    def fused_step(self, *inputs: Tensor | Mapping[str, Tensor]) -> bool:
-        """Whether this tensor's step runs compiled: ``backend='compiled'`` and no autograd graph
-        is being recorded (``torch.compile`` cannot differentiate twice; meta-training stays eager)."""
-        if self.backend != "compiled":
-            return False
-        tensors = [t for x in inputs for t in (x.values() if isinstance(x, Mapping) else [x])]
-        return not autograd_needed(self, {str(i): t for i, t in enumerate(tensors)})
+    def fused_step(self, *tensors: Tensor) -> bool:
+        """Whether a tensor's step over ``tensors`` runs compiled: ``backend='compiled'`` and no
+        autograd graph is recorded (``torch.compile`` cannot differentiate twice; meta-training
+        stays eager)."""
+        return self.backend == "compiled" and not autograd_needed(self, dict(enumerate(tensors)))
 
     # -- subclass hooks ------------------------------------------------------------------------
     def coordinate_slot_shapes(self, shape: Sequence[int]) -> dict[str, tuple[int, ...]]:

@@ -7,6 +7,10 @@ normalised by its root mean square over the tensor; the step is relative to the 
 ``-lr_mult * 1e-3 * direction * exp(1e-3 * magnitude) * rms(param)``. **Celo-Adam** is Adam
 (betas 0.9/0.999, eps 1e-8) whose learning rate is ``1e-3 * lr_mult``.
 
+Notice: adapted from amoudgl/celo (``celo/optimizers/celo.py``, ``celo_adam.py``; Copyright (c)
+2025 Abhinav Moudgil, MIT) and google/learned_optimization (Copyright 2021 Google LLC, Apache
+License 2.0); see :mod:`metaoptimizer.rules._celo_common`.
+
 ``CeloRule.pretrained()`` / ``CeloAdamRule.pretrained()`` carry the authors' trained weights
 (MIT, shipped in ``metaoptimizer/pretrained``); ``CeloRule()`` starts from the reference's
 initialisation for meta-training. Both need the budget (``init(params, num_steps=N)``) and the
@@ -184,7 +188,7 @@ class CeloRule(CeloFamilyRule):
         self, grad: Tensor, param: Tensor, slots: dict[str, Tensor], lr_mult: Tensor, step: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
         dims = factored_dims(grad.shape)
-        if self.fused_step(grad, param, slots, lr_mult):
+        if self.fused_step(grad, param, lr_mult, *slots.values()):
             acc, mean_squares = compiled(statistics_pass)(grad, param, slots, dims)
             (first_weight, first_bias), *rest = self.layers()
             folded = [(first_weight * torch.rsqrt(1e-5 + mean_squares)[:, None], first_bias), *rest]
@@ -252,6 +256,6 @@ class CeloAdamRule(CeloFamilyRule):
         self, grad: Tensor, param: Tensor, slots: dict[str, Tensor], lr_mult: Tensor, step: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
         corrections = tuple(1 - as_float32(beta).to(grad.device) ** step for beta in ADAM_BETAS)
-        fn = compiled(adam_pass) if self.fused_step(grad, slots, lr_mult) else adam_pass
+        fn = compiled(adam_pass) if self.fused_step(grad, lr_mult, *slots.values()) else adam_pass
         update, momentum, rms = fn(grad, slots["momentum"], slots["rms"], lr_mult, corrections)
         return update, {"momentum": momentum, "rms": rms}
