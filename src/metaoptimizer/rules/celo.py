@@ -100,21 +100,27 @@ def celo_features(grad: Tensor, param: Tensor, acc: Mapping[str, Tensor], dims: 
     g = grad.unsqueeze(0)
     if dims is None:
         v = acc["v_diag"]
-        row = col = v
+        row_col = [v, v, torch.rsqrt(v + 1e-8), torch.rsqrt(v + 1e-8)]
         # m * v^-1/2; where v is tiny (a gradient that was always ~0, so m is ~0 too) the
         # derivative through v would be 0 * inf: stop it there, the value is unchanged.
         v_safe = torch.where(v < 1e-20, v.detach(), v)
         adafactor_momentum = momentum * v_safe**-0.5
     else:
-        d1, d0 = dims
-        row = acc["v_row"].unsqueeze(1 + d0).expand_as(adafactor_grad)
-        col = acc["v_col"].unsqueeze(1 + d1).expand_as(adafactor_grad)
+        row_col = [f.expand_as(adafactor_grad) for f in row_col_features(acc, dims)]
         row_factor, col_factor = row_col_factors(acc["v_row"], acc["v_col"], dims)
         adafactor_momentum = momentum * row_factor * col_factor
     return [
         g, g.clamp(-0.1, 0.1), param.unsqueeze(0), momentum, rms, momentum * rsqrt_rms, rsqrt_rms, adafactor_grad,
-        g * rsqrt_rms, row, col, torch.rsqrt(row + 1e-8), torch.rsqrt(col + 1e-8), adafactor_momentum,
+        g * rsqrt_rms, *row_col, adafactor_momentum,
     ]
+
+
+def row_col_features(acc: Mapping[str, Tensor], dims: tuple[int, int]) -> list[Tensor]:
+    """Features 9-12 of a tensor of 2+ dims (row and column averages, their inverse square roots),
+    computed on the averages and broadcastable against the tensor (not expanded)."""
+    d1, d0 = dims
+    row, col = acc["v_row"].unsqueeze(1 + d0), acc["v_col"].unsqueeze(1 + d1)
+    return [row, col, torch.rsqrt(row + 1e-8), torch.rsqrt(col + 1e-8)]
 
 
 def celo_step(direction: Tensor, magnitude: Tensor, param: Tensor, lr_mult: Tensor) -> Tensor:
@@ -129,7 +135,11 @@ def statistics_pass(
     """First pass over the coordinates: the advanced accumulators and the (30,) mean squares of
     the features (the features themselves are not kept)."""
     acc = accumulate(grad, slots, dims)
-    return acc, torch.cat([mean_squares(f).reshape(-1) for f in celo_features(grad, param, acc, dims)])
+    features = celo_features(grad, param, acc, dims)
+    if dims is not None:
+        # A row or column feature repeats one average along an axis: its mean square is the averages'.
+        features[9:13] = row_col_features(acc, dims)
+    return acc, torch.cat([mean_squares(f).reshape(-1) for f in features])
 
 
 def update_pass(
@@ -189,9 +199,9 @@ class CeloRule(CeloFamilyRule):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         dims = factored_dims(grad.shape)
         if self.fused_step(grad, param, lr_mult, *slots.values()):
-            acc, mean_squares = compiled(statistics_pass)(grad, param, slots, dims)
+            acc, feature_mean_squares = compiled(statistics_pass)(grad, param, slots, dims)
             (first_weight, first_bias), *rest = self.layers()
-            folded = [(first_weight * torch.rsqrt(1e-5 + mean_squares)[:, None], first_bias), *rest]
+            folded = [(first_weight * torch.rsqrt(1e-5 + feature_mean_squares)[:, None], first_bias), *rest]
             return compiled(update_pass)(grad, param, acc, folded, lr_mult, dims), acc
         acc = accumulate(grad, slots, dims)
         x = torch.cat([normalise(f) for f in celo_features(grad, param, acc, dims)]).reshape(NUM_FEATURES, -1).T
