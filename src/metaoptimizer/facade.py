@@ -170,6 +170,11 @@ class MetaOptimizer:
             if base_model is not None and base_model is not self.base_model:
                 raise ValueError(f"method={self.config.method!r} meta-trains the base_model it was built with")
             return self.learner.meta_train_step(list(episodes))
+        if self.config.method == "hypergradient":
+            raise ValueError(
+                "method='hypergradient' adapts its rates online while the model trains: it has nothing to "
+                "meta-train (method='meta_sgd' meta-trains per-parameter rates over episodes)"
+            )
         if self.meta_optimizer is None:
             raise ValueError(
                 f"method={self.config.method!r} needs a base_model to meta-train (its episode learner adapts it)"

@@ -14,7 +14,7 @@ from torch import nn
 from metaoptimizer.config import OptimizerState
 from metaoptimizer.optim import LearnedOptimizer
 from metaoptimizer.rules.base import apply_updates
-from metaoptimizer.rules.meta_sgd import MetaSGDRule
+from metaoptimizer.rules.rates import HypergradientRule as MetaSGDRule
 
 
 def quartic_loss(params):
