@@ -332,6 +332,13 @@ def test_nonfinite_check_handles_empty_and_mixed_precision_tensors():
     assert params[1].tolist() == [0.5] * 3 and params[2].tolist() == [0.5] * 2
     params[1].grad[0] = 1e300  # finite in float64, would overflow a float32 check
     opt.step()
+    params[2].grad.fill_(6e4)  # finite in bfloat16 and float16 alike; their sum may overflow, they do not
+    opt.step()
+    half = nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    half.grad = torch.full_like(half, 6e4)
+    assert torch.isinf(half.grad.sum())
+    LearnedOptimizer([half], hand.SGD(lr=1e-6)).step()
+    assert torch.isfinite(half).all() and half[0] < 0
     params[2].grad[1] = math.inf
     with pytest.raises(ValueError, match=r"'g0\.p2' \(shape \(2,\)\)"):
         opt.step()

@@ -105,18 +105,23 @@ def _merge_states(states: Mapping[str, Mapping[str, Tensor]], **counters: Any) -
 def _nonfinite_names(tensors: Mapping[str, Tensor]) -> list[str]:
     """Names of the tensors holding NaN or Inf.
 
-    Each tensor's max and min (both propagate NaN, and hold any Inf) are stacked and checked with
-    one synchronisation per device and dtype. Plain reductions are used because they are several
-    times faster than ``isfinite().all()`` or an infinity norm on CPU, and exact, unlike a sum.
+    One pass per tensor: its sum is NaN or Inf whenever the tensor holds either, and the sums are
+    checked with one synchronisation per device and dtype. A sum can also overflow on finite
+    values, so tensors with a non-finite sum get the exact check (max and min, which propagate NaN
+    and hold any Inf). Plain reductions are used because they are several times faster than
+    ``isfinite().all()`` or an infinity norm on CPU.
     """
-    names = [name for name, t in tensors.items() if t.numel() > 0]
-    extremes = {name: torch.stack([tensors[name].amax(), tensors[name].amin()]) for name in names}
+    sums = {name: t.sum() for name, t in tensors.items() if t.numel() > 0}
     kinds: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for pair in extremes.values():
-        kinds.setdefault((pair.device, pair.dtype), []).append(pair)
-    if all(bool(torch.cat(same).isfinite().all()) for same in kinds.values()):
+    for total in sums.values():
+        kinds.setdefault((total.device, total.dtype), []).append(total)
+    if all(bool(torch.stack(same).isfinite().all()) for same in kinds.values()):
         return []
-    return [name for name, pair in extremes.items() if not bool(pair.isfinite().all())]
+    suspects = [name for name, total in sums.items() if not bool(total.isfinite())]
+    return [
+        name for name in suspects
+        if not bool(torch.stack([tensors[name].amax(), tensors[name].amin()]).isfinite().all())
+    ]
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -293,16 +298,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """Update the parameters in ``active`` and their states: one rule call (or torch kernel
         call) per cohort of parameters with the same step count and group hyperparameters."""
         params = {name: p for name, p, _ in active}
-        shared = frozenset(t.untyped_storage().data_ptr() for t in [*params.values(), *grads.values()])
         states = {name: self.state.get(p) for name, p in params.items()}
         fresh = [name for name, state in states.items() if not state]
+        shared = frozenset()
+        if fresh or not self.kernel:  # new state tensors must not alias parameters or gradients
+            shared = frozenset(t.untyped_storage().data_ptr() for t in [*params.values(), *grads.values()])
         if fresh:
             initial = self.rule.init({name: params[name] for name in fresh}, num_steps=self.total_steps)
             states.update(_split_state(initial, fresh, shared))
         rules: dict[tuple, UpdateRule] = {}
+        group_rules: dict[int, UpdateRule] = {}
         cohorts: dict[tuple, tuple[UpdateRule, dict[str, Any], list[str]]] = {}
         for name, _, group in active:
-            rule = self._group_rule(group, rules)
+            if id(group) not in group_rules:
+                group_rules[id(group)] = self._group_rule(group, rules)
+            rule = group_rules[id(group)]
             # A kernel takes one lr, so kernel cohorts are per group; rule calls only need one rule.
             key = (int(states[name]["step"]), id(group) if self.kernel else id(rule))
             cohorts.setdefault(key, (rule, group, []))[2].append(name)
@@ -327,7 +337,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         )
         step = torch.tensor(float(count + 1))
         for i, name in enumerate(names):
-            self.state[params[name]] = {**states[name], "step": step, **{slot: new[slot][i] for slot in new}}
+            state = states[name]  # the parameter's own dict, or a fresh one
+            state["step"] = step
+            for slot, tensors in new.items():
+                state[slot] = tensors[i]
+            self.state[params[name]] = state
 
     def _run_rule(
         self, cohorts: dict[tuple, tuple[UpdateRule, dict[str, Any], list[str]]], grads: dict[str, Tensor],
