@@ -287,7 +287,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 "or optimizer.step(loss=loss)"
             )
         if active:
-            self._check_rule_device({p.device for _, p, _ in active})
+            if not self.kernel:  # kernels take the rule's hyperparameters as numbers
+                self._check_rule_device({p.device for _, p, _ in active})
             self._update(active, grads, loss_value)
         self.clock += 1
         return loss
