@@ -727,6 +727,18 @@ def test_torch_kernels_match_the_functional_update(name, kernel, dtype, atol):
     assert not torch.equal(got[0], make_model(dtype=dtype)[0].weight.detach().to(dtype))
 
 
+@pytest.mark.parametrize("name", sorted(KERNEL_RULES))
+def test_torch_kernels_run_bfloat16_parameters(name):
+    """(float16 with eps=1e-8 overflows in every form, torch.optim's included.)"""
+    dtype = torch.bfloat16
+    fast, reference = make_model(dtype=dtype), make_model(dtype=dtype)
+    got = run(fast, LearnedOptimizer(fast.parameters(), KERNEL_RULES[name]()), 5)
+    want = run(reference, LearnedOptimizer(reference.parameters(), KERNEL_RULES[name](), foreach=False), 5)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_the_default_kernel_is_foreach_and_resumes_bit_exactly():
     model, reference = make_model(), make_model()
     opt = LearnedOptimizer(reference.parameters(), hand.Adam(lr=1e-2))

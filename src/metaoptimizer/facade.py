@@ -70,7 +70,9 @@ class MetaOptimizer:
 
         ``rule_options`` keys ``inner_steps``, ``inner_lr`` and ``lr_mode`` ('per_parameter' is
         Meta-SGD, 'scalar' MAML with a learned scalar rate) configure it; ``second_order=False``
-        makes it first-order.
+        makes it first-order. For 'meta_sgd', ``compute_update`` and ``torch_optimizer`` use
+        ``self.rule`` instead, the online per-coordinate ``HypergradientRule`` (as
+        ``method='hypergradient'``), which does not read the learner's meta-trained rates.
         """
         if self.config.method not in ("meta_sgd", "warp_grad") or self.base_model is None:
             return None
