@@ -11,6 +11,7 @@ on held-out data, per model (mean over ``--seeds``), and the ratio of each to Ad
   from ``--data-dir`` (default ``../shared/data``).
 
     python benchmarks/bench_online_rates.py [--steps 300] [--seeds 0 1] [--data-dir DIR] [--json FILE]
+        [--base-lrs 0.001 0.01 ...] [--alpha-lrs 0 0.01 ...]
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from metaoptimizer.rules import HypergradientRule, ShrinkingRatesRule
 from metaoptimizer.tasks.datasets import load_tiny_shakespeare
 from metaoptimizer.tasks.digits import load_digits_tensors
 
-BASE_LRS = (1e-3, 1e-2, 3e-2, 0.1, 0.3)
-ALPHA_LRS = (0.0, 1e-2, 1.0)
+BASE_LRS = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+ALPHA_LRS = (0.0, 1e-2, 1.0, 100.0)
 
 
 class Block(nn.Module):
@@ -103,11 +104,11 @@ def gpt_problem(steps: int, seed: int, data_dir: str, context: int = 64, batch: 
     return model, [lambda m, b=b: loss(m, b) for b in batches], lambda m: loss(m, held_out)
 
 
-def optimizers() -> dict[str, object]:
+def optimizers(base_lrs: list[float], alpha_lrs: list[float]) -> dict[str, object]:
     """Name -> (parameters -> torch optimizer)."""
     made = {"adam(1e-3)": lambda ps: torch.optim.Adam(ps, lr=1e-3)}
-    for base_lr in BASE_LRS:
-        for alpha_lr in ALPHA_LRS:
+    for base_lr in base_lrs:
+        for alpha_lr in alpha_lrs:
             made[f"hypergradient(base_lr={base_lr:g}, alpha_lr={alpha_lr:g})"] = (
                 lambda ps, b=base_lr, a=alpha_lr: LearnedOptimizer(ps, HypergradientRule(base_lr=b, alpha_lr=a))
             )
@@ -139,6 +140,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--base-lrs", type=float, nargs="+", default=list(BASE_LRS))
+    parser.add_argument("--alpha-lrs", type=float, nargs="+", default=list(ALPHA_LRS))
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -147,7 +150,7 @@ def main() -> None:
         for seed in args.seeds:
             problem = (mlp_problem(args.steps, seed) if model_name == "mlp"
                        else gpt_problem(args.steps, seed, args.data_dir))
-            for name, make in optimizers().items():
+            for name, make in optimizers(args.base_lrs, args.alpha_lrs).items():
                 results.setdefault(model_name, {}).setdefault(name, []).append(train(problem, make, args.steps))
     print(f"{args.steps} steps, seeds {args.seeds}; mean over seeds; ratio = loss / Adam(1e-3)'s loss "
           f"({time.perf_counter() - start:.0f} s)\n")

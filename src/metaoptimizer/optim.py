@@ -309,17 +309,28 @@ class LearnedOptimizer(torch.optim.Optimizer):
             states.update(_split_state(initial, fresh, shared))
         rules: dict[tuple, UpdateRule] = {}
         group_rules: dict[int, UpdateRule] = {}
+        counts: dict[int, int] = {}  # parameters stepped together share one "step" tensor: read it once
         cohorts: dict[tuple, tuple[UpdateRule, dict[str, Any], list[str]]] = {}
         for name, _, group in active:
-            if id(group) not in group_rules:
-                group_rules[id(group)] = self._group_rule(group, rules)
-            rule = group_rules[id(group)]
+            group_id = id(group)
+            rule = group_rules.get(group_id)
+            if rule is None:
+                rule = group_rules[group_id] = self._group_rule(group, rules)
+            step = states[name]["step"]
+            count = counts.get(id(step))
+            if count is None:
+                count = counts[id(step)] = int(step)
             # A kernel takes one lr, so kernel cohorts are per group; rule calls only need one rule.
-            key = (int(states[name]["step"]), id(group) if self.kernel else id(rule))
-            cohorts.setdefault(key, (rule, group, []))[2].append(name)
+            key = (count, group_id if self.kernel else id(rule))
+            cohort = cohorts.get(key)
+            if cohort is None:
+                cohort = cohorts[key] = (rule, group, [])
+            cohort[2].append(name)
         if self.kernel:
             for (count, _), (rule, group, names) in cohorts.items():
                 self._run_kernel(rule, group, count, names, params, grads, states)
+            for name in fresh:
+                self.state[params[name]] = states[name]
             return
         updates, states = self._run_rule(cohorts, grads, params, states, shared, loss)
         for name, state in states.items():  # committed only once every rule call succeeded
@@ -338,11 +349,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         )
         step = torch.tensor(float(count + 1))
         for i, name in enumerate(names):
-            state = states[name]  # the parameter's own dict, or a fresh one
+            state = states[name]  # the parameter's own dict (a fresh one is stored by the caller)
             state["step"] = step
             for slot, tensors in new.items():
                 state[slot] = tensors[i]
-            self.state[params[name]] = state
 
     def _run_rule(
         self, cohorts: dict[tuple, tuple[UpdateRule, dict[str, Any], list[str]]], grads: dict[str, Tensor],
