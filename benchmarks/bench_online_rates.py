@@ -110,14 +110,15 @@ def optimizers(base_lrs: list[float], alpha_lrs: list[float]) -> dict[str, objec
     for base_lr in base_lrs:
         for alpha_lr in alpha_lrs:
             made[f"hypergradient(base_lr={base_lr:g}, alpha_lr={alpha_lr:g})"] = (
-                lambda ps, b=base_lr, a=alpha_lr: LearnedOptimizer(ps, HypergradientRule(base_lr=b, alpha_lr=a))
+                lambda ps, b=base_lr, a=alpha_lr: LearnedOptimizer(ps, HypergradientRule(base_lr=b, alpha_lr=a), nonfinite="skip")
             )
-    made["hypergradient() defaults"] = lambda ps: LearnedOptimizer(ps, HypergradientRule())
-    made["shrinking_rates() defaults"] = lambda ps: LearnedOptimizer(ps, ShrinkingRatesRule())
+    made["hypergradient() defaults"] = lambda ps: LearnedOptimizer(ps, HypergradientRule(), nonfinite="skip")
+    made["shrinking_rates() defaults"] = lambda ps: LearnedOptimizer(ps, ShrinkingRatesRule(), nonfinite="skip")
     return made
 
 
 def train(problem, make_optimizer, steps: int) -> tuple[float, float]:
+    """(mean training loss over the last 10% of steps, held-out loss); inf for a run that diverged."""
     model, batch_losses, held_out = problem
     model = copy.deepcopy(model)
     optimizer = make_optimizer(list(model.parameters()))
@@ -125,9 +126,13 @@ def train(problem, make_optimizer, steps: int) -> tuple[float, float]:
     for batch_loss in batch_losses[:steps]:
         optimizer.zero_grad()
         loss = batch_loss(model)
+        if not math.isfinite(loss.item()):
+            return math.inf, math.inf  # diverged
         loss.backward()
         optimizer.step()
-        losses.append(loss.item() if math.isfinite(loss.item()) else math.inf)
+        losses.append(loss.item())
+    if getattr(optimizer, "skipped_steps", 0):  # a non-finite gradient: diverged
+        return math.inf, math.inf
     tail = losses[-max(1, steps // 10):]
     with torch.no_grad():
         final = held_out(model).item()

@@ -754,10 +754,29 @@ def test_the_default_kernel_is_foreach_and_resumes_bit_exactly():
     assert_bitwise(run(model, second, 3), want)
 
 
-def test_kernels_follow_torch_optim_bitwise_with_the_same_implementation():
+SAME_AS_TORCH = {
+    "sgd": (lambda: hand.SGD(lr=0.1, weight_decay=0.01), lambda ps, **k: torch.optim.SGD(ps, 0.1, weight_decay=0.01, **k)),
+    "nesterov": (lambda: hand.Momentum(lr=0.05, momentum=0.9, nesterov=True),
+                 lambda ps, **k: torch.optim.SGD(ps, 0.05, momentum=0.9, nesterov=True, **k)),
+    "rmsprop": (lambda: hand.RMSProp(lr=1e-2, momentum=0.5, weight_decay=0.01, eps_root=0.0),
+                lambda ps, **k: torch.optim.RMSprop(ps, 1e-2, momentum=0.5, weight_decay=0.01, **k)),
+    "adam": (lambda: hand.Adam(lr=1e-2, weight_decay=0.01, eps_root=0.0),
+             lambda ps, **k: torch.optim.Adam(ps, 1e-2, weight_decay=0.01, **k)),
+    "adamw_amsgrad": (lambda: hand.AdamW(lr=1e-2, amsgrad=True, eps_root=0.0),
+                      lambda ps, **k: torch.optim.AdamW(ps, 1e-2, amsgrad=True, **k)),
+}
+
+
+@pytest.mark.parametrize("kernel", ["foreach", "fused"])
+@pytest.mark.parametrize("name", sorted(SAME_AS_TORCH))
+def test_kernels_follow_torch_optim_bitwise_with_the_same_implementation(name, kernel):
+    """At eps_root=0 the kernels run torch.optim's arithmetic, pass for pass."""
+    if kernel == "fused" and name == "rmsprop":
+        pytest.skip("torch.optim has no fused RMSprop")
+    make_rule, make_torch = SAME_AS_TORCH[name]
     ours, reference = make_model(), make_model()
-    got = run(ours, LearnedOptimizer(ours.parameters(), hand.Adam(lr=1e-3, eps_root=0.0), fused=True), 20)
-    want = run(reference, torch.optim.Adam(reference.parameters(), lr=1e-3, fused=True), 20)
+    got = run(ours, LearnedOptimizer(ours.parameters(), make_rule(), **{kernel: True}), 20)
+    want = run(reference, make_torch(reference.parameters(), **{kernel: True}), 20)
     assert_bitwise(got, want)
 
 

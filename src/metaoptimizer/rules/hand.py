@@ -23,10 +23,12 @@ parameters whose ``.grad`` is ``None``.
 Where no meta-gradient is needed, :meth:`HandRule.torch_step` applies the same update in place
 with torch's multi-tensor (``torch._foreach_*``) kernels, as ``torch.optim``'s foreach
 implementations do, or with ``torch.optim``'s fused kernels (the torch adapter does so by
-default): SGD and momentum call ``torch.optim``'s own functional kernels; Adam and RMSProp use the
-same foreach steps with ``eps_root`` added under the square root. Fused Adam has no ``eps_root``,
-so it is available at ``eps_root=0`` only. Centered RMSProp keeps the functional form. Both forms
-agree to rounding (tests: 1e-6 in float32, 1e-12 in float64).
+default): SGD and momentum call ``torch.optim``'s own functional kernels; Adam and RMSProp run
+``torch.optim``'s foreach passes, plus one that adds ``eps_root`` under the square root (at
+``eps_root=0`` their results are bitwise those of ``torch.optim``). Fused Adam has no
+``eps_root``, so it is available at ``eps_root=0`` only. Centered RMSProp keeps the functional
+form. The kernels agree with the functional form to rounding (tests: 1e-6 in float32, 1e-12 in
+float64).
 
 Example: three Adam steps on ``sum((w - 1)^2)`` with a learning rate that requires grad.
 
@@ -318,11 +320,14 @@ class RMSProp(HandRule):
 
 
 def _foreach_root(second: list[Tensor], correction: float, eps_root: float, eps: float) -> list[Tensor]:
-    """``sqrt(second / correction + eps_root) + eps`` for a list of tensors (new tensors)."""
-    root = torch._foreach_div(second, correction)
+    """``sqrt(second / correction + eps_root) + eps`` for a list of tensors (new tensors), computed
+    as ``sqrt(second + eps_root * correction) / sqrt(correction) + eps``: at ``eps_root=0`` the
+    passes of ``torch.optim``'s foreach Adam and RMSprop, one more otherwise."""
+    root = torch._foreach_add(second, eps_root * correction) if eps_root else torch._foreach_sqrt(second)
     if eps_root:
-        torch._foreach_add_(root, eps_root)
-    torch._foreach_sqrt_(root)
+        torch._foreach_sqrt_(root)
+    if correction != 1:
+        torch._foreach_div_(root, correction**0.5)
     torch._foreach_add_(root, eps)
     return root
 
