@@ -923,3 +923,27 @@ def test_per_coordinate_rates_are_read_and_reset_through_the_optimizer():
     assert [opt.state[p]["step"].item() for p in model.parameters()] == steps == [5.0] * 4
     with pytest.raises(TypeError, match="keeps no per-coordinate rates"):
         LearnedOptimizer(model.parameters(), hand.SGD(lr=0.1)).reset_per_param_lr()
+
+
+def test_the_readme_weight_decay_groups_and_closure_snippet_runs():
+    """README's usage section: the AdamW recipe's groups and a closure step with the pretrained rule."""
+    import re
+    import warnings
+    from pathlib import Path
+
+    from metaoptimizer import pretrained
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (snippet,) = [s for s in re.findall(r"```python\n(.*?)```", readme, re.S) if "weight_decay" in s]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = [(torch.randn(16, 64), torch.randint(10, (16,))) for _ in range(3)]
+    namespace = {"torch": torch, "model": model, "meta": pretrained.load("lstm-digits-mlp", model), "batches": batches}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exec(compile(snippet, "README.md", "exec"), namespace)
+    optimizer = namespace["optimizer"]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-5, 0.0]
+    assert optimizer.clock == 3 and optimizer.running_loss is not None
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
