@@ -11,7 +11,7 @@ on held-out data, per model (mean over ``--seeds``), and the ratio of each to Ad
   from ``--data-dir`` (default ``../shared/data``).
 
     python benchmarks/bench_online_rates.py [--steps 300] [--seeds 0 1] [--data-dir DIR] [--json FILE]
-        [--base-lrs 0.001 0.01 ...] [--alpha-lrs 0 0.01 ...]
+        [--base-lrs 0.001 0.01 ...] [--alpha-lrs 0 0.01 ...] [--models mlp gpt]
 """
 
 from __future__ import annotations
@@ -147,11 +147,12 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--base-lrs", type=float, nargs="+", default=list(BASE_LRS))
     parser.add_argument("--alpha-lrs", type=float, nargs="+", default=list(ALPHA_LRS))
+    parser.add_argument("--models", nargs="+", choices=("mlp", "gpt"), default=["mlp", "gpt"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
     results: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for model_name in ("mlp", "gpt"):
+    for model_name in args.models:
         for seed in args.seeds:
             problem = (mlp_problem(args.steps, seed) if model_name == "mlp"
                        else gpt_problem(args.steps, seed, args.data_dir))

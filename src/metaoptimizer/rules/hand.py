@@ -105,6 +105,15 @@ def _scaled(tensors: Mapping[str, Tensor], factor: Hyper) -> Params:
     return {name: (factor * t).to(t.dtype) for name, t in tensors.items()}
 
 
+def _step_counters(params: list[Tensor], count: int) -> list[Tensor]:
+    """One step counter at ``count`` per parameter, on its device, as torch's fused kernels take
+    them (they increment each in place): views of one tensor where the parameters share a device."""
+    devices = {p.device for p in params}
+    if len(devices) == 1:
+        return list(torch.full((len(params),), float(count), device=devices.pop()).unbind())
+    return [torch.tensor(float(count), device=p.device) for p in params]
+
+
 def _advance(state: OptimizerState, step: int, **slots: Params) -> OptimizerState:
     """The state after ``step``, with the given slot entries replaced (other parameters kept)."""
     merged = {slot: {**state.slots[slot], **values} for slot, values in slots.items()}
@@ -398,7 +407,7 @@ class Adam(HandRule):
         if fused:
             torch_adam(
                 params, grads, slots["exp_avg"], slots["exp_avg_sq"], slots.get("max_exp_avg_sq", []),
-                [torch.tensor(float(count), device=p.device) for p in params], fused=True, decoupled_weight_decay=self.decoupled_weight_decay,
+                _step_counters(params, count), fused=True, decoupled_weight_decay=self.decoupled_weight_decay,
                 amsgrad=self.amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
                 eps=_value(self.eps), maximize=False,
             )
