@@ -113,6 +113,8 @@ def optimizers(base_lrs: list[float], alpha_lrs: list[float]) -> dict[str, objec
                 lambda ps, b=base_lr, a=alpha_lr: LearnedOptimizer(ps, HypergradientRule(base_lr=b, alpha_lr=a), nonfinite="skip")
             )
     made["hypergradient() defaults"] = lambda ps: LearnedOptimizer(ps, HypergradientRule(), nonfinite="skip")
+    made["meta_sgd's former defaults (base_lr=1e-3, alpha_lr=1e-2)"] = lambda ps: LearnedOptimizer(
+        ps, HypergradientRule(base_lr=1e-3, alpha_lr=1e-2), nonfinite="skip")
     made["shrinking_rates() defaults"] = lambda ps: LearnedOptimizer(ps, ShrinkingRatesRule(), nonfinite="skip")
     return made
 
