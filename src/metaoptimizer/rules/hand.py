@@ -143,8 +143,8 @@ class HandRule(UpdateRule):
         self, params: list[Tensor], grads: list[Tensor], slots: dict[str, list[Tensor]], count: int, *,
         lr_scale: float = 1.0, fused: bool = False,
     ) -> dict[str, list[Tensor]]:
-        """Apply update ``count + 1``, times ``lr_scale``, to ``params`` in place with
-        ``torch.optim``'s foreach (or ``fused``) kernel, without autograd.
+        """Apply update ``count + 1``, times ``lr_scale``, to ``params`` in place with torch's
+        foreach kernels (or ``torch.optim``'s ``fused`` kernel), without autograd.
 
         ``slots[slot][i]`` is ``params[i]``'s state after ``count`` updates (tensors are updated in
         place); returns the slots after the update.
