@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.optim import LearnedOptimizer
 from metaoptimizer.rules.base import apply_updates
 from metaoptimizer.rules.rates import HypergradientRule, ShrinkingRatesRule
+from metaoptimizer.rules.state import OptimizerState
 
 
 def quartic_loss(params):
