@@ -25,8 +25,8 @@ the shrinking rule each step contributes ``g_t * delta_t``. ``inner_steps=1`` is
 Defaults (``base_lr=0.3``, and ``alpha_lr=1`` for the hypergradient rule) were chosen with
 ``benchmarks/bench_online_rates.py`` over a grid, on a small MLP and a tiny GPT-like model
 against Adam at lr 1e-3 (BENCHMARKS.md): after 300 steps the hypergradient rule ends below Adam's
-loss on the MLP and 2-3% above it on the transformer, where no setting of the grid beat Adam (rates
-of 0.5 and above diverge there). For transformers prefer Adam; elsewhere tune ``base_lr`` as
+loss on the MLP and 2-3% above it on the transformer, where no setting of the grid beat Adam
+(``base_lr=1``, or ``alpha_lr=100``, diverged there). For transformers prefer Adam; elsewhere tune ``base_lr`` as
 SGD's learning rate (the rate adaptation refines it, it does not replace it).
 """
 
