@@ -31,6 +31,7 @@ from metaoptimizer.rules import (
     scale,
     scale_by_schedule,
 )
+from metaoptimizer.rules.celo import CeloAdamRule, CeloRule
 from metaoptimizer.rules.features import FeatureConfig
 from metaoptimizer.schedules import CosineDecay, LearnedSchedule, warmup_cosine
 
@@ -80,6 +81,8 @@ RULE_DB: list[RuleInfo] = [
     RuleInfo("chain_adam_decay", lambda: chain(Adam(lr=0.01), add_decayed_weights(1e-3), scale(0.5))),
     RuleInfo("named_chain_cosine", lambda: named_chain(adam=Adam(lr=0.01), schedule=scale_by_schedule(
         warmup_cosine(2, 20)))),
+    RuleInfo("celo", lambda: CeloRule.pretrained(), budget_aware=True, reads_loss=True, meta_parameters=True),
+    RuleInfo("celo_adam", lambda: CeloAdamRule.pretrained(), budget_aware=True, reads_loss=True, meta_parameters=True),
     RuleInfo("learned_schedule", lambda: named_chain(sgd=SGD(lr=0.1), schedule=scale_by_schedule(
         LearnedSchedule(20, 4).initialise_as(CosineDecay(20)))), budget_aware=True, meta_parameters=True),
 ]

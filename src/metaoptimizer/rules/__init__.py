@@ -4,6 +4,7 @@ composable with :func:`chain` / :func:`named_chain` and the transforms."""
 from __future__ import annotations
 
 from metaoptimizer.rules.base import RULES, Params, UpdateRule, apply_updates, from_spec, to_spec
+from metaoptimizer.rules.celo import CeloAdamRule, CeloRule
 from metaoptimizer.rules.combine import Chain, NamedChain, chain, named_chain
 from metaoptimizer.rules.hand import HAND_RULES, SGD, Adam, AdamW, Momentum, RMSProp, make_hand_rule
 from metaoptimizer.rules.hierarchical import HierarchicalRule
@@ -19,6 +20,8 @@ __all__ = [
     "SGD",
     "Adam",
     "AdamW",
+    "CeloAdamRule",
+    "CeloRule",
     "Chain",
     "HierarchicalRule",
     "HypergradientRule",
