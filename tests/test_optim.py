@@ -800,6 +800,25 @@ def test_rules_without_a_kernel_run_their_own_update(rule):
     assert LearnedOptimizer(make_model().parameters(), rule()).kernel is None
 
 
+def test_a_hand_rule_without_a_kernel_says_so():
+    from metaoptimizer.rules import HypergradientRule
+
+    rule = HypergradientRule()
+    assert not rule.has_torch_kernel()
+    with pytest.raises(NotImplementedError, match="HypergradientRule has no torch kernel"):
+        rule.torch_step([], [], {}, 0)
+
+
+def test_tensor_hyperparameters_reach_the_kernel_as_numbers():
+    make = lambda: hand.Adam(lr=torch.tensor(1e-2), betas=(torch.tensor(0.9), 0.999))  # noqa: E731
+    fast, reference = make_model(), make_model()
+    opt = LearnedOptimizer(fast.parameters(), make())
+    assert opt.kernel == "foreach" and opt.defaults["betas"] == (pytest.approx(0.9), 0.999)
+    got = run(fast, opt, 10)
+    want = run(reference, LearnedOptimizer(reference.parameters(), make(), foreach=False), 10)
+    assert_close_lists(got, want)
+
+
 # --- schedulers that cycle momentum, and weight-decay groups -------------------------------------
 
 @pytest.mark.parametrize("foreach", [None, False])

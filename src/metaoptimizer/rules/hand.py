@@ -107,11 +107,9 @@ def _scaled(tensors: Mapping[str, Tensor], factor: Hyper) -> Params:
 
 def _step_counters(params: list[Tensor], count: int) -> list[Tensor]:
     """One step counter at ``count`` per parameter, on its device, as torch's fused kernels take
-    them (they increment each in place): views of one tensor where the parameters share a device."""
-    devices = {p.device for p in params}
-    if len(devices) == 1:
-        return list(torch.full((len(params),), float(count), device=devices.pop()).unbind())
-    return [torch.tensor(float(count), device=p.device) for p in params]
+    them (they increment each in place): views of one tensor, copied for parameters elsewhere."""
+    counters = torch.full((len(params),), float(count), device=params[0].device).unbind()
+    return [c if c.device == p.device else c.to(p.device) for c, p in zip(counters, params, strict=True)]
 
 
 def _advance(state: OptimizerState, step: int, **slots: Params) -> OptimizerState:
