@@ -73,7 +73,9 @@ class MetaOptimizer:
 
         ``rule_options`` keys ``inner_steps``, ``inner_lr`` and ``lr_mode`` ('per_parameter' is
         Meta-SGD, 'scalar' MAML with a learned scalar rate) configure it; ``second_order=False``
-        makes it first-order.
+        makes it first-order. For 'meta_sgd', ``compute_update`` and ``torch_optimizer`` use
+        ``self.rule`` instead, the online per-coordinate ``HypergradientRule`` (as
+        ``method='hypergradient'``), which does not read the learner's meta-trained rates.
         """
         if self.config.method not in ("meta_sgd", "warp_grad") or self.base_model is None:
             return None
@@ -173,6 +175,11 @@ class MetaOptimizer:
             if base_model is not None and base_model is not self.base_model:
                 raise ValueError(f"method={self.config.method!r} meta-trains the base_model it was built with")
             return self.learner.meta_train_step(list(episodes))
+        if self.config.method == "hypergradient":
+            raise ValueError(
+                "method='hypergradient' adapts its rates online while the model trains: it has nothing to "
+                "meta-train (method='meta_sgd' meta-trains per-parameter rates over episodes)"
+            )
         if self.meta_optimizer is None:
             raise ValueError(
                 f"method={self.config.method!r} needs a base_model to meta-train (its episode learner adapts it)"
