@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+from itertools import pairwise
 
 
 def within_cohort_slopes(losses: list[float], block: int, restart_jump: float) -> list[tuple[int, int, float, int]]:
     """(first step, last step, mean change per meta-step, changes counted) per block of steps."""
-    changes = [(i + 2, b - a) for i, (a, b) in enumerate(zip(losses, losses[1:]))]
+    changes = [(i + 2, b - a) for i, (a, b) in enumerate(pairwise(losses))]
     rows = []
     for start in range(0, len(changes), block):
         part = changes[start : start + block]

@@ -284,7 +284,7 @@ def test_pes_without_centre_gives_the_same_estimate_with_fewer_unrolls():
         return trainer, estimates
 
     reference = LSTMRule(hidden_size=4, num_layers=1)
-    with_centre, a = runs_and_rows(True)
+    _, a = runs_and_rows(True)
     without, b = runs_and_rows(False)
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x.grads, y.grads, rtol=1e-5, atol=1e-7)
