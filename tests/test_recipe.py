@@ -58,7 +58,7 @@ freeze = ["mlp.skip"]
 [[phases]]
 steps = 3
 train = ["mlp.skip"]
-init = { "mlp.biases.0" = 0.5 }
+init = { "mlp.biases.0" = 0.5, "mlp.skip" = 0.25 }  # a frozen and a trained one (never re-set on resume)
 
 [training]
 steps = 6
