@@ -339,3 +339,19 @@ def test_metaopt_meta_train_runs_the_recipe_config_and_resumes(tmp_path, recipe_
     assert "2 meta-steps run" in resumed.output
     assert [row["iteration"] for row in _log(out)] == [str(i) for i in range(1, 7)]
     assert load_checkpoint(out / "checkpoint.pt")["trainer"]["phase"] == 1
+
+
+def test_synchronised_full_es_runs_end_with_their_cohort():
+    from metaoptimizer.meta.estimators import FullES
+
+    trainer = MetaTrainer(
+        LSTMRule(hidden_size=4, num_layers=1), QuadraticFamily(dim=2), horizon=6, min_horizon=3, unroll_steps=2,
+        tasks_per_step=2, sync_runs=True, estimator=FullES(num_pairs=1),
+    )
+    for _ in range(3):
+        before = [run.task_index for run in trainer.runs]
+        horizon = trainer.cohort["horizon"]
+        assert trainer.runs[0].steps_left(2) == 2  # FullES ignores the truncation: the whole run at once
+        result = trainer.step()
+        assert result.inner_steps == 2 * 3 * horizon
+        assert [run.task_index for run in trainer.runs] != before and trainer.cohort["steps_done"] == 0

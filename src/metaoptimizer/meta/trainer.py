@@ -567,7 +567,8 @@ class MetaTrainer:
             ]
             return
         cohort = self.cohort
-        cohort["steps_done"] += min(self.unroll_steps, cohort["horizon"] - cohort["offset"] - cohort["steps_done"])
+        # Every run of the cohort (replacements included) stands at the same point of the horizon.
+        cohort["steps_done"] = max(run.offset + run.steps_done for run in self.runs) - cohort["offset"]
         if skipped or cohort["steps_done"] >= cohort["horizon"] - cohort["offset"]:
             self._new_cohort()
             self.runs = [self._new_run(run.slot, run_generator(run)) for run in self.runs]
