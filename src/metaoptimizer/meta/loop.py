@@ -231,6 +231,9 @@ def load_training_checkpoint(trainer: MetaTrainer, path: str | os.PathLike) -> i
 RULE_FIELDS = ("method", "hidden_size", "num_layers", "preconditioning", "coordinatewise", "preprocessing",
                "preprocess_p", "output_scale", "rule_options")
 SECTIONS = ("optimizer", "rule", "family", "families", "training", "estimator", "meta_optimizer", "phases")
+#: TrainingConfig fields that come from their own sections (the others are [training] keys).
+STRUCTURED_FIELDS = {"optimizer", "family", "family_options", "estimator_options", "rule", "families",
+                     "meta_optimizer", "meta_optimizer_options", "phases"}
 
 
 @dataclass
@@ -351,9 +354,7 @@ class TrainingConfig:
         if "name" not in family and (family or "families" not in data):
             raise ValueError(f"{source}: [family] needs a name, e.g. name = \"digits_mlp\"")
         training = dict(data.get("training", {}))
-        structured = {"optimizer", "family", "family_options", "estimator_options", "rule", "families",
-                      "meta_optimizer", "meta_optimizer_options", "phases"}
-        accepted = {f.name for f in fields(cls)} - structured
+        accepted = {f.name for f in fields(cls)} - STRUCTURED_FIELDS
         unknown = sorted(set(training) - accepted)
         if unknown:
             raise ValueError(f"{source}: unknown [training] keys {unknown}; accepted keys: {sorted(accepted)}")
@@ -378,9 +379,7 @@ class TrainingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML layout back (stored in checkpoint headers)."""
-        structured = {"optimizer", "family", "family_options", "estimator_options", "rule", "families",
-                      "meta_optimizer", "meta_optimizer_options", "phases"}
-        training = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in structured}
+        training = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in STRUCTURED_FIELDS}
         data: dict[str, Any] = {
             "optimizer": self.optimizer.to_dict(),
             "training": training,
