@@ -285,3 +285,24 @@ def test_default_step_equals_the_plain_cell_formula():
     expected = rule.output_scale * (rule.head(x).squeeze(-1) + directions @ rule.skip)
     torch.testing.assert_close(updates["w"].reshape(-1), expected.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(new_state.slots["hidden"]["w"], torch.stack(hidden).detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_compiled_cells_match_the_eager_ones():
+    """``backend='auto'`` compiles the cells of a large tensor without autograd; float32 to 1e-6."""
+    auto, eager = LSTMRule(momentum_decay=0.9, init_lr=0.01), LSTMRule(momentum_decay=0.9, init_lr=0.01, backend="eager")
+    eager.load_state_dict(auto.state_dict())
+    g = torch.Generator().manual_seed(5)
+    params = {"w": torch.randn(300, 250, generator=g)}
+    results = []
+    for rule in (auto, eager):
+        state, p, rows = rule.init(params), dict(params), []
+        with torch.no_grad():
+            for t in range(3):
+                grads = {"w": torch.randn(300, 250, generator=torch.Generator().manual_seed(t))}
+                updates, state = rule.update(grads, state, p)
+                p = {"w": p["w"] + updates["w"]}
+                rows.append(updates["w"])
+        results.append(rows)
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)

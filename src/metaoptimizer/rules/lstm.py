@@ -20,11 +20,17 @@ from torch import Tensor, nn
 from metaoptimizer._validation import check_choice, check_flag, check_positive, check_unit_interval
 from metaoptimizer.rules.base import Params, UpdateRule, check_slots, compute_dtype
 from metaoptimizer.rules.combine import NamedChain, named_chain
+from metaoptimizer.rules.fused import compiled
+from metaoptimizer.rules.mlp import COMPILE_MIN_NUMEL, autograd_needed
 from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.rules.transforms import scale_by_schedule
 from metaoptimizer.schedules import CosineDecay, LearnedSchedule, warmup_cosine
 
 PREPROCESSING = ("log_sign", "none")
+#: ``'auto'``: the cells of large tensors (at least :data:`~metaoptimizer.rules.mlp.COMPILE_MIN_NUMEL`
+#: coordinates) through ``torch.compile`` when no autograd graph is recorded, eager otherwise;
+#: ``'eager'``: always eager.
+BACKENDS = ("auto", "eager")
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 #: Coordinates per chunk when ``chunk_size`` is None: temporaries stay near
 #: ``DEFAULT_CHUNK_SIZE * (6 * hidden_size + inputs)`` floats (about 8 MB at H=20) at any model size.
@@ -67,8 +73,9 @@ class LSTMRule(UpdateRule):
     ``chunk_size`` processes a tensor's coordinates in chunks of that many (None:
     :data:`DEFAULT_CHUNK_SIZE`), bounding the size of temporaries at any model size.
     ``state_dtype`` stores hidden/cell state in a narrower type (``'bfloat16'`` halves state
-    memory). Arithmetic runs in float32 (float64 for float64
-    parameters, see :func:`compute_dtype`); updates come back in the parameters' dtype.
+    memory). Arithmetic runs in float32 (float64 for float64 parameters, see
+    :func:`compute_dtype`); updates come back in the parameters' dtype. ``backend``
+    (:data:`BACKENDS`) picks eager or compiled cells; both give the same numbers up to rounding.
     """
 
     name = "lstm"
@@ -88,6 +95,7 @@ class LSTMRule(UpdateRule):
         init_lr: float = 0.0,
         momentum_decay: float = 0.0,
         training_fraction: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         check_positive("hidden_size", hidden_size, integer=True)
@@ -96,6 +104,7 @@ class LSTMRule(UpdateRule):
         check_positive("output_scale", output_scale)
         check_unit_interval("rms_decay", rms_decay, closed_low=False)
         check_choice("preprocessing", preprocessing, PREPROCESSING)
+        check_choice("backend", backend, BACKENDS)
         check_flag("preconditioning", preconditioning)
         check_flag("training_fraction", training_fraction)
         if chunk_size is not None:
@@ -120,6 +129,7 @@ class LSTMRule(UpdateRule):
         self.momentum_decay = float(momentum_decay)
         self.training_fraction = training_fraction
         self.budget_aware = training_fraction
+        self.backend = backend
 
         # Direction features feed the cells and the skip path; the training fraction only the cells.
         direction_size = (2 if preprocessing == "log_sign" else 1) + int(preconditioning) + int(momentum_decay > 0)
@@ -272,14 +282,17 @@ class LSTMRule(UpdateRule):
             new_hidden, new_cell = (hidden, cell) if lr is not None else (torch.empty_like(hidden), torch.empty_like(cell))
             out = g.new_empty(g.shape[0])
             size = self._chunk_size(g.shape[0])
+            cells = type(self)._cells
+            if self.backend == "auto" and g.shape[0] >= COMPILE_MIN_NUMEL and not autograd_needed(self, grads, params):
+                cells = compiled(cells)
             for start in range(0, g.shape[0], size):
                 end = start + size
                 directions = self._features(
                     g[start:end], None if rms is None else rms[start:end],
                     None if momentum is None else momentum[start:end], step,
                 )
-                out[start:end] = self._cells(
-                    directions, hidden[:, start:end], cell[:, start:end], new_hidden[:, start:end],
+                out[start:end] = cells(
+                    self, directions, hidden[:, start:end], cell[:, start:end], new_hidden[:, start:end],
                     new_cell[:, start:end], progress, weights[dtype],
                 )
             slots["hidden"][name], slots["cell"][name] = new_hidden, new_cell
