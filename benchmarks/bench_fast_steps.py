@@ -1,6 +1,7 @@
 """Learned optimizer steps against their floors, in one process (issue 17, items 1, 2 and 5).
 
     python benchmarks/bench_fast_steps.py l2o  [--numel 10_000_000] [--device cpu|cuda]
+    python benchmarks/bench_fast_steps.py l2o-breakdown [--numel 10_000_000]
     python benchmarks/bench_fast_steps.py lstm [--numel 1_000_000] [--device cpu|cuda]
 
 ``l2o``: fused ``torch.optim.Adam`` (the reference; ``AdamW`` with ``--adamw``) against the default
@@ -8,7 +9,8 @@
 it through the torch adapter (``LearnedOptimizer``), called directly (``update`` then an in-place
 add), and its best path (``update_in_place``: one pass per tensor, nothing allocated); beside them
 the reference mode (``statistics='current'``, two passes). Prints seconds per step, the ratio to
-Adam, the state's floats per parameter and the compile seconds (first calls).
+Adam, the state's floats per parameter and the compile seconds (first calls). ``l2o-breakdown``
+times the one-pass kernel without parts of its arithmetic (see :func:`run_l2o_breakdown`).
 
 ``lstm``: the bare matrix products of the coordinatewise LSTM's default step (``[x, h] @ W`` per
 layer over every coordinate, same chunks, outputs preallocated) against the default step
@@ -72,18 +74,20 @@ def make_params(numel: int, device: str) -> list[torch.nn.Parameter]:
 
 
 def functional_step(rule, params: list[torch.nn.Parameter], in_place: bool) -> Callable[[], None]:
-    """The rule called directly: ``update`` then ``p += u`` (or ``update_in_place``)."""
+    """The rule called directly: ``update`` then ``p += u`` (or ``update_in_place``). Budget-aware
+    rules get a 10,000-step budget, rules that read the loss a constant loss."""
     named = {f"p{i}": p.detach() for i, p in enumerate(params)}
     grads = {f"p{i}": p.grad for i, p in enumerate(params)}
-    state = rule.init(named)
+    state = rule.init(named, num_steps=10_000 if rule.budget_aware else None)
+    loss = torch.tensor(1.0, device=params[0].device) if rule.reads_loss else None
 
     @torch.no_grad()
     def step() -> None:
         nonlocal state
         if in_place:
-            state = rule.update_in_place(grads, state, named)
+            state = rule.update_in_place(grads, state, named, loss=loss)
         else:
-            updates, state = rule.update(grads, state, named)
+            updates, state = rule.update(grads, state, named, loss=loss)
             torch._foreach_add_(list(named.values()), [updates[n] for n in named])
 
     step.state = lambda: state  # type: ignore[attr-defined]
@@ -120,6 +124,50 @@ def run_l2o(args: argparse.Namespace) -> dict[str, float]:
     floats = state_floats_per_param(steps["l2o update_in_place (best)"].state(), args.numel)  # type: ignore[attr-defined]
     print(f"l2o state: {floats:.4f} floats per parameter")
     return times
+
+
+def run_l2o_breakdown(args: argparse.Namespace) -> dict[str, float]:
+    """Where the one-pass l2o kernel's time goes: the in-place step recompiled without parts of its
+    arithmetic (a profile of a single fused kernel cannot split it), each against fused Adam.
+
+    Variants patch :mod:`metaoptimizer.rules.mlp` for this process only: ``no statistics sums``
+    replaces the per-tensor sums by constants, ``no exp`` drops the magnitude's exponential,
+    ``linear`` is ``num_layers=0``. Their numbers are meaningless; only their times are read.
+    """
+    from metaoptimizer.rules import fused, mlp
+
+    originals = (mlp.feature_moments, mlp.scaled_update)
+
+    def no_sums(features, with_means=False):
+        return None, torch.ones(len(features), dtype=features[0].dtype, device=features[0].device)
+
+    def no_exp(features, layers, skip, step_size, magnitude_scale, pointwise):
+        direction, magnitude = mlp.mlp_pointwise(features, layers, skip)
+        return (direction + magnitude) * step_size
+
+    variants = {
+        "full": ({}, originals),
+        "no statistics sums": ({}, (no_sums, originals[1])),
+        "no exp": ({}, (originals[0], no_exp)),
+        "neither": ({}, (no_sums, no_exp)),
+        "linear rule (num_layers=0)": ({"num_layers": 0}, originals),
+    }
+    results = {}
+    for name, (options, (moments, update)) in variants.items():
+        mlp.feature_moments, mlp.scaled_update = moments, update
+        fused.compiled.cache_clear()
+        torch._dynamo.reset()
+        steps = {
+            "fused Adam": torch.optim.Adam(make_params(args.numel, args.device), lr=1e-3, fused=True).step,
+            name: functional_step(MLPRule(**options), make_params(args.numel, args.device), in_place=True),
+        }
+        for fn in steps.values():
+            fn()
+        times = best_times(steps, args.device, args.repeats, args.rounds)
+        results[name] = times[name] / times["fused Adam"]
+        print(f"{name:30s} {times[name] * 1e3:9.2f} ms  {results[name]:6.2f}x fused Adam ({times['fused Adam'] * 1e3:.2f} ms)")
+    mlp.feature_moments, mlp.scaled_update = originals
+    return results
 
 
 def bare_products(rule: LSTMRule, numel: int, device: str) -> Callable[[], None]:
@@ -192,7 +240,7 @@ def run_lstm(args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=("l2o", "lstm"))
+    parser.add_argument("which", choices=("l2o", "l2o-breakdown", "lstm"))
     parser.add_argument("--numel", type=int, default=None, help="coordinates (l2o: 10M, lstm: 1M)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
@@ -203,8 +251,8 @@ def main() -> None:
     parser.add_argument("--no-compiled", action="store_true", help="lstm: skip the compiled cells")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    args.numel = args.numel or (10_000_000 if args.which == "l2o" else 1_000_000)
-    (run_l2o if args.which == "l2o" else run_lstm)(args)
+    args.numel = args.numel or (1_000_000 if args.which == "lstm" else 10_000_000)
+    {"l2o": run_l2o, "l2o-breakdown": run_l2o_breakdown, "lstm": run_lstm}[args.which](args)
 
 
 if __name__ == "__main__":
