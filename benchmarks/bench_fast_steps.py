@@ -235,6 +235,14 @@ def run_lstm(args: argparse.Namespace) -> dict[str, float]:
           f"threads={torch.get_num_threads()} torch={torch.__version__}")
     for name, seconds in times.items():
         print(f"{name:45s} {seconds * 1e3:9.2f} ms  {seconds / floor:6.2f}x")
+    if args.profile:
+        from torch.profiler import profile
+
+        step = functional_step(LSTMRule(backend="eager"), param(), in_place=False)
+        step()
+        with profile() as prof:
+            step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
     return times
 
 
@@ -249,6 +257,7 @@ def main() -> None:
     parser.add_argument("--adamw", action="store_true", help="l2o: fused AdamW as the reference")
     parser.add_argument("--skip-reference", action="store_true", help="l2o: skip the reference mode")
     parser.add_argument("--no-compiled", action="store_true", help="lstm: skip the compiled cells")
+    parser.add_argument("--profile", action="store_true", help="lstm: torch profiler of one eager step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.numel = args.numel or (1_000_000 if args.which == "lstm" else 10_000_000)

@@ -19,7 +19,8 @@ state carried over, the graph cut). Both sides read the same batches from the sa
 
 Prints each side's seconds per truncation and inner steps per second, the ratio (target: at least
 1.5x torchopt), the first truncation's meta-gradient on both sides (they compute the same thing)
-and, with ``--profile``, the torch profiler's top operators of one truncation of each side.
+and, with ``--profile``, the torch profiler's top operators of one truncation of each side
+(``--cprofile``: the metaoptimizer side by Python function).
 Without torchopt installed it says so and times metaoptimizer alone.
 """
 
@@ -149,12 +150,24 @@ def profile(side, label: str) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+def cprofile(side, truncations: int = 10) -> None:
+    """Python-level profile of the metaoptimizer side: where a truncation's time goes by function."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: [side.truncation() for _ in range(truncations)])
+    print(f"\ncProfile of {truncations} metaoptimizer truncations (cumulative, top 25)")
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--meta-steps", type=int, default=10, help="truncations per timed block")
     parser.add_argument("--rounds", type=int, default=3, help="timed blocks per side (best kept)")
     parser.add_argument("--nan-steps", type=int, default=10, help="truncations run with torchopt's default eps_root")
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="torch profiler: top operators of each side")
+    parser.add_argument("--cprofile", action="store_true", help="cProfile of the metaoptimizer side")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -183,6 +196,8 @@ def main() -> None:
     if args.profile:
         for name, side in sides.items():
             profile(side, name)
+    if args.cprofile:
+        cprofile(sides["metaoptimizer"])
 
 
 if __name__ == "__main__":
