@@ -1,4 +1,4 @@
-"""The l2o rule's fast paths pinned to their reference forms.
+"""The l2o and hierarchical rules' fast paths pinned to their reference forms.
 
 ``statistics='previous'`` (one pass per tensor) against a reference written with the two-pass
 helpers and last update's statistics; every backend and ``update_in_place`` against the
@@ -13,6 +13,7 @@ import torch
 
 from metaoptimizer.rules.base import apply_updates
 from metaoptimizer.rules.features import FeatureConfig, global_features, tensor_accumulators
+from metaoptimizer.rules.hierarchical import HierarchicalRule
 from metaoptimizer.rules.mlp import LAGGED_SLOTS, MLPRule, TensorPasses
 
 FACTORED = FeatureConfig(
@@ -154,3 +155,15 @@ def test_compiled_kernels_match_the_eager_reference():
         for t in range(4):
             state = auto.update_in_place(_grads(in_place, t), state, in_place)
     torch.testing.assert_close(in_place, expected_params, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_hierarchical_auto_backend_matches_the_eager_reference():
+    """The hierarchical rule's default ``backend='auto'`` compiles large tensors; float32 to 1e-6."""
+    params = _params(torch.float32, {"w": (300, 250), "b": (250,)})
+    auto, eager = HierarchicalRule(seed=1), HierarchicalRule(seed=1, backend="matmul")
+    eager.load_state_dict(auto.state_dict())
+    _, got = _run(auto, params, 3)
+    _, expected = _run(eager, params, 3)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

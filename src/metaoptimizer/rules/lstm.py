@@ -206,26 +206,36 @@ class LSTMRule(UpdateRule):
         }
 
     def _cells(
-        self, directions: Tensor, hidden: Tensor, cell: Tensor, new_hidden: Tensor, new_cell: Tensor,
-        progress: float | None, weights: dict[str, Any],
-    ) -> Tensor:
-        """The stacked cells on a batch of coordinates: writes the new state into ``new_hidden`` /
-        ``new_cell`` ((layers, batch, H), any dtype; may be ``hidden`` / ``cell`` themselves) and
-        returns the output. Per layer: one ``addmm`` over ``[x, h]``, one sigmoid over the three
-        sigmoid gates and one tanh, in place on the gate buffer."""
+        self, directions: Tensor, hidden: Tensor, cell: Tensor, progress: float | None, weights: dict[str, Any]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The stacked cells on a batch of coordinates, out of place: (output, new hidden, new cell),
+        the states of shape (layers, batch, H) in the compute dtype. One ``addmm`` per layer over
+        ``[x, h]`` and the stacked weights, one sigmoid over the three sigmoid gates."""
         H, dtype = self.hidden_size, directions.dtype
         x = directions
         if progress is not None:
             x = torch.cat([directions, directions.new_full((directions.shape[0], 1), progress)], dim=-1)
+        new_h, new_c = [], []
         for layer, (weight, bias) in enumerate(weights["layers"]):
             gates = torch.addmm(bias, torch.cat([x, hidden[layer].to(dtype)], dim=-1), weight)
-            sigmoids, candidate = gates[:, : 3 * H].sigmoid(), gates[:, 3 * H :].tanh()
+            sigmoids, candidate = gates[:, : 3 * H].sigmoid(), gates[:, 3 * H :].tanh()  # see _weights
             c = torch.addcmul(sigmoids[:, H : 2 * H] * cell[layer].to(dtype), sigmoids[:, :H], candidate)
-            h = sigmoids[:, 2 * H :] * torch.tanh(c)
-            new_cell[layer].copy_(c)
-            new_hidden[layer].copy_(h)
-            x = h
-        return torch.addmv(weights["head_bias"], x, weights["head_weight"]) + directions @ weights["skip"]
+            x = sigmoids[:, 2 * H :] * torch.tanh(c)
+            new_h.append(x)
+            new_c.append(c)
+        out = torch.addmv(weights["head_bias"], x, weights["head_weight"]) + directions @ weights["skip"]
+        return out, torch.stack(new_h), torch.stack(new_c)
+
+    def _cells_into(
+        self, directions: Tensor, hidden: Tensor, cell: Tensor, new_hidden: Tensor, new_cell: Tensor,
+        progress: float | None, weights: dict[str, Any],
+    ) -> Tensor:
+        """:meth:`_cells` writing the new state into ``new_hidden`` / ``new_cell`` (any dtype; they
+        may be ``hidden`` / ``cell`` themselves: every read comes first); returns the output."""
+        out, h, c = self._cells(directions, hidden, cell, progress, weights)
+        new_hidden.copy_(h)
+        new_cell.copy_(c)
+        return out
 
     def _chunk_size(self, numel: int) -> int:
         return min(numel, self.chunk_size or DEFAULT_CHUNK_SIZE)
@@ -279,22 +289,32 @@ class LSTMRule(UpdateRule):
                 accumulators["momentum"] = self.momentum_decay * old + (1.0 - self.momentum_decay) * g
             rms, momentum = accumulators.get("rms"), accumulators.get("momentum")
             hidden, cell = state.slots["hidden"][name], state.slots["cell"][name]
-            new_hidden, new_cell = (hidden, cell) if lr is not None else (torch.empty_like(hidden), torch.empty_like(cell))
-            out = g.new_empty(g.shape[0])
             size = self._chunk_size(g.shape[0])
-            cells = type(self)._cells
-            if self.backend == "auto" and g.shape[0] >= COMPILE_MIN_NUMEL and not autograd_needed(self, grads, params):
-                cells = compiled(cells)
-            for start in range(0, g.shape[0], size):
-                end = start + size
-                directions = self._features(
-                    g[start:end], None if rms is None else rms[start:end],
-                    None if momentum is None else momentum[start:end], step,
+            chunks = (  # a generator: one chunk's features at a time
+                (start, start + size, self._features(
+                    g[start : start + size], None if rms is None else rms[start : start + size],
+                    None if momentum is None else momentum[start : start + size], step,
+                ))
+                for start in range(0, g.shape[0], size)
+            )
+            fast = self.backend == "auto" and g.shape[0] >= COMPILE_MIN_NUMEL and not autograd_needed(self, grads, params)
+            if lr is None and not fast:  # out of place, what autograd and vmap need
+                results = [
+                    self._cells(x, hidden[:, a:b], cell[:, a:b], progress, weights[dtype]) for a, b, x in chunks
+                ]
+                out, new_hidden, new_cell = (
+                    parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
+                    for parts, axis in zip(zip(*results), (0, 1, 1), strict=True)
                 )
-                out[start:end] = cells(
-                    self, directions, hidden[:, start:end], cell[:, start:end], new_hidden[:, start:end],
-                    new_cell[:, start:end], progress, weights[dtype],
-                )
+                new_hidden, new_cell = new_hidden.to(hidden.dtype), new_cell.to(cell.dtype)
+            else:  # chunks written where they lie: in place, or into one new tensor per slot
+                cells = compiled(type(self)._cells_into) if fast else type(self)._cells_into
+                new_hidden, new_cell = (hidden, cell) if lr is not None else (torch.empty_like(hidden), torch.empty_like(cell))
+                out = g.new_empty(g.shape[0])
+                for a, b, x in chunks:
+                    out[a:b] = cells(
+                        self, x, hidden[:, a:b], cell[:, a:b], new_hidden[:, a:b], new_cell[:, a:b], progress, weights[dtype]
+                    )
             slots["hidden"][name], slots["cell"][name] = new_hidden, new_cell
             update = (self.output_scale * out).reshape(grad.shape).to(grad.dtype)
             for slot, value in accumulators.items():

@@ -34,6 +34,9 @@ otherwise) or ``'auto'`` (the default): compiled kernels for tensors of at least
 otherwise (small tensors cost per-call overhead either way, and tests never wait for a compiler).
 A compiler failure falls back to the eager form with one warning. All backends give the same
 numbers up to rounding.
+
+:meth:`MLPRule.update_in_place` is the deployment form (no autograd): the one pass writes the
+accumulators and ``param + lr * update`` where they lie, so a step allocates no full-size tensor.
 """
 
 from __future__ import annotations
