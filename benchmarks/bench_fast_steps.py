@@ -192,7 +192,7 @@ def compiled_cells(rule: LSTMRule, numel: int, device: str) -> Callable[[], None
     size = rule._chunk_size(numel)
     with torch.no_grad():
         weights = rule._weights(torch.float32)
-    cells = torch.compile(LSTMRule._cells)
+    cells = torch.compile(LSTMRule._cells_into)
     directions = torch.randn(numel, rule.input_weights[0].shape[0], device=device)
     hidden = torch.zeros(rule.num_layers, numel, rule.hidden_size, device=device)
     cell = torch.zeros_like(hidden)
