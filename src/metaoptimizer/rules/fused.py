@@ -72,6 +72,7 @@ class CompiledStep:
             self.compiled = torch.compile(fn, dynamic=True)
         except RuntimeError as error:  # torch.compile unsupported on this platform or Python
             self.failed = error
+            warnings.warn(f"torch.compile is unavailable ({error}); {self.name} runs eagerly", RuntimeWarning, stacklevel=2)
 
     def __call__(self, *args):
         if self.failed is not None:
