@@ -300,7 +300,7 @@ def test_bad_models_are_rejected():
 
 @pytest.mark.parametrize(
     "make",
-    [learner, lambda: WarpGradLearner(interleave_warps(tiny_regressor(), seed=0), inner_steps=2, loss="mse")],
+    [learner, lambda: WarpGradLearner(interleave_warps(tiny_regressor()), inner_steps=2, loss="mse")],
     ids=["gradient_learner", "warp_grad"],
 )
 def test_bad_episodes_are_rejected_by_both_episodic_learners(make):

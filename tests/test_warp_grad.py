@@ -494,6 +494,30 @@ def test_from_config_rejects_bad_configs(model, config, error, message):
         WarpGradLearner.from_config(model, config)
 
 
+def test_facade_keeps_the_users_model_and_exposes_the_warped_one(tmp_path):
+    from metaoptimizer import MetaOptimizer
+
+    plain = plain_mlp()
+    before = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    config = MetaOptimizerConfig(method="warp_grad", loss="mse", meta_lr=0.01, rule_options={"inner_steps": 2})
+    meta = MetaOptimizer(plain, config)
+    assert meta.base_model is plain and not hasattr(plain, "warp_layer_names")
+    warped = meta.warped_model
+    assert isinstance(warped, WarpedSequential) and warped is meta.learner.model and warped is not plain
+    x = torch.randn(5, 1)
+    torch.testing.assert_close(warped(x), plain(x))  # identity warps: the same function before meta-training
+    meta.meta_train_step(sinusoid_episodes(2))
+    for name, p in plain.named_parameters():  # meta-training changes the warped copy only
+        torch.testing.assert_close(p, before[name], rtol=0, atol=0)
+    assert not torch.equal(dict(warped.named_parameters())["0.weight"], before["0.weight"])
+    meta.save(tmp_path / "warp.pt")
+    restored = MetaOptimizer.load(tmp_path / "warp.pt", plain_mlp())
+    torch.testing.assert_close(restored.warped_model(x), warped(x))
+    already = warped_mlp()
+    assert MetaOptimizer(already, config).warped_model is already
+    assert MetaOptimizer(plain, MetaOptimizerConfig(method="meta_sgd")).warped_model is None
+
+
 # -- checkpoints ------------------------------------------------------------------------------
 
 

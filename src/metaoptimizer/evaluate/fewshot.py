@@ -22,7 +22,7 @@ import typer
 from torch import nn
 
 from metaoptimizer.config import MetaOptTrainResult, check_positive
-from metaoptimizer.meta.gradient_learner import GradientMetaLearner
+from metaoptimizer.meta.gradient_learner import EpisodicLearner, GradientMetaLearner
 from metaoptimizer.meta.warp_grad import WarpGradLearner
 from metaoptimizer.tasks.episodes import SinusoidSampler, TaskDistributionSampler, digits_sampler, omniglot_sampler
 from metaoptimizer.tasks.warp_models import interleave_warps
@@ -144,7 +144,7 @@ def meta_train(
 
 
 def evaluate_fewshot(
-    learner: GradientMetaLearner,
+    learner: EpisodicLearner,
     sampler: TaskDistributionSampler,
     *,
     episodes: int = 600,
@@ -163,6 +163,45 @@ def evaluate_fewshot(
         metric = "accuracy" if batch[0].is_classification else "mse"
         values += learner.evaluate(batch, steps)[metric]
     return metric, values
+
+
+@dataclass(frozen=True)
+class FewShotScore:
+    """Meta-test score of an episodic learner: ``metric`` ('accuracy' or 'mse') on each episode
+    (``values``), their ``mean`` and the half-width ``ci95`` of its 95% confidence interval."""
+
+    metric: str
+    mean: float
+    ci95: float
+    values: list[float]
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The 95% confidence interval ``(mean - ci95, mean + ci95)``."""
+        return self.mean - self.ci95, self.mean + self.ci95
+
+    def paired_difference(self, other: FewShotScore) -> tuple[float, float]:
+        """Mean and 95% CI half-width of ``self - other`` episode by episode (the same episodes)."""
+        if other.metric != self.metric or len(other.values) != len(self.values):
+            raise ValueError(
+                f"paired differences need the same metric and episodes: {self.metric} on {len(self.values)} "
+                f"vs {other.metric} on {len(other.values)}"
+            )
+        return mean_confidence_interval([a - b for a, b in zip(self.values, other.values)])
+
+
+def fewshot_score(
+    learner: EpisodicLearner,
+    sampler: TaskDistributionSampler,
+    *,
+    episodes: int = 600,
+    seed: int = 0,
+    steps: int | None = None,
+) -> FewShotScore:
+    """:func:`evaluate_fewshot` summarised with its 95% confidence interval."""
+    metric, values = evaluate_fewshot(learner, sampler, episodes=episodes, seed=seed, steps=steps)
+    mean, ci95 = mean_confidence_interval(values)
+    return FewShotScore(metric, mean, ci95, values)
 
 
 def run_method(
@@ -194,7 +233,7 @@ def run_method(
         "loss": "mse" if dataset == "sinusoid" else "cross_entropy", "gradient_clipping": gradient_clipping,
     }
     if method == "warp_grad":
-        learner = WarpGradLearner(interleave_warps(model, seed=seed), seed=seed, **common)
+        learner = WarpGradLearner(interleave_warps(model), seed=seed, **common)
     else:
         learner = GradientMetaLearner(model, lr_mode=METHODS[method], **common)
     start = time.perf_counter()
