@@ -30,7 +30,10 @@ from metaoptimizer.tasks.warp_models import interleave_warps
 #: Method name -> ``GradientMetaLearner`` lr_mode.
 #: Method -> the learning-rate mode of its GradientMetaLearner; ``warp_grad`` is a WarpGradLearner
 #: on the same model with warp layers interleaved (its preconditioning is learned, not a rate).
-METHODS = {"meta_sgd": "per_parameter", "maml_scalar_lr": "scalar", "maml": "fixed", "warp_grad": None}
+METHODS = {
+    "meta_sgd": "per_parameter", "maml_layer_lr": "per_tensor", "maml_scalar_lr": "scalar", "maml": "fixed",
+    "warp_grad": None,
+}
 DATASETS = ("sinusoid", "digits", "omniglot")
 #: Image side and number of conv blocks of the image learners (each block halves the side).
 IMAGE_LEARNERS = {"digits": (8, 2), "omniglot": (28, 4)}

@@ -4,16 +4,21 @@ The learner is a network whose layers are split in two: *task layers* (parameter
 to each episode's support set by an inner rule (SGD by default), and *warp layers* (parameters
 phi, see :mod:`metaoptimizer.tasks.warp_models`), held fixed while a task adapts. Because the task
 gradient is backpropagated through the warp layers, their Jacobians precondition it: phi shapes
-the geometry that gradient descent on theta sees.
+the geometry that gradient descent on theta sees. Warp layers start as the identity, so an
+untrained warped learner is its plain learner.
 
-Meta-objective (the paper's trajectory objective). Points theta_k are sampled along each inner
-trajectory and treated as constants (detached); at each sampled point the inner rule takes one
-step with the current phi and the query loss is measured after it::
+Meta-objective (the paper's trajectory objective). Each meta-step adapts the task layers to a
+batch of episodes and keeps points theta_k of the inner trajectories in a buffer (detached: they
+are constants; ``trajectory_samples`` points drawn per trajectory, or all of them). At each
+buffered point the inner rule takes one step with the current phi and the query loss is measured
+after it::
 
-    J(phi) = mean over episodes and sampled k of  L_query( theta_k + u(grad L_support(theta_k; phi)); phi )
+    J(phi) = mean over buffered (episode, k) of  L_query( theta_k + u(grad L_support(theta_k; phi)); phi )
 
-so the meta-gradient never backpropagates through the inner loop: its memory is that of one
-inner step whatever ``inner_steps`` is, and points are processed one at a time. The default
+The buffer is shuffled and split into meta-updates of ``points_per_update`` points (the paper's
+Algorithm 2 takes several meta-updates per batch of tasks), or used whole in one update. The
+meta-gradient never backpropagates through the inner loop: its autograd memory is that of one
+inner step whatever ``inner_steps`` is, and points are differentiated one at a time. The default
 (second-order) variant differentiates through that one step (a Hessian-vector product through
 the warp layers); ``first_order=True`` treats the step as a constant and differentiates only
 ``L_query(theta_{k+1}; phi)`` (the paper's Hessian-free approximation).
