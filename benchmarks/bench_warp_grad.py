@@ -17,11 +17,14 @@ the same held-out meta-test episodes (query accuracy, 95% CI, and the paired dif
   initialisation, the first version), ``warp_grad_fo`` (first-order objective),
   ``warp_grad_nowarp`` (the trajectory objective without warps), ``warp_grad_fixed_init``
   (warps only, the initialisation not meta-learned);
+* ``maml_warped``, ``meta_sgd_warped``: MAML / Meta-SGD on the warped architecture with every
+  layer adapted (capacity controls: Warp-Grad's network without its warp treatment);
 * ``no_meta_training``: the plain learner's random initialisation adapted with SGD (the floor).
 
 Scores are taken at every meta-step count in ``--eval-at`` (default: the end); with
-``--time-limit`` a method stops after the first milestone past that many seconds, so that runs on
-a machine of unknown speed still compare methods at equal budgets (the milestones all reached).
+``--time-limit`` a method skips the milestones that its pace so far says it would reach after
+that many seconds of meta-training, so that runs on a machine of unknown speed still compare
+methods at equal budgets (the milestones that all of them reached).
 ``--jobs`` runs methods in parallel processes (one torch thread each).
 
 ``memory``: one meta-step on the same meta-batch at 5, 20 and 50 inner steps for second-order
@@ -63,10 +66,11 @@ WARP_VARIANTS = {
     "warp_grad_nowarp": {"warps": False},
     "warp_grad_fixed_init": {"learn_init": False},
 }
-#: GradientMetaLearner baselines -> lr_mode (``maml_warped``: MAML on the warped architecture).
+#: GradientMetaLearner baselines -> lr_mode; the ``_warped`` ones run on Warp-Grad's warped
+#: architecture with every layer adapted (capacity controls).
 BASELINES = {
     "no_meta_training": "fixed", "maml": "fixed", "maml_scalar_lr": "scalar", "maml_layer_lr": "per_tensor",
-    "meta_sgd": "per_parameter", "maml_warped": "fixed",
+    "meta_sgd": "per_parameter", "maml_warped": "fixed", "meta_sgd_warped": "per_parameter",
 }
 METHODS = (*BASELINES, *WARP_VARIANTS)
 MEMORY_METHODS = ("maml", "warp_grad", "warp_grad_sampled")
@@ -82,8 +86,8 @@ def build(method: str, args: argparse.Namespace, inner_steps: int):
         init=init, seed=args.seed if init == "random" else None,
     ).to(args.device)
     if method in BASELINES:
-        model = warped() if method == "maml_warped" else plain
-        steps = inner_steps if method == "maml_warped" else args.baseline_inner_steps or inner_steps
+        model = warped() if method.endswith("_warped") else plain
+        steps = args.baseline_inner_steps or inner_steps
         return GradientMetaLearner(
             model, lr_mode=BASELINES[method], inner_steps=steps, inner_lr=args.inner_lr, meta_lr=args.meta_lr,
             first_order=args.baseline_first_order,
@@ -116,6 +120,8 @@ def run_accuracy(method: str, args: argparse.Namespace) -> dict:
     batches = samplers["train"].batches(args.meta_batch_size, args.seed)
     rows, losses, seconds, done = [], [], 0.0, 0
     for milestone in milestones:
+        if args.time_limit and done and seconds * milestone / done > args.time_limit:
+            break  # this milestone would end past the time limit at the pace so far
         start = time.perf_counter()
         while done < milestone:
             losses.append(learner.meta_train_step(next(batches)).meta_loss)
@@ -131,8 +137,6 @@ def run_accuracy(method: str, args: argparse.Namespace) -> dict:
             "final_meta_loss": statistics.fmean(tail) if tail else float("nan"), "skipped": learner.skipped,
         })
         print(f"{method} @ {milestone}: {100 * score.mean:.2f}% ± {100 * score.ci95:.2f} ({seconds:.0f} s)", flush=True)
-        if args.time_limit and seconds > args.time_limit:
-            break
     return {"method": method, "rows": rows}
 
 
