@@ -27,7 +27,8 @@ from metaoptimizer.evaluate import metrics
 from metaoptimizer.evaluate.baselines import TUNERS, Baseline, TuningResult, default_baselines, tune_lr
 from metaoptimizer.evaluate.cache import BaselineCache
 from metaoptimizer.evaluate.suites import Suite, SuiteEntry
-from metaoptimizer.rules.base import UpdateRule, apply_updates
+from metaoptimizer.meta.unroll import inner_step
+from metaoptimizer.rules.base import UpdateRule
 from metaoptimizer.tasks import make_family
 from metaoptimizer.tasks.base import Batch, Task, TaskFamily
 
@@ -105,7 +106,6 @@ def run_rule(
     if eval_every is not None:
         check_positive("eval_every", eval_every, integer=True)
     started = time.perf_counter()
-    rule.set_horizon(steps)
     if device is not None:
         rule = rule.to(device)
     params = {name: p.detach().to(device) for name, p in task.init_params(seed).items()}
@@ -117,7 +117,7 @@ def run_rule(
     evaluations: dict[int, dict[str, float]] = {}
     diverged_at = None
     with torch.no_grad():
-        state = rule.init(params)
+        state = rule.init(params, num_steps=steps)
     for step in range(1, steps + 1):
         if step - 1 in schedule:
             evaluations[step - 1] = _evaluate(task, params, valid)
@@ -132,8 +132,7 @@ def run_rule(
         train_loss[step - 1] = value
         with torch.no_grad():
             detached = {name: p.detach() for name, p in params.items()}
-            updates, state = rule.update(dict(zip(names, grads, strict=True)), state, detached, step)
-            params = apply_updates(detached, updates)
+            params, state = inner_step(rule.update, detached, state, dict(zip(names, grads, strict=True)), loss)
     if diverged_at is None:
         evaluations[steps] = _evaluate(task, params, valid)
     metric_names = list(next(iter(evaluations.values())))

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from metaoptimizer.config import META_OBJECTIVES, MetaOptTrainResult, OptimizerState, check_positive
 from metaoptimizer.meta.distributed import Communicator, SingleProcess
-from metaoptimizer.meta.step import apply_meta_gradient
+from metaoptimizer.meta.step import apply_estimate
 from metaoptimizer.meta.unroll import detach_params, unroll
 from metaoptimizer.meta.vectorized import (
     UnrollJob,
@@ -92,7 +92,7 @@ class TaskRun:
             task=task,
             task_index=task_index,
             params=params,
-            state=rule.init(params),
+            state=rule.init(params, num_steps=horizon),
             train_batches=ReplayableBatches(task.train_batches, seed),
             valid_batches=ReplayableBatches(task.valid_batches, seed),
             steps_done=0,
@@ -357,12 +357,6 @@ class MetaTrainer:
                 raise ValueError(f"min_horizon ({min_horizon}) must be <= horizon ({horizon})")
         if not meta_parameters(rule):
             raise ValueError(f"rule {type(rule).__name__} has no trainable meta-parameters: there is nothing to meta-train")
-        if rule.horizon is not None and min_horizon is not None:
-            raise ValueError(
-                f"rule {type(rule).__name__} is budget-aware (horizon={rule.horizon}): meta-train it with one "
-                "fixed horizon (min_horizon=None), since all runs share the rule's schedule"
-            )
-        rule.set_horizon(horizon)
         self.communicator = communicator or SingleProcess()
         if tasks_per_step < self.communicator.world_size:
             raise ValueError(
@@ -429,26 +423,17 @@ class MetaTrainer:
         rows = gather_slot_rows(local, self.slots, self.tasks_per_step, self.communicator)
         estimate = rows.mean(self.rule)
         self.inner_steps += estimate.inner_steps
-        norm, skipped = apply_meta_gradient(
-            self.meta_optimizer, list(meta_parameters(self.rule).values()), estimate.grads,
-            self.gradient_clipping, estimate.finite,
+        result = apply_estimate(
+            self.meta_optimizer, list(meta_parameters(self.rule).values()), estimate, self.gradient_clipping,
+            self.steps, self.skipped_steps,
         )
-        if skipped:
-            self.skipped_steps += 1
-        else:
-            self.steps += 1
+        self.steps, self.skipped_steps = result.steps, result.skipped_total
         # After a skipped step no run continues: their parameters may hold non-finite values.
         self.runs = [
-            self._new_run(run.slot, run_generator(run)) if skipped or run.finished else run for run in self.runs
+            self._new_run(run.slot, run_generator(run)) if result.skipped or run.finished else run
+            for run in self.runs
         ]
-        return MetaOptTrainResult(
-            meta_loss=estimate.meta_loss,
-            meta_grad_norm=norm,
-            skipped=skipped,
-            steps=self.steps,
-            skipped_total=self.skipped_steps,
-            inner_steps=estimate.inner_steps,
-        )
+        return result
 
     def train(self, num_steps: int, callback: Callable[[MetaOptTrainResult], None] | None = None) -> list[MetaOptTrainResult]:
         """Run ``num_steps`` meta-steps, calling ``callback`` after each."""

@@ -47,11 +47,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, OptimizerState, check_positive
+from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, check_positive
 from metaoptimizer.meta.gradient_learner import EpisodicLearner
 from metaoptimizer.meta.step import apply_meta_gradient
 from metaoptimizer.rules.base import Params, UpdateRule, apply_updates
 from metaoptimizer.rules.hand import HAND_RULES, make_hand_rule
+from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.tasks.base import LossFn, loss_fn
 from metaoptimizer.tasks.episodes import Episode
 from metaoptimizer.tasks.warp_models import interleave_warps
@@ -116,13 +117,14 @@ class TrajectoryPoint:
 
 
 def _inner_step(
-    forward: Forward, rule: UpdateRule, point: Params, state: OptimizerState, step: int, batch: tuple[Tensor, Tensor],
+    forward: Forward, rule: UpdateRule, point: Params, state: OptimizerState, batch: tuple[Tensor, Tensor],
     loss: LossFn, *, create_graph: bool,
 ) -> tuple[Params, OptimizerState]:
-    """One step of ``rule`` on ``batch`` from ``point`` (differentiable when ``create_graph``)."""
+    """One step of ``rule`` on ``batch`` from ``point`` (differentiable when ``create_graph``);
+    the rule sees the support loss too, for rules that read it."""
     support_loss = loss(forward(point, batch[0]), batch[1])
     grads = torch.autograd.grad(support_loss, list(point.values()), create_graph=create_graph, materialize_grads=True)
-    updates, state = rule.update(dict(zip(point, grads)), state, point, step + 1)
+    updates, state = rule.update(dict(zip(point, grads)), state, point, loss=support_loss.detach())
     return apply_updates(point, updates), state
 
 
@@ -135,15 +137,13 @@ def collect_trajectory(
     task parameters (detached)."""
     points = set(points)
     params = {n: p.detach() for n, p in init.items()}
-    state = rule.init(params)
+    state = rule.init(params, num_steps=steps)
     buffer: list[TrajectoryPoint] = []
     with torch.enable_grad():
         for k in range(steps):
             if k in points:
                 buffer.append(TrajectoryPoint(episode, k, params, state))
-            following, state = _inner_step(
-                forward, rule, _leaf(params), state, k, episode.support, loss, create_graph=False
-            )
+            following, state = _inner_step(forward, rule, _leaf(params), state, episode.support, loss, create_graph=False)
             params = {n: p.detach() for n, p in following.items()}
             state = state.detach()
     return buffer, params
@@ -166,7 +166,7 @@ def point_meta_gradient(
     with torch.enable_grad():
         start = _leaf(point.params)
         following, _ = _inner_step(
-            forward, rule, start, point.state, point.step, point.episode.support, loss, create_graph=not first_order
+            forward, rule, start, point.state, point.episode.support, loss, create_graph=not first_order
         )
         evaluated = _leaf(following) if first_order else following
         leaves = evaluated if first_order else start
