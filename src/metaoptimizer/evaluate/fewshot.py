@@ -1,9 +1,12 @@
-"""Few-shot evaluation of gradient meta-learners (MAML, MAML with a learned scalar rate, Meta-SGD).
+"""Few-shot evaluation of episodic meta-learners (MAML, MAML with learned scalar or per-layer
+rates, Meta-SGD, Warp-Grad).
 
 A run meta-trains each method from the same initial model on meta-train episodes, then adapts to
 held-out meta-test episodes (disjoint classes, or fresh sinusoids) and reports the query accuracy
-(classification) or MSE (regression) with a 95% confidence interval over episodes. Reports are
-markdown + JSON + a PNG; :func:`fewshot_command` is the ``metaopt fewshot`` command.
+(classification) or MSE (regression) with a 95% confidence interval over episodes
+(:func:`fewshot_score`, a :class:`FewShotScore`; ``MetaOptimizer.evaluate_fewshot`` is the same for
+facade users). Reports are markdown + JSON + a PNG; :func:`fewshot_command` is the
+``metaopt fewshot`` command.
 """
 
 from __future__ import annotations
