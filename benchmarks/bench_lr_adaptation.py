@@ -199,7 +199,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
 
     suite = heldout_suite(family=FAMILY, num_tasks=args.tasks, steps=args.steps, seeds=tuple(args.seeds))
     result = run_suite(suite, {"learned_schedule": lambda: rule}, baselines=adam_baselines(args.steps),
-                       reference="adam", progress=False)
+                       reference="adam")
     names = [b.name for b in adam_baselines(args.steps)]
     per_task = []
     for task in result.tasks:

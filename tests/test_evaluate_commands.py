@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from metaoptimizer import pretrained
 from metaoptimizer.config import MetaOptimizerConfig
-from metaoptimizer.evaluate.commands import load_optimizer, make_eval_command, parse_hand_spec
+from metaoptimizer.cli.eval import make_eval_command
+from metaoptimizer.evaluate.loading import load_optimizer, parse_hand_spec
 from metaoptimizer.facade import MetaOptimizer
 from metaoptimizer.rules.hand import Adam, Momentum
 from metaoptimizer.rules.lstm import LSTMRule
@@ -31,7 +32,7 @@ def test_eval_command_runs_an_injected_rule_and_writes_the_report(tmp_path):
         return Adam(lr=float(spec))
 
     args = ["eval", "--optimizer", "0.01", "--suite", "smoke", "--steps", "8", "--num-tasks", "1", "--seeds", "1",
-            "--out-dir", str(tmp_path), "--name", "my-adam", "--no-progress"]
+            "--out", str(tmp_path), "--name", "my-adam", "--no-progress"]
     outcome = CliRunner().invoke(app_with(loader), args)
     assert outcome.exit_code == 0, outcome.output
     assert loaded == ["0.01"]
@@ -49,7 +50,7 @@ def test_eval_command_runs_an_injected_rule_and_writes_the_report(tmp_path):
      (["--name", "adam"], "baseline's name"), (["--optimizer", "nonsense"], "not a pretrained name")],
 )
 def test_eval_command_reports_bad_options_cleanly(args, message, tmp_path):
-    base = {"--optimizer": "adam:lr=0.01", "--out-dir": str(tmp_path)}
+    base = {"--optimizer": "adam:lr=0.01", "--out": str(tmp_path)}
     for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     argv = ["eval", *[item for pair in base.items() for item in pair], "--no-progress"]
@@ -85,8 +86,19 @@ def test_load_optimizer_reads_a_pretrained_name(tmp_path, monkeypatch):
     meta = MetaOptimizer(config=MetaOptimizerConfig(hidden_size=3, num_layers=1))
     meta.save(tmp_path / "shipped.pt")
     monkeypatch.setattr(pretrained, "path", lambda name: tmp_path / "shipped.pt")
-    rule = load_optimizer(pretrained.available()[0])
+    rule = load_optimizer("lstm-digits-mlp")
     assert isinstance(rule, LSTMRule) and rule.hidden_size == 3
+
+
+def test_a_truncated_checkpoint_is_a_usage_error_that_says_so(tmp_path):
+    meta = MetaOptimizer(config=MetaOptimizerConfig(hidden_size=4, num_layers=1))
+    meta.save(tmp_path / "lstm.pt")
+    data = (tmp_path / "lstm.pt").read_bytes()
+    (tmp_path / "lstm.pt").write_bytes(data[: len(data) // 3])
+    argv = ["eval", "--optimizer", str(tmp_path / "lstm.pt"), "--out", str(tmp_path / "eval"), "--no-progress"]
+    outcome = CliRunner().invoke(app_with(load_optimizer), argv)
+    assert outcome.exit_code == 2
+    assert "truncated or corrupt" in outcome.output
 
 
 def test_load_optimizer_rejects_unknown_specs(tmp_path):
