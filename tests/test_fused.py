@@ -87,4 +87,4 @@ def test_a_compiled_step_falls_back_to_eager_once_with_a_warning(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert step.failed is not None
     with pytest.raises(TypeError):  # an error in the inputs still raises, from the eager function
-        step(features, weights)
+        step([*features[:-1], "not a tensor"], weights, skip)
