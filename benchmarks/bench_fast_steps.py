@@ -172,7 +172,7 @@ def run_l2o_breakdown(args: argparse.Namespace) -> dict[str, float]:
 
 def bare_products(rule: LSTMRule, numel: int, device: str) -> Callable[[], None]:
     """``[x, h] @ W`` for every layer over all coordinates in the rule's chunks, into preallocated outputs."""
-    size = rule._chunk_size(numel)
+    size = rule._chunk_size(numel, torch.device(device))
     with torch.no_grad():
         weights = rule._weights(torch.float32)["layers"]
     inputs = [torch.randn(size, w.shape[0], device=device) for w, _ in weights]
@@ -189,7 +189,7 @@ def bare_products(rule: LSTMRule, numel: int, device: str) -> Callable[[], None]
 
 def compiled_cells(rule: LSTMRule, numel: int, device: str) -> Callable[[], None]:
     """The rule's cells through ``torch.compile`` over the same chunks (state in place), features given."""
-    size = rule._chunk_size(numel)
+    size = rule._chunk_size(numel, torch.device(device))
     with torch.no_grad():
         weights = rule._weights(torch.float32)
     cells = torch.compile(LSTMRule._cells_into)
@@ -231,7 +231,8 @@ def run_lstm(args: argparse.Namespace) -> dict[str, float]:
     print(f"first calls (compilation included): {time.perf_counter() - start:.1f} s; {dict(COMPILE_SECONDS)}")
     times = best_times(steps, args.device, args.repeats, args.rounds)
     floor = next(iter(times.values()))
-    print(f"numel={args.numel:,} chunk={rule._chunk_size(args.numel)} device={args.device} "
+    chunk = rule._chunk_size(args.numel, torch.device(args.device))
+    print(f"numel={args.numel:,} chunk={chunk} device={args.device} "
           f"threads={torch.get_num_threads()} torch={torch.__version__}")
     for name, seconds in times.items():
         print(f"{name:45s} {seconds * 1e3:9.2f} ms  {seconds / floor:6.2f}x")
