@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from metaoptimizer.tasks.base import HELDOUT, TRAIN, ModuleTask, Task, TaskFamily, split_seed
 from metaoptimizer.tasks.digits import ClassifierFamily, DigitsCNNFamily, DigitsMLPFamily
+from metaoptimizer.tasks.general import GeneralTaskFamily
 from metaoptimizer.tasks.mnist import MNISTMLPFamily
 from metaoptimizer.tasks.quadratic import QuadraticFamily, QuadraticTask
 from metaoptimizer.tasks.sequence import CharRNNFamily, SequenceTask
@@ -14,6 +15,7 @@ FAMILIES: dict[str, type[TaskFamily]] = {
     "digits_cnn": DigitsCNNFamily,
     "char_rnn": CharRNNFamily,
     "mnist_mlp": MNISTMLPFamily,
+    "general": GeneralTaskFamily,
 }
 
 
@@ -32,6 +34,7 @@ __all__ = [
     "ClassifierFamily",
     "DigitsCNNFamily",
     "DigitsMLPFamily",
+    "GeneralTaskFamily",
     "MNISTMLPFamily",
     "ModuleTask",
     "QuadraticFamily",
