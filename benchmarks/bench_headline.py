@@ -32,17 +32,17 @@ from metaoptimizer.evaluate.report import write_report
 from metaoptimizer.evaluate.runner import run_suite
 from metaoptimizer.evaluate.suites import SUITES, make_suite
 from metaoptimizer.facade import MetaOptimizer
-from metaoptimizer.rules.hand import Adam
-from metaoptimizer.rules.lstm import LSTMRule
-from metaoptimizer.schedules import ScheduledRule, warmup_cosine
+from metaoptimizer.rules import Adam, NamedChain, named_chain, scale_by_schedule
+from metaoptimizer.schedules import warmup_cosine
 
 
-def without_lstm(rule: LSTMRule) -> LSTMRule:
-    """A copy of ``rule`` whose LSTM head outputs zero: the skip path under the schedule alone."""
+def without_lstm(rule: NamedChain) -> NamedChain:
+    """A copy of the budget-aware LSTM chain whose LSTM head outputs zero: the skip path under the
+    schedule alone."""
     rule = copy.deepcopy(rule)
     with torch.no_grad():
-        rule.head.weight.zero_()
-        rule.head.bias.zero_()
+        rule.members["lstm"].head.weight.zero_()
+        rule.members["lstm"].head.bias.zero_()
     return rule
 
 
@@ -60,9 +60,8 @@ def main() -> None:
     untrained = MetaOptimizer(None, DEMO_CONFIG).rule
     lr = DEMO_CONFIG.rule_options["init_lr"]
 
-    def adam_warmup_cosine(lr: float = lr) -> ScheduledRule:
-        # run_rule tells budget-aware rules the budget; this hand rule reads it from the suite.
-        return ScheduledRule(Adam(lr), warmup_cosine(max(1, round(0.05 * steps)), steps))
+    def adam_warmup_cosine(lr: float = lr) -> NamedChain:
+        return named_chain(adam=Adam(lr), schedule=scale_by_schedule(warmup_cosine(max(1, round(0.05 * steps)), steps)))
 
     optimizers = {
         "shipped": lambda: shipped,

@@ -43,7 +43,8 @@ from metaoptimizer.evaluate.suites import heldout_suite
 from metaoptimizer.hypergradient import HypergradientAdam
 from metaoptimizer.meta.trainer import MetaTrainer
 from metaoptimizer.rules.hand import Adam
-from metaoptimizer.schedules import CosineDecay, LearnedSchedule, ScheduledRule, warmup_cosine
+from metaoptimizer.rules import named_chain, scale_by_schedule
+from metaoptimizer.schedules import CosineDecay, LearnedSchedule, warmup_cosine
 from metaoptimizer.tasks import TRAIN, make_family
 from metaoptimizer.tasks.base import HELDOUT, Task
 
@@ -150,12 +151,17 @@ def bench_hypergradient(args: argparse.Namespace) -> dict:
     return {"beta": beta, "beta_scores": beta_scores, "rows": rows, "summary": summary, "seconds": seconds}
 
 
+def scheduled_adam(schedule):
+    """lr -> Adam(lr) with its updates scaled by ``schedule``."""
+    return lambda lr: named_chain(adam=Adam(lr=lr), schedule=scale_by_schedule(schedule))
+
+
 def adam_baselines(steps: int) -> list[Baseline]:
     warmup = max(1, steps // 10)
     return [
         Baseline("adam", lambda lr: Adam(lr=lr), ADAM_GRID),
-        Baseline("adam_cosine", lambda lr: ScheduledRule(Adam(lr=lr), CosineDecay(steps)), ADAM_GRID),
-        Baseline("adam_warmup_cosine", lambda lr: ScheduledRule(Adam(lr=lr), warmup_cosine(warmup, steps)), ADAM_GRID),
+        Baseline("adam_cosine", scheduled_adam(CosineDecay(steps)), ADAM_GRID),
+        Baseline("adam_warmup_cosine", scheduled_adam(warmup_cosine(warmup, steps)), ADAM_GRID),
     ]
 
 
@@ -178,7 +184,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     base_lr = base_lr_on_training_tasks(family, args.steps, args.beta_tasks)
     schedule = LearnedSchedule(total_steps=args.steps, num_knots=args.knots)
-    rule = ScheduledRule(Adam(lr=base_lr), schedule)
+    rule = named_chain(adam=Adam(lr=base_lr), schedule=scale_by_schedule(schedule))
     trainer = MetaTrainer(rule, family, meta_lr=args.meta_lr, unroll_steps=args.unroll, horizon=args.steps,
                           tasks_per_step=args.tasks_per_step, meta_objective=args.meta_objective,
                           second_order=args.second_order, seed=0)

@@ -119,12 +119,11 @@ def torch_adam(model: nn.Module, grads: dict[str, torch.Tensor], **kwargs):
 def rule_stepper(rule: UpdateRule, model: nn.Module, grads: dict[str, torch.Tensor]):
     """A ``torch.optim``-like step for ``rule``: update under no_grad, applied in place."""
     params = {name: p for name, p in model.named_parameters()}
-    holder = {"state": rule.init(params), "step": 0}
+    holder = {"state": rule.init(params)}
 
     def step() -> None:
         with torch.no_grad():
-            holder["step"] += 1
-            updates, holder["state"] = rule.update(grads, holder["state"], params, holder["step"])
+            updates, holder["state"] = rule.update(grads, holder["state"], params)
             for name, p in params.items():
                 p.add_(updates[name])
 

@@ -16,7 +16,7 @@ import torch
 
 from metaoptimizer.demo import DEMO_CONFIG, FAMILY
 from metaoptimizer.meta.trainer import MetaTrainer
-from metaoptimizer.rules import build_rule
+from metaoptimizer.config import build_rule
 from metaoptimizer.tasks import make_family
 
 

@@ -79,7 +79,7 @@ def test_optimizer_state_survives_a_checkpoint(tmp_path):
     save_checkpoint(tmp_path / "o.pt", kind="optimizer", payload={"optimizer": opt.state_dict()})
     fresh = LearnedOptimizer([torch.nn.Parameter(params[0].detach().clone())], hand.Adam(lr=0.1))
     fresh.load_state_dict(load_checkpoint(tmp_path / "o.pt", "optimizer")["optimizer"])
-    assert fresh.state[fresh.param_groups[0]["params"][0]].step_count == 3
+    assert int(fresh.state[fresh.param_groups[0]["params"][0]]["step"]) == 3
 
 
 # --- read errors -------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def test_shipped_checkpoint_loads_ready_to_use():
     assert meta.config.method == "lstm" and meta.meta_steps == pretrained.REGISTRY["lstm-digits-mlp"][1]
     # `metaopt pretrain` trains DEMO_CONFIG: the shipped file must be that configuration
     assert meta.config.to_dict() == DEMO_CONFIG.to_dict()
-    assert meta.rule.horizon == HORIZON
+    assert meta.rule.default_num_steps == HORIZON
 
 
 def test_unknown_pretrained_names_list_the_available_ones(tmp_path):

@@ -49,16 +49,19 @@ def test_unknown_fields_in_dict_are_rejected():
 
 def test_state_select_merge_detach_and_dict_round_trip():
     w = torch.ones(2, requires_grad=True)
-    a = OptimizerState(hidden={"a": w * 2}, step_count=3, slots={"m": {"a": torch.zeros(2)}})
-    b = OptimizerState(hidden={"b": torch.ones(1)}, step_count=3, slots={"m": {"b": torch.ones(1)}})
+    a = OptimizerState(step_count=3, num_steps=9, slots={"hidden": {"a": w * 2}, "m": {"a": torch.zeros(2)}})
+    b = OptimizerState(step_count=3, num_steps=9, slots={"lstm/hidden": {"b": torch.ones(1)}, "m": {"b": torch.ones(1)}})
     merged = OptimizerState.merge([a, b])
+    assert merged.num_steps == 9 and merged.schedule_step() == 3 and merged.replace(clock=5).schedule_step() == 5
+    assert merged.cell == {} and merged.per_param_lr == {}  # the spec's fields are views onto the slots
     assert set(merged.hidden) == {"a", "b"} and set(merged.slots["m"]) == {"a", "b"}
     assert set(merged.select(["b"]).slots["m"]) == {"b"}
     assert not merged.detach().hidden["a"].requires_grad
     assert OptimizerState.from_dict(merged.to_dict()).step_count == 3
+    assert merged.with_prefix("x/").member("x/").slots.keys() == merged.slots.keys()
     assert len(merged.tensors()) == 4
     assert merged.to(dtype=torch.float64).hidden["b"].dtype == torch.float64
-    assert OptimizerState.merge([]) == OptimizerState()
+    assert OptimizerState.merge([]) == OptimizerState() and OptimizerState().is_fresh()
     with pytest.raises(ValueError, match="step counts"):
         OptimizerState.merge([a, OptimizerState(step_count=1)])
     with pytest.raises(ValueError, match="OptimizerState"):

@@ -33,10 +33,11 @@ class LearnedLR(UpdateRule):
         super().__init__()
         self.log_lr = nn.Parameter(torch.tensor(math.log(lr)))
 
-    def init(self, params):
-        return OptimizerState()
+    def init(self, params, *, num_steps=None):
+        return OptimizerState(num_steps=num_steps)
 
-    def update(self, grads, state, params, step):
+    def update(self, grads, state, params, *, loss=None):
+        step, state = self.begin_update(grads, state, params, loss)
         return {n: -self.log_lr.exp() * g for n, g in grads.items()}, state.replace(step_count=step)
 
 

@@ -10,7 +10,6 @@ from metaoptimizer.evaluate.cache import KIND, BaselineCache
 from metaoptimizer.evaluate.runner import run_suite
 from metaoptimizer.evaluate.suites import Suite, SuiteEntry
 from metaoptimizer.rules.hand import SGD, Adam
-from metaoptimizer.rules.lstm import LSTMRule
 from metaoptimizer.tasks import QuadraticFamily
 
 SUITE = Suite("quad", "quadratics", (SuiteEntry("quadratic", "quadratic", (0, 1), 12, (0, 1)),))
@@ -74,12 +73,26 @@ def test_unreadable_entry_is_recomputed_with_a_warning(tmp_path):
     assert cache.misses == 4
 
 
+class BudgetSpy(SGD):
+    """SGD that records the budget each run's state carries."""
+
+    budget_aware = True
+
+    def __init__(self):
+        super().__init__(lr=0.01)
+        self.budgets = []
+
+    def init(self, params, *, num_steps=None):
+        self.budgets.append(num_steps)
+        return super().init(params, num_steps=num_steps)
+
+
 def test_runs_tell_budget_aware_rules_the_budget(tmp_path):
-    rule = LSTMRule(hidden_size=4, init_lr=0.01, momentum_decay=0.9, horizon=500)
-    run_suite(SUITE, {"lstm": lambda: rule}, baselines=[Baseline("adam", lambda lr: Adam(lr=lr), (1e-2,)),
-                                                         Baseline("sgd", lambda lr: SGD(lr=lr), (1e-2,))],
+    rule = BudgetSpy()
+    run_suite(SUITE, {"spy": lambda: rule}, baselines=[Baseline("adam", lambda lr: Adam(lr=lr), (1e-2,)),
+                                                        Baseline("sgd", lambda lr: SGD(lr=lr), (1e-2,))],
               family_factory=_family, progress=False)
-    assert rule.horizon == 12 and rule.schedule.total_steps == 12
+    assert rule.budgets and set(rule.budgets) == {12}
 
 
 def test_entry_holding_another_key_is_recomputed(tmp_path):

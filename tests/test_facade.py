@@ -129,7 +129,7 @@ def test_constructor_type_errors():
     with pytest.raises(TypeError, match="nn.Module"):
         MetaOptimizer("model")
     with pytest.raises(ValueError, match="base_model"):
-        MetaOptimizer(None).reset_optimizer_state()
+        MetaOptimizer(None).compute_update({})
 
 
 def _few_shot_episodes(n=2):
@@ -190,3 +190,36 @@ def test_warp_grad_needs_a_sequential_or_warped_model():
 def test_episode_methods_without_a_model_cannot_meta_train():
     with pytest.raises(ValueError, match="needs a base_model"):
         MetaOptimizer(None, MetaOptimizerConfig(method="meta_sgd")).meta_train_step(_few_shot_episodes())
+
+
+@pytest.mark.parametrize("method", ["lstm", "meta_sgd", "warp_grad", "l2o"])
+def test_the_spec_usage_works_for_every_method(method):
+    """``meta.compute_update(grads, OptimizerState())``, exactly as the spec writes it."""
+    from metaoptimizer import OptimizerState
+
+    model = _model()
+    meta = MetaOptimizer(model, MetaOptimizerConfig(method=method))
+    grads = {name: torch.ones_like(p) for name, p in meta.base_model.named_parameters()}
+    updates, state = meta.compute_update(grads, OptimizerState())
+    assert set(updates) == set(grads) and state.step_count == 1
+    assert all(torch.isfinite(u).all() for u in updates.values())
+
+
+def test_any_rule_is_saved_and_loaded_by_its_spec(tmp_path):
+    from metaoptimizer.checkpoint import load_checkpoint, save_checkpoint
+    from metaoptimizer.rules import Adam, budget_aware_lstm, named_chain, scale_by_schedule, to_spec
+    from metaoptimizer.schedules import CosineDecay
+
+    for rule in (named_chain(adam=Adam(lr=0.02), schedule=scale_by_schedule(CosineDecay(30))), budget_aware_lstm(40)):
+        meta = MetaOptimizer(_model(), rule=rule)
+        meta.save(tmp_path / "rule.pt")
+        loaded = MetaOptimizer.load(tmp_path / "rule.pt", _model())
+        assert to_spec(loaded.rule) == to_spec(rule)
+        for a, b in zip(loaded.rule.state_dict().values(), rule.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+    data = load_checkpoint(tmp_path / "rule.pt", expected_kind="metaoptimizer")
+    payload = {k: v for k, v in data.items() if k not in ("format", "kind", "version", "config")}
+    payload["rule_spec"] = {"rule": "no_such_rule", "hyperparameters": {}}
+    save_checkpoint(tmp_path / "bad.pt", kind="metaoptimizer", config=data["config"], payload=payload)
+    with pytest.raises(ValueError, match="holds a rule spec that cannot be rebuilt: unknown rule 'no_such_rule'"):
+        MetaOptimizer.load(tmp_path / "bad.pt")

@@ -34,7 +34,7 @@ RICH = FeatureConfig(
     rms_decays=(0.99, 0.9),
     factored_decays=(0.999, 0.8),
     features=FEATURE_KINDS,
-    num_steps=100,
+    training_fraction=True,
 )
 SHAPES = [(), (7,), (5, 3), (4, 3, 2, 2)]
 
@@ -100,7 +100,7 @@ def test_config_round_trips_through_dict():
         ({"factored_decays": (0.9,), "features": ("grad", "momentum", "rms")}, "are kept but no feature reads them"),
         ({"step_timescales": (1.0, 0.0)}, r"step_timescales\[1\] must be a number > 0"),
         ({"step_timescales": "10"}, "sequence of positive numbers"),
-        ({"num_steps": 0}, "num_steps must be an integer > 0"),
+        ({"training_fraction": 1}, "training_fraction must be True or False"),
         ({"eps": -1.0}, "eps must be a number > 0"),
         ({"state_dtype": "int8"}, "state_dtype='int8' is not supported"),
     ],
@@ -257,10 +257,16 @@ def test_bfloat16_state_is_rounded_but_computed_in_the_parameter_dtype():
 
 
 def test_global_features():
-    config = FeatureConfig(step_timescales=(1.0, 100.0), num_steps=10)
-    torch.testing.assert_close(global_features(5, config), torch.tensor([math.tanh(5.0), math.tanh(0.05), 0.5]))
-    assert global_features(50, config)[-1] == 1.0  # the fraction stays in [0, 1] past the horizon
-    assert global_features(1, FeatureConfig(), dtype=torch.float64).dtype == torch.float64
+    config = FeatureConfig(step_timescales=(1.0, 100.0), training_fraction=True)
+    state = OptimizerState(step_count=4, num_steps=10)
+    torch.testing.assert_close(global_features(5, state, config), torch.tensor([math.tanh(5.0), math.tanh(0.05), 0.4]))
+    past = OptimizerState(step_count=49, num_steps=10)
+    assert global_features(50, past, config)[-1] == 1.0  # the fraction stays in [0, 1] past the budget
+    late = OptimizerState(step_count=1, num_steps=10, clock=5)  # the run's clock, not the parameter's count
+    assert global_features(2, late, config)[-1] == pytest.approx(0.5)
+    assert global_features(1, state, FeatureConfig(), dtype=torch.float64).dtype == torch.float64
+    with pytest.raises(ValueError, match="training_fraction=True need the run's length"):
+        global_features(1, OptimizerState(), config)
 
 
 def test_check_update_inputs_names_the_problem():
@@ -268,23 +274,21 @@ def test_check_update_inputs_names_the_problem():
     params = {"w": torch.zeros(2, 3)}
     slots = init_slots(params, config)
     grads = {"w": torch.zeros(2, 3)}
-    check_update_inputs(grads, params, 1, slots, config)
-    for step in (0, 1.0, True):
-        with pytest.raises(ValueError, match="1-based index"):
-            check_update_inputs(grads, params, step, slots, config)
+    check_update_inputs(grads, params, slots, config)
     with pytest.raises(ValueError, match="unknown parameter 'x'"):
-        check_update_inputs({"x": torch.zeros(1)}, params, 1, slots, config)
+        check_update_inputs({"x": torch.zeros(1)}, params, slots, config)
     with pytest.raises(ValueError, match=r"has shape \(3, 2\) but the parameter has shape \(2, 3\)"):
-        check_update_inputs({"w": torch.zeros(3, 2)}, params, 1, slots, config)
+        check_update_inputs({"w": torch.zeros(3, 2)}, params, slots, config)
     with pytest.raises(TypeError, match="floating-point"):
-        check_update_inputs({"w": torch.zeros(2, 3, dtype=torch.long)}, params, 1, slots, config)
+        check_update_inputs({"w": torch.zeros(2, 3, dtype=torch.long)}, params, slots, config)
     with pytest.raises(ValueError, match="build the state with init"):
-        check_update_inputs(grads, params, 1, {}, config)
+        check_update_inputs(grads, params, {}, config)
 
 
 def test_state_numel_counts_by_kind():
     params = _params()
-    state = OptimizerState(slots=init_slots(params, RICH), hidden={"a": torch.zeros(3)}, cell={"a": torch.zeros(3)})
+    recurrent = {"lstm/hidden": {"a": torch.zeros(3)}, "tensor_cell": {"a": torch.zeros(3)}}
+    state = OptimizerState(slots={**init_slots(params, RICH), **recurrent})
     numel = sum(p.numel() for p in params.values())
     factored = sum(sum(matrix_shape(p.shape)) for p in params.values())
     assert state_numel(state) == {"per_coordinate": 4 * numel, "factored": 2 * factored, "recurrent": 6}

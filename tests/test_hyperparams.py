@@ -42,7 +42,7 @@ def run(rule, params, steps: int, loss=loss_fn):
     trajectory = []
     for step in range(1, steps + 1):
         grads = dict(zip(params, torch.autograd.grad(loss(params), list(params.values())), strict=True))
-        updates, state = rule.update(grads, state, params, step)
+        updates, state = rule.update(grads, state, params)
         params = apply_updates(params, updates)
         trajectory.append(params)
     return trajectory
@@ -126,7 +126,7 @@ def test_per_tensor_rule_refuses_unknown_parameters():
     rule = LearnedHyperparameters("sgd", 0.1, param_names=["a"], per_tensor=True)
     params = {"a": torch.zeros(2), "b": torch.zeros(2)}
     with pytest.raises(ValueError, match="no learned hyperparameters for \\['b'\\]"):
-        rule.update({"b": torch.ones(2)}, rule.init(params), params, 1)
+        rule.update({"b": torch.ones(2)}, rule.init(params), params)
 
 
 def test_noisy_line_task_loss_and_batches():

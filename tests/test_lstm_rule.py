@@ -5,7 +5,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metaoptimizer.rules.lstm import LSTMRule, log_sign_preprocess
+from pathlib import Path
+
+from metaoptimizer import pretrained
+from metaoptimizer.rules.lstm import LSTMRule, budget_aware_lstm, log_sign_preprocess
 
 SHAPES = {"vector": (5,), "matrix": (3, 4), "conv": (2, 3, 3, 3), "scalar": ()}
 
@@ -42,7 +45,7 @@ def test_update_runs_on_every_shape_and_keeps_per_coordinate_state(preprocessing
     params = _params()
     state = rule.init(params)
     grads = {n: torch.randn_like(p) for n, p in params.items()}
-    updates, new_state = rule.update(grads, state, params, 1)
+    updates, new_state = rule.update(grads, state, params)
     for name, p in params.items():
         assert updates[name].shape == p.shape
         assert new_state.hidden[name].shape == (2, p.numel(), 8)
@@ -58,8 +61,8 @@ def test_coordinates_are_independent_and_weights_shared():
     rule = LSTMRule(hidden_size=6)
     g = torch.randn(7)
     perm = torch.randperm(7)
-    u1, _ = rule.update({"w": g}, rule.init({"w": g}), {"w": g}, 1)
-    u2, _ = rule.update({"w": g[perm]}, rule.init({"w": g}), {"w": g}, 1)
+    u1, _ = rule.update({"w": g}, rule.init({"w": g}), {"w": g})
+    u2, _ = rule.update({"w": g[perm]}, rule.init({"w": g}), {"w": g})
     torch.testing.assert_close(u1["w"][perm], u2["w"])
 
 
@@ -71,18 +74,18 @@ def test_chunked_update_equals_unchunked_and_bfloat16_state_is_narrow():
     grads = {n: torch.randn_like(p) for n, p in params.items()}
     state, cstate = rule.init(params), chunked.init(params)
     for step in (1, 2, 3):
-        u, state = rule.update(grads, state, params, step)
-        cu, cstate = chunked.update(grads, cstate, params, step)
+        u, state = rule.update(grads, state, params)
+        cu, cstate = chunked.update(grads, cstate, params)
         for name in params:
             torch.testing.assert_close(u[name], cu[name])
     # meta-gradients through the chunked path equal the unchunked ones
-    meta = [torch.autograd.grad(sum(u.sum() for u in r.update(grads, r.init(params), params, 1)[0].values()),
+    meta = [torch.autograd.grad(sum(u.sum() for u in r.update(grads, r.init(params), params)[0].values()),
                                 list(r.parameters())) for r in (rule, chunked)]
     for a, b in zip(*meta, strict=True):
         torch.testing.assert_close(a, b)
     narrow = LSTMRule(hidden_size=8, state_dtype="bfloat16", chunk_size=5)
     s = narrow.init(params)
-    _, s = narrow.update(grads, s, params, 1)
+    _, s = narrow.update(grads, s, params)
     assert all(h.dtype == torch.bfloat16 for h in [*s.hidden.values(), *s.cell.values()])
 
 
@@ -98,7 +101,7 @@ def test_update_is_differentiable_twice():
     params = {n: p.requires_grad_() for n, p in _params(torch.float64).items()}
     loss = sum((p**2).sum() for p in params.values())
     grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), create_graph=True), strict=True))
-    updates, _ = rule.update(grads, rule.init(params), params, 1)
+    updates, _ = rule.update(grads, rule.init(params), params)
     total = sum(u.sum() for u in updates.values())
     meta = torch.autograd.grad(total, list(rule.parameters()), allow_unused=True, retain_graph=True)
     assert all(g is None or torch.isfinite(g).all() for g in meta)
@@ -144,27 +147,30 @@ def test_untrained_skip_path_with_momentum_is_adam():
     v = torch.zeros_like(params["w"])
     for step in range(1, 6):
         g = torch.randn_like(params["w"])
-        updates, state = rule.update({"w": g}, state, params, step)
+        updates, state = rule.update({"w": g}, state, params)
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * g * g
         expected = -lr * (m / (1 - beta1**step)) / torch.sqrt(v / (1 - beta2**step) + 1e-8)
         torch.testing.assert_close(updates["w"], expected)
-    assert set(state.slots) == {"rms", "momentum"}
+    assert set(state.slots) == {"hidden", "cell", "rms", "momentum"}
 
 
-def test_horizon_scales_updates_by_the_learned_warmup_cosine_schedule():
-    rule = LSTMRule(init_lr=0.01, momentum_decay=0.9, horizon=100, warmup_fraction=0.1).double()
-    _silence_lstm(rule)
+
+
+def test_budget_aware_lstm_scales_updates_by_the_learned_warmup_cosine_schedule():
+    rule = budget_aware_lstm(100, warmup_fraction=0.1, init_lr=0.01, momentum_decay=0.9).double()
+    _silence_lstm(rule.members["lstm"])
     plain = LSTMRule(init_lr=0.01, momentum_decay=0.9).double()
     _silence_lstm(plain)
     params = {"w": torch.randn(5, dtype=torch.float64)}
     state, plain_state = rule.init(params), plain.init(params)
+    assert state.num_steps == 100  # the schedule's length is the default budget
     factors = []
-    for step in range(1, 101):
+    for _ in range(100):
         g = {"w": torch.randn(5, dtype=torch.float64)}
         with torch.no_grad():
-            updates, state = rule.update(g, state, params, step)
-            reference, plain_state = plain.update(g, plain_state, params, step)
+            updates, state = rule.update(g, state, params)
+            reference, plain_state = plain.update(g, plain_state, params)
         factors.append(float(updates["w"][0] / reference["w"][0]))
     peak = max(range(100), key=factors.__getitem__)
     assert factors[0] == pytest.approx(0.01, rel=1e-6)  # floor of the schedule at step 0
@@ -172,57 +178,61 @@ def test_horizon_scales_updates_by_the_learned_warmup_cosine_schedule():
     assert factors[-1] < 0.05 and all(a >= b - 1e-9 for a, b in zip(factors[peak:], factors[peak + 1 :], strict=False))
 
 
-def test_set_horizon_stretches_the_schedule_and_feeds_progress():
-    rule = LSTMRule(horizon=50)
-    rule.set_horizon(200)
-    assert rule.horizon == 200 and rule.schedule.total_steps == 200
-    assert rule.hyperparameters()["horizon"] == 200
-    # the progress feature is an input of the cells: changing the horizon changes the update
-    params = {"w": torch.randn(6)}
-    grads = {"w": torch.randn(6)}
-    first, _ = rule.update(grads, rule.init(params), params, 40)
-    rule.set_horizon(50)
-    second, _ = rule.update(grads, rule.init(params), params, 40)
-    assert not torch.allclose(first["w"], second["w"])
-    with pytest.raises(ValueError, match="steps"):
-        rule.set_horizon(0)
-    unaware = LSTMRule()
-    unaware.set_horizon(10)
-    assert unaware.horizon is None
+def test_the_budget_in_the_state_stretches_the_schedule_and_feeds_the_cells():
+    rule = budget_aware_lstm(50)
+    params, grads = {"w": torch.randn(6)}, {"w": torch.randn(6)}
+    at = lambda num_steps, count: rule.update(  # noqa: E731
+        grads, rule.init(params, num_steps=num_steps).replace(step_count=count), params
+    )[0]["w"]
+    assert not torch.allclose(at(200, 39), at(50, 39))
+    # the cells alone read the fraction too: without the schedule the updates still differ
+    lstm = rule.members["lstm"]
+    cells = lambda num_steps: lstm.update(grads, lstm.init(params, num_steps=num_steps).replace(step_count=39), params)  # noqa: E731
+    assert not torch.allclose(cells(200)[0]["w"], cells(50)[0]["w"])
+    with pytest.raises(ValueError, match="budget-aware: pass the run's length"):
+        lstm.init(params)
 
 
 @pytest.mark.parametrize(
-    ("kw", "match"),
+    ("make", "match"),
     [
-        ({"momentum_decay": 1.0}, "momentum_decay"),
-        ({"momentum_decay": 0.9, "preconditioning": False}, "preconditioning"),
-        ({"horizon": 0}, "horizon"),
-        ({"horizon": 10, "schedule_knots": 0}, "schedule_knots"),
-        ({"warmup_fraction": 1.5}, "warmup_fraction"),
+        (lambda: LSTMRule(momentum_decay=1.0), "momentum_decay"),
+        (lambda: LSTMRule(momentum_decay=0.9, preconditioning=False), "preconditioning"),
+        (lambda: LSTMRule(training_fraction=1), "training_fraction"),
+        (lambda: budget_aware_lstm(0), "num_steps"),
+        (lambda: budget_aware_lstm(10, schedule_knots=0), "schedule_knots"),
+        (lambda: budget_aware_lstm(10, warmup_fraction=1.5), "warmup_fraction"),
     ],
 )
-def test_bad_momentum_and_horizon_options_raise(kw, match):
+def test_bad_momentum_and_budget_options_raise(make, match):
     with pytest.raises(ValueError, match=match):
-        LSTMRule(**kw)
+        make()
 
 
 def test_budget_aware_rule_is_differentiable_in_its_schedule():
-    rule = LSTMRule(init_lr=0.01, momentum_decay=0.9, horizon=20)
+    rule = budget_aware_lstm(20, init_lr=0.01, momentum_decay=0.9)
     params = {"w": torch.randn(4)}
-    updates, _ = rule.update({"w": torch.randn(4)}, rule.init(params), params, 5)
-    grads = torch.autograd.grad(updates["w"].sum(), [rule.schedule.log_knots, rule.skip])
+    updates, _ = rule.update({"w": torch.randn(4)}, rule.init(params), params)
+    knots = rule.members["schedule"].schedule.log_knots
+    grads = torch.autograd.grad(updates["w"].sum(), [knots, rule.members["lstm"].skip])
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
-def test_bad_update_calls_name_the_problem():
-    rule = LSTMRule(hidden_size=4)
-    params = {"w": torch.zeros(3)}
-    state = rule.init(params)
-    with pytest.raises(ValueError, match="shape"):
-        rule.update({"w": torch.zeros(4)}, state, params, 1)
-    with pytest.raises(ValueError, match="unknown parameter"):
-        rule.update({"v": torch.zeros(3)}, state, params, 1)
-    with pytest.raises(ValueError, match="1-based"):
-        rule.update({"w": torch.zeros(3)}, state, params, 0)
-    with pytest.raises(ValueError, match="init"):
-        rule.update({"w": torch.zeros(3)}, rule.init({}), params, 1)
+def test_shipped_rule_as_a_named_chain_reproduces_the_monolithic_rule():
+    """Updates of the shipped ``lstm-digits-mlp`` equal those its pre-chain form (an LSTM with a
+    built-in schedule) recorded in ``tests/data`` over 60 steps, up to float rounding (the schedule
+    factor is now applied after ``output_scale`` instead of with it)."""
+    reference = torch.load(Path(__file__).parent / "data" / "lstm_digits_mlp_updates.pt", weights_only=True)
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+        rule = pretrained.load("lstm-digits-mlp").rule.to(dtype)
+        g = torch.Generator().manual_seed(0)
+        params = {"w": torch.randn(7, 5, generator=g, dtype=dtype), "b": torch.randn(5, generator=g, dtype=dtype)}
+        state = rule.init(params, num_steps=50)
+        rows = []
+        for t in range(60):
+            grads = {k: torch.randn(v.shape, generator=g, dtype=dtype) * (1 + t) ** -0.5 for k, v in params.items()}
+            with torch.no_grad():
+                updates, state = rule.update(grads, state, params)
+            params = {k: params[k] + updates[k] for k in params}
+            rows.append(torch.cat([updates["w"].flatten(), updates["b"].flatten()]))
+        torch.testing.assert_close(torch.stack(rows), reference[str(dtype)], rtol=tolerance, atol=tolerance * 1e-3)

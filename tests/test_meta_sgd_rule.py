@@ -39,7 +39,7 @@ def run(rule, params, steps, state=None):
     history = []
     for _ in range(steps):
         grads = gradients(params)
-        updates, state = rule.update(grads, state, params, state.step_count + 1)
+        updates, state = rule.update(grads, state, params)
         params = apply_updates(params, updates)
         history.append((grads, state))
     return params, state, history
@@ -116,11 +116,11 @@ def test_alpha_is_clamped():
     params = {"p": torch.tensor([1.0, -1.0])}
     state = rule.init(params)
     aligned = {"p": torch.tensor([1.0, 1.0])}
-    _, state = rule.update(aligned, state, params, 1)
-    _, state = rule.update({"p": torch.tensor([1.0, -1.0])}, state, params, 2)
+    _, state = rule.update(aligned, state, params)
+    _, state = rule.update({"p": torch.tensor([1.0, -1.0])}, state, params)
     clamped = torch.tensor([2.0, 1e-3])
     torch.testing.assert_close(state.per_param_lr["p"], clamped)  # +g*g pushes up, -g*g pushes down
-    updates, state = rule.update({"p": torch.tensor([3.0, 3.0])}, state, params, 3)
+    updates, state = rule.update({"p": torch.tensor([3.0, 3.0])}, state, params)
     torch.testing.assert_close(state.per_param_lr["p"], clamped)
     assert state.step_count == 3
     torch.testing.assert_close(updates["p"], torch.tensor([-6.0, -3e-3]))
@@ -147,9 +147,9 @@ def test_rule_is_differentiable_in_its_inputs():
     params = {"p": torch.tensor([0.5, -0.25], requires_grad=True)}
     state = rule.init(params)
     grads = {"p": 2 * params["p"]}
-    updates, state = rule.update(grads, state, params, 1)
+    updates, state = rule.update(grads, state, params)
     new_params = apply_updates(params, updates)
-    updates, state = rule.update({"p": 2 * new_params["p"]}, state, new_params, 2)
+    updates, state = rule.update({"p": 2 * new_params["p"]}, state, new_params)
     (gradient,) = torch.autograd.grad(apply_updates(new_params, updates)["p"].sum(), params["p"])
     assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
 
@@ -179,8 +179,8 @@ def test_learned_optimizer_state_dict_round_trip():
     train(clone, resumed, 5)
     for p, q in zip(model.parameters(), clone.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
-    rates = [optimizer.state[p].per_param_lr for p in model.parameters()]
-    assert any(not torch.allclose(r, torch.full_like(r, 0.05)) for rate in rates for r in rate.values())
+    rates = [optimizer.state[p]["alpha"] for p in model.parameters()]
+    assert any(not torch.allclose(r, torch.full_like(r, 0.05)) for r in rates)
 
 
 def test_hyperparameters_rebuild_the_rule():
@@ -226,12 +226,9 @@ def test_bad_updates_are_rejected():
     params = {"p": torch.zeros(2)}
     state = rule.init(params)
     with pytest.raises(ValueError, match="unknown parameter 'q'"):
-        rule.update({"q": torch.zeros(2)}, state, params, 1)
+        rule.update({"q": torch.zeros(2)}, state, params)
     with pytest.raises(ValueError, match="has shape \\(3,\\)"):
-        rule.update({"p": torch.zeros(3)}, state, params, 1)
-    with pytest.raises(ValueError, match="1-based"):
-        rule.update({"p": torch.zeros(2)}, state, params, 0)
-    with pytest.raises(ValueError, match="per_param_lr"):
-        rule.update({"p": torch.zeros(2)}, state.replace(per_param_lr={}), params, 1)
-    with pytest.raises(ValueError, match="init\\(params\\)"):
-        rule.update({"p": torch.zeros(2)}, OptimizerState(), params, 1)
+        rule.update({"p": torch.zeros(3)}, state, params)
+    advanced = state.replace(step_count=1)
+    with pytest.raises(ValueError, match=r"no \['alpha'\] entry for 'p'; build the state with MetaSGDRule.init"):
+        rule.update({"p": torch.zeros(2)}, advanced.replace(slots={**state.slots, "alpha": {}}), params)

@@ -13,9 +13,10 @@ from torch import nn
 from metaoptimizer import optim
 from metaoptimizer.config import OptimizerState
 from metaoptimizer.optim import LearnedOptimizer
-from metaoptimizer.rules import hand
+from metaoptimizer.rules import hand, named_chain, scale_by_schedule
 from metaoptimizer.rules.base import UpdateRule
-from metaoptimizer.rules.lstm import LSTMRule
+from metaoptimizer.rules.lstm import LSTMRule, budget_aware_lstm
+from metaoptimizer.schedules import CosineDecay
 
 X = torch.randn(32, 5, generator=torch.Generator().manual_seed(1))
 Y = torch.randn(32, 2, generator=torch.Generator().manual_seed(2))
@@ -64,10 +65,12 @@ class Recorder(UpdateRule):
         super().__init__()
         self.calls = []
 
-    def init(self, params):
-        return OptimizerState(slots={"seen": {n: torch.zeros((), device=p.device) for n, p in params.items()}})
+    def init(self, params, *, num_steps=None):
+        seen = {n: torch.zeros((), device=p.device) for n, p in params.items()}
+        return OptimizerState(num_steps=num_steps, slots={"seen": seen})
 
-    def update(self, grads, state, params, step):
+    def update(self, grads, state, params, *, loss=None):
+        step, state = self.begin_update(grads, state, params, loss)
         self.calls.append((sorted(grads), step, state.running_loss))
         seen = {n: state.slots["seen"][n] + 1 for n in grads}
         return {n: -0.1 * g for n, g in grads.items()}, state.replace(step_count=step, slots={"seen": seen})
@@ -117,7 +120,7 @@ def test_equals_the_functional_rule_bitwise(name):
         loss = nn.functional.mse_loss(torch.func.functional_call(reference, params, (X,)), Y)
         grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
         with torch.no_grad():
-            updates, state = rule.update(grads, state, params, step)
+            updates, state = rule.update(grads, state, params)
         params = {n: p.detach().add(updates[n]).requires_grad_() for n, p in params.items()}
     assert_bitwise(got, list(params.values()))
 
@@ -162,7 +165,7 @@ def test_zero_lr_keeps_parameters_but_advances_state():
     opt = LearnedOptimizer(model.parameters(), hand.Adam(), lr=0.0)
     after = run(model, opt, 3)
     assert_bitwise(after, before)
-    assert all(opt.state[p].step_count == 3 for p in model.parameters())
+    assert all(int(opt.state[p]["step"]) == 3 for p in model.parameters())
 
 
 def test_missing_gradients_skip_parameters_like_torch_adam():
@@ -189,9 +192,9 @@ def test_one_rule_call_per_step_count_and_untouched_state_without_grad():
         (["g0.p0", "g0.p3"], 2, None),
         (["g0.p2"], 1, None),
     ]
-    assert {p: opt.state[p].step_count for p in params} == {params[0]: 2, params[1]: 1, params[2]: 1, params[3]: 2}
-    assert set(opt.state[params[0]].slots["seen"]) == {"g0.p0"}
-    assert opt.state[params[0]].slots["seen"]["g0.p0"].item() == 2
+    assert {p: int(opt.state[p]["step"]) for p in params} == {params[0]: 2, params[1]: 1, params[2]: 1, params[3]: 2}
+    assert set(opt.state[params[0]]) == {"step", "seen"}
+    assert opt.state[params[0]]["seen"].item() == 2
 
 
 def test_no_gradients_at_all_is_a_no_op():
@@ -221,8 +224,8 @@ def test_add_param_group_matches_torch():
     got, opt = scenario(lambda groups: LearnedOptimizer(groups, hand.Adam(lr=1e-2)))
     want, _ = scenario(lambda groups: torch.optim.Adam(groups, lr=1e-2))
     assert_close_lists(got, want)
-    assert [opt.state[p].step_count for p in opt.param_groups[1]["params"]] == [7, 7]
-    assert list(opt.state[opt.param_groups[1]["params"][0]].slots["exp_avg"]) == ["g1.p0"]
+    assert [int(opt.state[p]["step"]) for p in opt.param_groups[1]["params"]] == [7, 7]
+    assert set(opt.state[opt.param_groups[1]["params"][0]]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
 # --- closures and the running loss ------------------------------------------------------------
@@ -247,7 +250,8 @@ def test_closure_returns_loss_and_feeds_an_exponential_average():
     expected.append(0.5 * expected[1] + 0.5 * losses[2])
     assert [call[2] for call in rule.calls] == pytest.approx(expected)
     assert opt.running_loss == pytest.approx(expected[-1])
-    assert opt.state[next(model.parameters())].running_loss == pytest.approx(expected[-1])
+    assert opt.state_dict()["running_loss"] == pytest.approx(expected[-1])
+    assert opt.clock == 3
 
 
 # --- non-finite values --------------------------------------------------------------------------
@@ -292,7 +296,7 @@ def test_nonfinite_skip_counts_and_changes_nothing():
     assert all(opt.state[p] is states[p] for p in params)
     run(model, opt, 1)
     assert opt.skipped_steps == 1
-    assert all(opt.state[p].step_count == 3 for p in params)
+    assert all(int(opt.state[p]["step"]) == 3 for p in params)
 
 
 def test_nonfinite_on_first_step_creates_no_state():
@@ -411,9 +415,9 @@ def test_resume_from_state_dict_gives_identical_trajectory(make_rule):
     assert fresh_opt.param_groups[1]["lr"] == opt.param_groups[1]["lr"]
     for p, q in zip(fresh.parameters(), model.parameters(), strict=True):
         ours, theirs = fresh_opt.state[p], opt.state[q]
-        assert ours.step_count == theirs.step_count == 20
-        for a, b in zip(ours.tensors(), theirs.tensors(), strict=True):
-            assert a.dtype == b.dtype and torch.equal(a, b)
+        assert int(ours["step"]) == int(theirs["step"]) == 20 and ours.keys() == theirs.keys()
+        for key in ours:
+            assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key])
 
 
 def test_state_dict_is_plain_and_keeps_counters():
@@ -425,8 +429,8 @@ def test_state_dict_is_plain_and_keeps_counters():
     opt.step()
     state_dict = through_disk(opt.state_dict())
     assert state_dict["rule"] == "adam" and state_dict["skipped_steps"] == 1
-    assert state_dict["state"][0]["step_count"] == 2
-    assert set(state_dict["state"][0]["slots"]["exp_avg"]) == {"g0.p0"}
+    assert int(state_dict["state"][0]["step"]) == 2 and state_dict["clock"] == 2  # a skipped step is no step
+    assert set(state_dict["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
     fresh = LearnedOptimizer(make_model().parameters(), hand.Adam())
     fresh.load_state_dict(state_dict)
     assert fresh.skipped_steps == 1
@@ -446,8 +450,8 @@ def test_load_state_dict_rejects_mismatches():
         LearnedOptimizer(model[0].parameters(), hand.Adam()).load_state_dict(good)
     with pytest.raises(ValueError, match="parameter id 7"):
         LearnedOptimizer(model.parameters(), hand.Adam()).load_state_dict({**good, "state": {7: good["state"][0]}})
-    with pytest.raises(ValueError, match=r"\(\'g0\.p1\'\) holds entries for \['g0\.p0'\]"):
-        LearnedOptimizer(model.parameters(), hand.Adam()).load_state_dict({**good, "state": {1: good["state"][0]}})
+    with pytest.raises(ValueError, match=r"\('g0\.p1'\) must be a dict of tensors with a 'step' entry"):
+        LearnedOptimizer(model.parameters(), hand.Adam()).load_state_dict({**good, "state": {1: {"exp_avg": 1.0}}})
 
 
 def test_deepcopy_continues_identically():
@@ -471,8 +475,8 @@ def test_rule_with_meta_parameters_runs_without_building_a_graph():
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert all(w.grad is None for w in rule.parameters())
     state = opt.state[model[0].weight]
-    assert state.hidden["g0.p0"].shape == (2, model[0].weight.numel(), 6)
-    assert all(not t.requires_grad for t in state.tensors())
+    assert state["hidden"].shape == (2, model[0].weight.numel(), 6)
+    assert all(not t.requires_grad for t in state.values())
 
 
 def test_rule_on_another_device_is_a_clear_error():
@@ -492,10 +496,11 @@ class Hoarder(UpdateRule):
 
     name = "hoarder"
 
-    def init(self, params):
+    def init(self, params, *, num_steps=None):
         return OptimizerState(slots={"first_param": dict(params), "last_grad": dict(params)})
 
-    def update(self, grads, state, params, step):
+    def update(self, grads, state, params, *, loss=None):
+        step, state = self.begin_update(grads, state, params, loss)
         slots = {**state.slots, "last_grad": dict(grads)}
         return {n: -0.1 * g for n, g in grads.items()}, state.replace(step_count=step, slots=slots)
 
@@ -509,18 +514,18 @@ def test_state_does_not_alias_parameters_or_gradients_mutated_in_place():
     opt.step()
     opt.zero_grad(set_to_none=False)
     state = opt.state[model[0].weight]
-    torch.testing.assert_close(state.slots["last_grad"]["g0.p0"], grad)
-    torch.testing.assert_close(state.slots["first_param"]["g0.p0"], initial)
+    torch.testing.assert_close(state["last_grad"], grad)
+    torch.testing.assert_close(state["first_param"], initial)
     assert not torch.equal(model[0].weight.detach(), initial)
 
 
 class Flaky(Recorder):
     """Fails on the first update of a parameter that joins after others have started."""
 
-    def update(self, grads, state, params, step):
-        if step == 1 and self.calls:
+    def update(self, grads, state, params, *, loss=None):
+        if state.step_count == 0 and self.calls:
             raise RuntimeError("rule failed")
-        return super().update(grads, state, params, step)
+        return super().update(grads, state, params, loss=loss)
 
 
 def test_a_failing_rule_call_leaves_parameters_and_state_unchanged():
@@ -537,20 +542,20 @@ def test_a_failing_rule_call_leaves_parameters_and_state_unchanged():
 
 
 class WrongStep(Recorder):
-    def update(self, grads, state, params, step):
-        updates, new = super().update(grads, state, params, step)
+    def update(self, grads, state, params, *, loss=None):
+        updates, new = super().update(grads, state, params, loss=loss)
         return updates, new.replace(step_count=0)
 
 
 class Stranger(Recorder):
-    def update(self, grads, state, params, step):
-        updates, new = super().update(grads, state, params, step)
-        return updates, new.replace(hidden={"elsewhere": torch.zeros(1)})
+    def update(self, grads, state, params, *, loss=None):
+        updates, new = super().update(grads, state, params, loss=loss)
+        return updates, new.replace(slots={**new.slots, "seen": {"elsewhere": torch.zeros(1)}})
 
 
 @pytest.mark.parametrize(
     ("rule", "message"),
-    [(WrongStep(), "step_count=0 for step=1"), (Stranger(), "unknown parameter 'elsewhere'")],
+    [(WrongStep(), "step_count=0 after update 1"), (Stranger(), "unknown parameter 'elsewhere'")],
 )
 def test_rules_breaking_the_contract_are_reported(rule, message):
     model = make_model()
@@ -619,12 +624,58 @@ def test_public_names():
     assert issubclass(LearnedOptimizer, torch.optim.Optimizer)
 
 
-def test_total_steps_sets_the_horizon_of_a_budget_aware_rule_and_its_absence_warns():
+def test_total_steps_is_the_budget_of_a_budget_aware_rule_and_its_absence_warns():
     model = make_model()
-    rule = LSTMRule(hidden_size=4, init_lr=0.01, momentum_decay=0.9, horizon=200)
-    LearnedOptimizer(model.parameters(), rule, total_steps=1000)
-    assert rule.horizon == 1000
-    with pytest.warns(UserWarning, match="total_steps"):
-        LearnedOptimizer(model.parameters(), rule)
-    with pytest.raises(ValueError, match="steps"):
+    rule = budget_aware_lstm(200, hidden_size=4, init_lr=0.01, momentum_decay=0.9)
+    opt = LearnedOptimizer(model.parameters(), rule, total_steps=1000)
+    run(model, opt, 1)
+    assert opt.total_steps == 1000 and rule.default_num_steps == 200  # the rule is not changed
+    with pytest.warns(UserWarning, match="plans for 200 updates.*total_steps"):
+        assert LearnedOptimizer(model.parameters(), rule).total_steps == 200
+    with pytest.raises(ValueError, match="num_steps must be an integer > 0"):
         LearnedOptimizer(model.parameters(), rule, total_steps=0)
+    with pytest.raises(ValueError, match="budget-aware: pass the run's length"):
+        LearnedOptimizer(model.parameters(), LSTMRule(hidden_size=4, training_fraction=True))
+
+
+def test_late_parameters_follow_the_optimizer_clock():
+    """A parameter that joins late gets the run's point of a budget-aware schedule, not its own."""
+    rule = named_chain(sgd=hand.SGD(lr=1.0), schedule=scale_by_schedule(CosineDecay(10)))
+    early, late = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    opt = LearnedOptimizer([early], rule, total_steps=10)
+    for step in range(6):
+        if step == 4:
+            opt.add_param_group({"params": [late]})
+        before = late.detach().clone()
+        early.grad, late.grad = torch.ones(1), torch.ones(1)
+        opt.step()
+    assert int(opt.state[late]["step"]) == 2 and opt.clock == 6
+    assert float((before - late).detach()) == pytest.approx(CosineDecay(10)(5))
+
+
+def test_step_passes_the_loss_to_rules_that_read_it():
+    model = make_model()
+    rule = LossReader()
+    opt = LearnedOptimizer(model.parameters(), rule)
+    loss = loss_of(model)
+    loss.backward()
+    opt.step(loss=loss)
+    opt.step(closure_for(model, opt))
+    assert rule.losses[0] == loss.item() and len(rule.losses) == 2
+    with pytest.raises(ValueError, match=r"reads the training loss: call optimizer.step\(closure\)"):
+        opt.step()
+    with pytest.raises(ValueError, match="either a closure or loss="):
+        opt.step(closure_for(model, opt), loss=1.0)
+
+
+class LossReader(Recorder):
+    name = "loss_reader"
+    reads_loss = True
+
+    def __init__(self):
+        super().__init__()
+        self.losses = []
+
+    def update(self, grads, state, params, *, loss=None):
+        self.losses.append(float(loss))
+        return super().update(grads, state, params, loss=loss)

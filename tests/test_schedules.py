@@ -11,9 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.optim.lr_scheduler import CosineAnnealingLR, CosineAnnealingWarmRestarts, CyclicLR
 
-from metaoptimizer.config import OptimizerState
-from metaoptimizer.rules.base import UpdateRule, apply_updates
-from metaoptimizer.rules.hand import SGD, Adam
 from metaoptimizer.schedules import (
     CosineDecay,
     CosineRestarts,
@@ -21,7 +18,6 @@ from metaoptimizer.schedules import (
     ExponentialWarmup,
     LearnedSchedule,
     LinearWarmup,
-    ScheduledRule,
     ScheduleLR,
     Sequential,
     check_step,
@@ -223,57 +219,6 @@ def test_schedule_lr_refuses_mismatched_state():
         ScheduleLR(opt, CosineDecay(10)).load_state_dict(learned)
 
 
-def quadratic_params() -> dict[str, torch.Tensor]:
-    return {"w": torch.tensor([1.0, -2.0, 3.0]), "b": torch.tensor(0.5)}
-
-
-def test_scheduled_rule_scales_base_updates_by_the_schedule():
-    schedule = CosineDecay(4)
-    rule = ScheduledRule(Adam(lr=0.1), schedule)
-    base = Adam(lr=0.1)
-    params = quadratic_params()
-    state, base_state = rule.init(params), base.init(params)
-    for step in range(1, 6):
-        grads = {n: 2 * p for n, p in params.items()}
-        updates, state = rule.update(grads, state, params, step)
-        expected, base_state = base.update(grads, base_state, params, step)
-        for name in params:
-            torch.testing.assert_close(updates[name], expected[name] * schedule(step - 1))
-        assert state.step_count == step
-        params = apply_updates(params, updates)
-    assert list(rule.parameters()) == []
-
-
-def test_scheduled_rule_meta_parameters_are_the_learned_schedule():
-    schedule = LearnedSchedule(total_steps=10, num_knots=3)
-    rule = ScheduledRule(SGD(lr=0.1), schedule)
-    assert [p for p in rule.parameters()] == [schedule.log_knots]
-    params = {"w": torch.tensor([2.0, -1.0])}
-    state = rule.init(params)
-    loss = None
-    for step in range(1, 4):
-        grads = {"w": 2 * params["w"].detach()}
-        updates, state = rule.update(grads, state, params, step)
-        params = apply_updates(params, updates)
-        loss = (params["w"] ** 2).sum()
-    (grad,) = torch.autograd.grad(loss, schedule.log_knots)
-    assert grad[0] < 0  # larger early steps lower the loss of this quadratic
-    assert torch.isfinite(grad).all()
-
-
-def test_scheduled_rule_trains_with_meta_trainer():
-    from metaoptimizer.meta.trainer import MetaTrainer
-    from metaoptimizer.tasks.quadratic import QuadraticFamily
-
-    schedule = LearnedSchedule(total_steps=20, num_knots=2, init_factor=0.1)
-    rule = ScheduledRule(SGD(lr=0.01), schedule)
-    trainer = MetaTrainer(rule, QuadraticFamily(), meta_lr=0.05, unroll_steps=10, horizon=20, seed=0)
-    before = schedule.log_knots.detach().clone()
-    results = trainer.train(6)
-    assert not any(r.skipped for r in results)
-    assert not torch.equal(before, schedule.log_knots.detach())
-
-
 def test_check_step():
     assert check_step(3) == 3
     with pytest.raises(ValueError, match=">= 0"):
@@ -310,8 +255,6 @@ def test_check_step():
         (lambda: LearnedSchedule(10, num_knots=0), "num_knots"),
         (lambda: LearnedSchedule(10, init_factor=-1.0), "init_factor"),
         (lambda: LearnedSchedule(10, monotone=1), "monotone"),
-        (lambda: ScheduledRule(Adam(), "cosine"), "callable"),
-        (lambda: ScheduledRule(torch.nn.Linear(1, 1), CosineDecay(3)), "UpdateRule"),
         (lambda: ScheduleLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), 0.5), "callable"),
     ],
 )
@@ -350,22 +293,3 @@ def test_cyclic_stays_between_its_bounds(step, up, down):
     assert 0.2 - 1e-12 <= value <= 0.9 + 1e-12
 
 
-def test_scheduled_rule_refuses_step_zero():
-    rule = ScheduledRule(SGD(lr=0.1), CosineDecay(3))
-    params = {"w": torch.ones(2)}
-    with pytest.raises(ValueError, match="1-based"):
-        rule.update({"w": torch.ones(2)}, rule.init(params), params, 0)
-
-
-def test_scheduled_rule_wraps_any_update_rule():
-    class Constant(UpdateRule):
-        def init(self, params):
-            return OptimizerState()
-
-        def update(self, grads, state, params, step):
-            return {n: torch.ones_like(g) for n, g in grads.items()}, state.replace(step_count=step)
-
-    rule = ScheduledRule(Constant(), LinearWarmup(2))
-    params = {"w": torch.zeros(1)}
-    updates, _ = rule.update({"w": torch.zeros(1)}, rule.init(params), params, 2)
-    assert float(updates["w"]) == pytest.approx(0.5)

@@ -20,7 +20,7 @@ from metaoptimizer.meta.trainer import (
 from metaoptimizer.meta.unroll import detach_params, unroll
 from metaoptimizer.meta.vectorized import flatten_meta
 from metaoptimizer.rules.hand import SGD
-from metaoptimizer.rules.lstm import LSTMRule
+from metaoptimizer.rules.lstm import LSTMRule, budget_aware_lstm
 from metaoptimizer.tasks.quadratic import QuadraticFamily
 
 
@@ -258,12 +258,12 @@ def test_other_bad_arguments():
                     communicator=Four(rank=0, world_size=4))
 
 
-def test_budget_aware_rule_gets_the_horizon_and_refuses_staggered_horizons():
-    rule = LSTMRule(hidden_size=4, init_lr=0.01, momentum_decay=0.9, horizon=500)
-    MetaTrainer(rule, QuadraticFamily(dim=3), horizon=30)
-    assert rule.horizon == 30 and rule.schedule.total_steps == 30
-    with pytest.raises(ValueError, match="budget-aware"):
-        MetaTrainer(rule, QuadraticFamily(dim=3), horizon=30, min_horizon=10)
+def test_each_run_tells_a_budget_aware_rule_its_own_horizon():
+    rule = budget_aware_lstm(500, hidden_size=4, init_lr=0.01, momentum_decay=0.9)
+    trainer = MetaTrainer(rule, QuadraticFamily(dim=3), horizon=30, min_horizon=10, tasks_per_step=4, seed=1)
+    assert all(run.state.num_steps == run.horizon for run in trainer.runs)
+    assert len({run.horizon for run in trainer.runs}) > 1 and rule.default_num_steps == 500  # the rule is unchanged
+    assert not trainer.step().skipped
 
 
 def test_meta_lr_scales_set_per_prefix_learning_rates():

@@ -132,9 +132,9 @@ class SpySGD(SGD):
         super().__init__(lr)
         self.seen: list[set[str]] = []
 
-    def update(self, grads, state, params, step):
+    def update(self, grads, state, params, *, loss=None):
         self.seen.append(set(grads))
-        return super().update(grads, state, params, step)
+        return super().update(grads, state, params)
 
 
 def test_adaptation_updates_only_task_layers_like_torch_sgd_with_frozen_warps():

@@ -1,34 +1,28 @@
-"""Validated configuration and the optimizer state shared by every update rule."""
+"""``MetaOptimizerConfig``: the spec's thin front, validated, and the rule it builds.
+
+(``OptimizerState`` lives in :mod:`metaoptimizer.rules.state`; it is re-exported here for the
+spec's imports.)
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-import torch.utils._pytree as pytree
-from torch import Tensor
+from metaoptimizer._validation import check_choice as _check_choice
+from metaoptimizer._validation import check_positive
+from metaoptimizer.rules import SGD, HierarchicalRule, LSTMRule, MetaSGDRule, MLPRule, UpdateRule
+from metaoptimizer.rules.lstm import PREPROCESSING, budget_aware_lstm
+from metaoptimizer.rules.state import OptimizerState
 
 METHODS = ("lstm", "meta_sgd", "warp_grad", "l2o")
-PREPROCESSING = ("log_sign", "none")
 META_OBJECTIVES = ("train_loss", "valid_loss", "log_train_loss", "log_valid_loss")
+L2O_ARCHITECTURES = {"mlp": MLPRule, "hierarchical": HierarchicalRule}
 
-
-def _check_choice(name: str, value: Any, accepted: tuple) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name}={value!r} is not supported; accepted values: {', '.join(map(repr, accepted))}")
-
-
-def check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
-    """Raise ValueError unless ``value`` is a finite positive number (an int when ``integer``)."""
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float)):
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
-    bad = value < 0 if allow_zero else value <= 0
-    if bad or value != value or value in (float("inf"), float("-inf")):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {kind} {bound}, got {value!r}")
+__all__ = ["METHODS", "META_OBJECTIVES", "MetaOptTrainResult", "MetaOptimizerConfig", "OptimizerState",
+           "build_rule", "check_positive"]
 
 
 @dataclass
@@ -93,84 +87,6 @@ class MetaOptimizerConfig:
 
 
 @dataclass
-class OptimizerState:
-    """State of an update rule over a dict of parameters (name -> tensor).
-
-    ``hidden`` and ``cell`` hold recurrent rules' per-coordinate state, ``per_param_lr`` learned
-    per-parameter rates, ``slots`` any other accumulator keyed by slot then parameter name
-    (for example ``slots['exp_avg'][name]``). ``step_count`` counts applied updates and
-    ``running_loss`` is an exponential average of observed losses, when the caller reports them.
-    The state is a pytree, so ``torch.utils._pytree`` maps, detaches and flattens it.
-    """
-
-    hidden: dict[str, Tensor] = field(default_factory=dict)
-    cell: dict[str, Tensor] = field(default_factory=dict)
-    step_count: int = 0
-    running_loss: float | None = None
-    per_param_lr: dict[str, Tensor] = field(default_factory=dict)
-    slots: dict[str, dict[str, Tensor]] = field(default_factory=dict)
-
-    def replace(self, **changes: Any) -> OptimizerState:
-        return dataclasses.replace(self, **changes)
-
-    def map_tensors(self, fn) -> OptimizerState:
-        """Apply ``fn`` to every tensor in the state, leaving other leaves unchanged."""
-        return pytree.tree_map(lambda x: fn(x) if isinstance(x, Tensor) else x, self)
-
-    def detach(self) -> OptimizerState:
-        """Cut the autograd graph (used at truncation boundaries)."""
-        return self.map_tensors(lambda t: t.detach())
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> OptimizerState:
-        return self.map_tensors(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
-
-    def tensors(self) -> list[Tensor]:
-        return [x for x in pytree.tree_leaves(self) if isinstance(x, Tensor)]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A plain nested dict (safe for ``torch.save`` and ``weights_only`` loading); tensors are shared."""
-        return pytree.tree_map(lambda x: x, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
-
-    def select(self, names) -> OptimizerState:
-        """The state of the parameters in ``names`` only (same step count and running loss)."""
-        names = set(names)
-        pick = lambda d: {k: v for k, v in d.items() if k in names}  # noqa: E731
-        return self.replace(
-            hidden=pick(self.hidden),
-            cell=pick(self.cell),
-            per_param_lr=pick(self.per_param_lr),
-            slots={slot: pick(values) for slot, values in self.slots.items()},
-        )
-
-    @classmethod
-    def merge(cls, states: list[OptimizerState]) -> OptimizerState:
-        """Union of states over disjoint parameter names; step counts must agree."""
-        if not states:
-            return cls()
-        counts = {s.step_count for s in states}
-        if len(counts) != 1:
-            raise ValueError(f"cannot merge states with different step counts {sorted(counts)}")
-        merged = cls(step_count=states[0].step_count, running_loss=states[0].running_loss)
-        for s in states:
-            merged.hidden.update(s.hidden)
-            merged.cell.update(s.cell)
-            merged.per_param_lr.update(s.per_param_lr)
-            for slot, values in s.slots.items():
-                merged.slots.setdefault(slot, {}).update(values)
-        return merged
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> OptimizerState:
-        known = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict) or set(data) - known:
-            raise ValueError(f"not an OptimizerState dict; expected keys among {sorted(known)}")
-        return cls(**data)
-
-
-pytree.register_dataclass(OptimizerState)
-
-
-@dataclass
 class MetaOptTrainResult:
     """What one meta-training step did.
 
@@ -186,3 +102,35 @@ class MetaOptTrainResult:
     steps: int
     skipped_total: int = 0
     inner_steps: int = 0
+
+
+def build_rule(config: MetaOptimizerConfig) -> UpdateRule:
+    """The update rule that ``config.method`` names, built from the config's fields.
+
+    ``config.rule_options`` adds method-specific constructor arguments: for ``'l2o'`` the rule's
+    own arguments plus ``architecture='mlp'|'hierarchical'``; for ``'meta_sgd'`` the online rule's
+    ``base_lr``/``alpha_lr`` (other keys configure the episode learner, see the facade); for
+    ``'lstm'`` the LSTM's arguments, where ``num_steps=N`` (with ``schedule_knots`` and
+    ``warmup_fraction``) builds the budget-aware LSTM with a learned schedule over N steps
+    (:func:`~metaoptimizer.rules.lstm.budget_aware_lstm`). ``'warp_grad'`` preconditions through
+    the model's warp layers, so its rule is plain SGD at ``rule_options['inner_lr']`` (default 0.1).
+    """
+    options = dict(config.rule_options)
+    if config.method == "l2o":
+        architecture = options.pop("architecture", "mlp")
+        _check_choice("architecture", architecture, tuple(L2O_ARCHITECTURES))
+        return L2O_ARCHITECTURES[architecture](**options)
+    if config.method == "meta_sgd":
+        return MetaSGDRule(**{k: options[k] for k in ("base_lr", "alpha_lr") if k in options})
+    if config.method == "warp_grad":
+        return SGD(lr=options.get("inner_lr", 0.1))
+    if "horizon" in options:
+        warnings.warn("rule_options['horizon'] is now called 'num_steps'", DeprecationWarning, stacklevel=2)
+        options["num_steps"] = options.pop("horizon")
+    lstm_options = dict(
+        hidden_size=config.hidden_size, num_layers=config.num_layers, preprocessing=config.preprocessing,
+        preprocess_p=config.preprocess_p, output_scale=config.output_scale, preconditioning=config.preconditioning,
+    )
+    if "num_steps" in options:
+        return budget_aware_lstm(options.pop("num_steps"), **lstm_options, **options)
+    return LSTMRule(**lstm_options, **options)

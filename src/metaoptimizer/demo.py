@@ -35,7 +35,7 @@ HORIZON = 200
 #: ``HORIZON`` steps; meta-trained on log training loss (see rules/lstm.py and meta/unroll.py).
 DEMO_CONFIG = MetaOptimizerConfig(
     method="lstm", meta_lr=1e-3, unroll_steps=20, meta_objective="log_train_loss",
-    rule_options={"init_lr": 0.04, "momentum_decay": 0.9, "rms_decay": 0.999, "horizon": HORIZON},
+    rule_options={"init_lr": 0.04, "momentum_decay": 0.9, "rms_decay": 0.999, "num_steps": HORIZON},
 )
 
 

@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from metaoptimizer.checkpoint import load_checkpoint, save_checkpoint
-from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, OptimizerState
+from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, build_rule
 from metaoptimizer.meta.step import apply_meta_gradient
 from metaoptimizer.meta.trainer import TaskRun, TruncatedBPTT
-from metaoptimizer.rules import build_rule
-from metaoptimizer.rules.base import Params, UpdateRule, check_grads
+from metaoptimizer.rules.base import Params, UpdateRule, check_grads, from_spec, to_spec
+from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.tasks.base import TRAIN, ModuleTask, Task, split_seed
 
 CHECKPOINT_KIND = "metaoptimizer"
@@ -33,7 +33,8 @@ class MetaOptimizer:
     """A learned optimizer bound to ``base_model`` (which may be None for a rule used only through
     :meth:`torch_optimizer`).
 
-    ``rule`` overrides the rule that ``config`` would build (for example a trained one).
+    ``rule`` overrides the rule that ``config`` would build (for example a trained one, or any
+    rule of :mod:`metaoptimizer.rules`); it is saved with its spec, so :meth:`load` rebuilds it.
     """
 
     def __init__(
@@ -60,7 +61,7 @@ class MetaOptimizer:
         self.skipped_meta_steps = 0
         self._episodes_seen = 0
         self._effective_lr: dict[str, float] = {}
-        self.state = self.rule.init(self._model_params()) if base_model is not None else OptimizerState()
+        self.state = OptimizerState()  # the rule fills it on the first compute_update
         self.learner = self._episode_learner()
 
     def _episode_learner(self) -> Any:
@@ -129,20 +130,23 @@ class MetaOptimizer:
 
     # -- the spec's API ------------------------------------------------------------------------
     def compute_update(
-        self, gradients: Mapping[str, Tensor], state: OptimizerState | None = None
+        self, gradients: Mapping[str, Tensor], state: OptimizerState | None = None, *,
+        loss: Tensor | float | None = None,
     ) -> tuple[Params, OptimizerState]:
         """Updates to *add* to the base model's parameters, and the new state.
 
         ``gradients`` maps parameter names (as in ``base_model.named_parameters()``) to gradients;
         names may be a subset. NaN/Inf gradients, unknown names and shape mismatches raise
-        ``ValueError``. Without ``state`` the facade's own state is used and advanced.
+        ``ValueError``. Without ``state`` the facade's own state is used and advanced; a fresh
+        ``OptimizerState()`` (or ``OptimizerState(num_steps=N)`` for a budget-aware rule) starts a
+        run. ``loss`` is the training loss at the current parameters, for rules that read it.
         """
         params = self._model_params()
         check_grads(gradients, params)
         own_state = state is None
         current = self.state if own_state else state
         with torch.no_grad():
-            updates, new_state = self.rule.update(dict(gradients), current, params, current.step_count + 1)
+            updates, new_state = self.rule.update(dict(gradients), current, params, loss=loss)
         self._effective_lr = {
             name: float(updates[name].norm() / gradients[name].norm().clamp_min(1e-12)) for name in updates
         }
@@ -205,9 +209,10 @@ class MetaOptimizer:
             raise RuntimeError("no update has been computed yet; call compute_update first")
         return dict(self._effective_lr)
 
-    def reset_optimizer_state(self) -> None:
-        """Fresh rule state for the base model (hidden/cell state, accumulators, step count)."""
-        self.state = self.rule.init(self._model_params())
+    def reset_optimizer_state(self, num_steps: int | None = None) -> None:
+        """Fresh rule state (hidden/cell state, accumulators, step count) for a run of
+        ``num_steps`` updates (the budget of budget-aware rules)."""
+        self.state = OptimizerState(num_steps=self.rule.resolve_num_steps(num_steps))
         self._effective_lr = {}
 
     # -- adapters and persistence -----------------------------------------------------------------
@@ -228,6 +233,7 @@ class MetaOptimizer:
             kind=CHECKPOINT_KIND,
             config=self.config.to_dict(),
             payload={
+                "rule_spec": to_spec(self.rule),
                 "rule": self.rule.state_dict(),
                 "meta_optimizer": self.meta_optimizer.state_dict() if self.meta_optimizer is not None else {},
                 "meta_steps": self.meta_steps,
@@ -240,7 +246,11 @@ class MetaOptimizer:
     def load(cls, path: str | os.PathLike, base_model: nn.Module | None = None) -> MetaOptimizer:
         """Rebuild a saved MetaOptimizer (``torch.load(weights_only=True)`` underneath)."""
         data = load_checkpoint(path, expected_kind=CHECKPOINT_KIND)
-        meta = cls(base_model, MetaOptimizerConfig.from_dict(data["config"]))
+        try:
+            rule = from_spec(data["rule_spec"]) if "rule_spec" in data else None
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"checkpoint {os.fspath(path)!r} holds a rule spec that cannot be rebuilt: {error}") from error
+        meta = cls(base_model, MetaOptimizerConfig.from_dict(data["config"]), rule=rule)
         try:
             meta.rule.load_state_dict(data["rule"])
             if meta.meta_optimizer is not None:

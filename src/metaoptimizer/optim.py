@@ -1,11 +1,15 @@
 """A ``torch.optim.Optimizer`` that runs any :class:`~metaoptimizer.rules.base.UpdateRule`.
 
-The adapter keeps one :class:`OptimizerState` per parameter (keyed by a stable name such as
-``"g0.p3"``: group 0, parameter 3) so parameters can join late (``add_param_group``) or miss
+As in every torch optimizer, ``optimizer.state[p]`` is a dict of tensors: ``"step"`` (the
+updates applied to ``p``, a 0-d CPU tensor) and the rule's slots for ``p`` (``"exp_avg"``,
+``"lstm/hidden"``, ...), so code that walks or moves optimizer state works. Parameters are named
+stably (``"g0.p3"``: group 0, parameter 3) so they can join late (``add_param_group``) or miss
 gradients on some steps. Each step merges the states of the parameters that have gradients,
-grouped by step count, calls ``rule.update`` once per group under ``torch.no_grad`` and splits the
-new state back. A group's ``lr`` multiplies the rule's updates, so ``torch.optim.lr_scheduler``
-schedulers work unchanged.
+grouped by step count, calls ``rule.update`` once per group under ``torch.no_grad`` and splits
+the new state back. Every group shares the optimizer's clock (its number of steps), so a
+budget-aware rule puts a late parameter at the run's point of its schedule, and the run's length
+(``total_steps``) and the loss (``step(closure)`` or ``step(loss=...)``) reach the rule. A group's
+``lr`` multiplies the rule's updates, so ``torch.optim.lr_scheduler`` schedulers work unchanged.
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaoptimizer.config import OptimizerState, check_positive
-from metaoptimizer.rules.base import UpdateRule, check_unit_interval, next_step
+from metaoptimizer._validation import check_positive, check_unit_interval
+from metaoptimizer.rules.base import UpdateRule
+from metaoptimizer.rules.state import OptimizerState
 
 __all__ = ["NONFINITE_POLICIES", "LearnedOptimizer"]
 
 NONFINITE_POLICIES = ("raise", "skip")
-_PER_PARAM_FIELDS = ("hidden", "cell", "per_param_lr")
 
 
 def _param_name(group_index: int, param_index: int) -> str:
@@ -33,34 +37,31 @@ def _param_name(group_index: int, param_index: int) -> str:
 
 def _split_state(
     state: OptimizerState, names: Iterable[str], shared: frozenset[int] = frozenset()
-) -> dict[str, OptimizerState]:
-    """One single-parameter state per name, in one pass (``select`` per name would be quadratic).
+) -> dict[str, dict[str, Tensor]]:
+    """One torch-style state dict per name (``"step"`` plus the rule's slots), in one pass.
 
     Tensors whose storage is in ``shared`` (the data pointers of the parameters and gradients) are
     cloned: the adapter updates parameters in place and autograd may accumulate into gradients in
     place, so a rule that keeps a reference to either would see it change behind its back.
     """
-    out = {
-        name: OptimizerState(
-            step_count=state.step_count, running_loss=state.running_loss, slots={slot: {} for slot in state.slots}
-        )
-        for name in names
-    }
-
-    def own(name: str, tensor: Tensor) -> tuple[OptimizerState, Tensor]:
-        if name not in out:
-            raise ValueError(f"the update rule returned state for unknown parameter {name!r}; known: {sorted(out)}")
-        return out[name], tensor.clone() if tensor.untyped_storage().data_ptr() in shared else tensor
-
-    for field in _PER_PARAM_FIELDS:
-        for name, tensor in getattr(state, field).items():
-            target, tensor = own(name, tensor)
-            getattr(target, field)[name] = tensor
+    step = torch.tensor(float(state.step_count))
+    out: dict[str, dict[str, Tensor]] = {name: {"step": step} for name in names}
     for slot, values in state.slots.items():
         for name, tensor in values.items():
-            target, tensor = own(name, tensor)
-            target.slots[slot][name] = tensor
+            if name not in out:
+                raise ValueError(f"the update rule returned state for unknown parameter {name!r}; known: {sorted(out)}")
+            out[name][slot] = tensor.clone() if tensor.untyped_storage().data_ptr() in shared else tensor
     return out
+
+
+def _merge_states(states: Mapping[str, Mapping[str, Tensor]], **counters: Any) -> OptimizerState:
+    """The rule's view of several parameters' torch-style state dicts (one step count)."""
+    slots: dict[str, dict[str, Tensor]] = {}
+    for name, entries in states.items():
+        for slot, tensor in entries.items():
+            if slot != "step":
+                slots.setdefault(slot, {})[name] = tensor
+    return OptimizerState(slots=slots, **counters)
 
 
 def _nonfinite_names(tensors: Mapping[str, Tensor]) -> list[str]:
@@ -87,11 +88,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
     trained, or let an LR scheduler vary it. ``maximize`` feeds the rule negated gradients.
     ``nonfinite`` decides what a NaN/Inf gradient or closure loss does: ``"raise"`` a ValueError
     naming the parameter, or ``"skip"`` the whole step and count it in ``skipped_steps``; either
-    way no parameter and no state changes. ``loss_decay`` is the decay of the exponential average
-    of closure losses kept in ``running_loss`` and passed to the rule in ``OptimizerState``.
-    ``total_steps`` tells a budget-aware rule (``rule.horizon`` not None, e.g. an LSTM with a
+    way no parameter and no state changes. The loss of a step comes from ``step(closure)`` or
+    ``step(loss=...)`` and reaches the rule (rules with ``reads_loss``, such as Celo, need it);
+    ``loss_decay`` is the decay of its exponential average, kept in ``running_loss``.
+    ``total_steps`` tells a budget-aware rule (``rule.budget_aware``, e.g. Celo or an LSTM with a
     learned schedule) the length of the run, as ``OneCycleLR`` needs it; without it such a rule
-    plans for the horizon it was meta-trained on, and a warning says so.
+    plans for the length it was meta-trained on (a warning says so) or, when it has none, the
+    constructor raises.
 
     The rule is not moved: its parameters and buffers must already be on the parameters' device
     (a ValueError says so otherwise). ``state_dict()`` holds only tensors, numbers, strings and
@@ -112,12 +115,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(rule, UpdateRule):
             raise TypeError(f"rule must be a metaoptimizer UpdateRule, got {type(rule).__name__}")
-        if total_steps is not None:
-            rule.set_horizon(total_steps)
-        elif rule.horizon is not None:
+        self.total_steps = rule.resolve_num_steps(total_steps)
+        if total_steps is None and rule.budget_aware:
             warnings.warn(
-                f"{type(rule).__name__} is budget-aware and plans for {rule.horizon} updates (its learned "
-                "schedule ends there); pass total_steps=N for a run of N updates",
+                f"{type(rule).__name__} is budget-aware and plans for {self.total_steps} updates (the length it "
+                "was meta-trained for); pass total_steps=N for a run of N updates",
                 stacklevel=2,
             )
         if nonfinite not in NONFINITE_POLICIES:
@@ -127,6 +129,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.loss_decay = float(loss_decay)
         self.skipped_steps = 0
+        self.clock = 0
         self.running_loss: float | None = None
         super().__init__(params, {"lr": lr, "maximize": maximize})
 
@@ -164,10 +167,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
         ]
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor | float] | None = None) -> Tensor | float | None:
-        """Apply one update of the rule to every parameter that has a gradient; returns the closure's loss."""
-        loss = None
+    def step(
+        self, closure: Callable[[], Tensor | float] | None = None, *, loss: Tensor | float | None = None
+    ) -> Tensor | float | None:
+        """Apply one update of the rule to every parameter that has a gradient; returns the loss.
+
+        The loss (the closure's, or ``loss=`` when the gradients were computed outside) is passed
+        to the rule; give one or the other, not both.
+        """
         if closure is not None:
+            if loss is not None:
+                raise ValueError("pass either a closure or loss=, not both")
             with torch.enable_grad():
                 loss = closure()
         active = [(name, p, group) for name, p, group in self._named_params() if p.grad is not None]
@@ -176,44 +186,53 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise TypeError(f"LearnedOptimizer does not support sparse gradients (parameter {name!r})")
             grads[name] = -p.grad if group["maximize"] else p.grad
-        loss_value = None if loss is None else float(loss)
+        loss_value = None if loss is None else float(loss.detach() if isinstance(loss, Tensor) else loss)
         if not self._step_is_finite(grads, loss_value):
             return loss
         if loss_value is not None:
             previous, decay = self.running_loss, self.loss_decay
             self.running_loss = loss_value if previous is None else decay * previous + (1.0 - decay) * loss_value
+        if self.rule.reads_loss and loss_value is None:
+            raise ValueError(
+                f"the update rule {self.rule.name!r} reads the training loss: call optimizer.step(closure) "
+                "or optimizer.step(loss=loss)"
+            )
         if active:
             self._check_rule_device({p.device for _, p, _ in active})
             params = {name: p for name, p, _ in active}
-            updates, states = self._run_rule(grads, params)
+            updates, states = self._run_rule(grads, params, loss_value)
             for name, state in states.items():  # committed only once every rule call succeeded
                 self.state[params[name]] = state
             self._apply(active, updates)
+        self.clock += 1
         return loss
 
     def _run_rule(
-        self, grads: dict[str, Tensor], params: dict[str, Tensor]
-    ) -> tuple[dict[str, Tensor], dict[str, OptimizerState]]:
+        self, grads: dict[str, Tensor], params: dict[str, Tensor], loss: float | None
+    ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
         """Updates and new per-parameter states: one ``rule.update`` call per step count."""
         shared = frozenset(t.untyped_storage().data_ptr() for t in [*params.values(), *grads.values()])
         states = {name: self.state.get(p) for name, p in params.items()}
-        fresh = [name for name, state in states.items() if not isinstance(state, OptimizerState)]
+        fresh = [name for name, state in states.items() if not state]
         if fresh:
-            states.update(_split_state(self.rule.init({name: params[name] for name in fresh}), fresh, shared))
+            initial = self.rule.init({name: params[name] for name in fresh}, num_steps=self.total_steps)
+            states.update(_split_state(initial, fresh, shared))
         cohorts: dict[int, list[str]] = {}
         for name, state in states.items():
-            cohorts.setdefault(state.step_count, []).append(name)
+            cohorts.setdefault(int(state["step"]), []).append(name)
         updates: dict[str, Tensor] = {}
-        for names in cohorts.values():
-            merged = OptimizerState.merge([states[n] for n in names]).replace(running_loss=self.running_loss)
-            step = next_step(merged)
-            new_updates, new_state = self.rule.update(
-                {n: grads[n] for n in names}, merged, {n: params[n] for n in names}, step
+        for count, names in cohorts.items():
+            merged = _merge_states(
+                {n: states[n] for n in names}, step_count=count, num_steps=self.total_steps,
+                running_loss=self.running_loss, clock=self.clock,
             )
-            if new_state.step_count != step:
+            new_updates, new_state = self.rule.update(
+                {n: grads[n] for n in names}, merged, {n: params[n] for n in names}, loss=loss
+            )
+            if new_state.step_count != count + 1:
                 raise ValueError(
                     f"the update rule {self.rule.name!r} returned a state with step_count={new_state.step_count} "
-                    f"for step={step}; rules must set step_count=step"
+                    f"after update {count + 1}; rules must count their updates"
                 )
             updates.update(new_updates)
             states.update(_split_state(new_state, names, shared))
@@ -248,23 +267,22 @@ class LearnedOptimizer(torch.optim.Optimizer):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Torch's state dict with each parameter's ``OptimizerState`` as a plain dict, plus the
-        rule's name, ``skipped_steps`` and ``running_loss``; loadable with ``weights_only=True``.
-        As in ``torch.optim``, tensors are shared with the live state, not copied."""
+        """Torch's state dict (each parameter's dict of tensors) plus the rule's name, the clock,
+        ``skipped_steps`` and ``running_loss``; loadable with ``weights_only=True``. As in
+        ``torch.optim``, tensors are shared with the live state, not copied."""
         packed = super().state_dict()
-        packed["state"] = {
-            index: state.to_dict() for index, state in packed["state"].items() if isinstance(state, OptimizerState)
-        }
-        packed.update(rule=self.rule.name, skipped_steps=self.skipped_steps, running_loss=self.running_loss)
+        packed.update(
+            rule=self.rule.name, clock=self.clock, skipped_steps=self.skipped_steps, running_loss=self.running_loss
+        )
         return packed
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` so the next steps continue the saved trajectory exactly.
 
         State tensors move to their parameter's device and keep their dtype (rules may store state
-        in another precision than the parameters).
+        in another precision than the parameters); ``"step"`` stays on the CPU.
         """
-        missing = sorted({"state", "param_groups", "rule", "skipped_steps", "running_loss"} - set(state_dict))
+        missing = sorted({"state", "param_groups", "rule", "clock", "skipped_steps", "running_loss"} - set(state_dict))
         if missing:
             raise ValueError(f"not a LearnedOptimizer state dict: missing keys {missing}")
         if state_dict["rule"] != self.rule.name:
@@ -278,16 +296,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if not isinstance(index, int) or not 0 <= index < len(named):
                 raise ValueError(f"state dict has state for parameter id {index!r}; valid ids are 0..{len(named) - 1}")
             name, p, _ = named[index]
-            state = OptimizerState.from_dict(data).to(device=p.device)
-            held = {n for field in _PER_PARAM_FIELDS for n in getattr(state, field)}
-            held.update(n for values in state.slots.values() for n in values)
-            if held - {name}:
-                raise ValueError(f"state for parameter id {index} ({name!r}) holds entries for {sorted(held - {name})}")
-            self.state[p] = state
+            if not isinstance(data, Mapping) or "step" not in data or not all(
+                isinstance(t, Tensor) for t in data.values()
+            ):
+                raise ValueError(f"state for parameter id {index} ({name!r}) must be a dict of tensors with a 'step' entry")
+            self.state[p] = {key: t if key == "step" else t.to(device=p.device) for key, t in data.items()}
+        self.clock = int(state_dict["clock"])
         self.skipped_steps = int(state_dict["skipped_steps"])
         self.running_loss = state_dict["running_loss"]
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle/deepcopy support: torch's fields plus the rule and the adapter's counters."""
-        extra = ("rule", "nonfinite", "loss_decay", "skipped_steps", "running_loss")
+        extra = ("rule", "nonfinite", "loss_decay", "total_steps", "clock", "skipped_steps", "running_loss")
         return {**super().__getstate__(), **{key: self.__dict__[key] for key in extra}}

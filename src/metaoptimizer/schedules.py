@@ -5,8 +5,9 @@ multiplicative *factor* of a base learning rate. The hand-designed schedules are
 dataclasses whose ``__call__`` is a pure function of the step; their factor arguments may be
 tensors, in which case the result is a tensor differentiable in them. :class:`LearnedSchedule` is
 an ``nn.Module`` (a positive piecewise-linear curve over the training fraction) whose parameters
-are meta-trained through unrolls. Two adapters use any schedule: :class:`ScheduleLR` drives a
-``torch.optim`` optimizer's learning rate, :class:`ScheduledRule` scales a functional rule's updates.
+are meta-trained through unrolls. :class:`ScheduleLR` drives a ``torch.optim`` optimizer's
+learning rate with any schedule; :func:`metaoptimizer.rules.transforms.scale_by_schedule` scales a
+functional rule's updates.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from metaoptimizer.config import OptimizerState, check_positive
-from metaoptimizer.rules.base import Params, UpdateRule
+from metaoptimizer._validation import check_positive
 
 Factor = float | Tensor
 Schedule = Callable[[int], Factor]
@@ -288,6 +288,7 @@ class LearnedSchedule(nn.Module):
         self.total_steps = total_steps
         self.num_knots = num_knots
         self.monotone = monotone
+        self.init_factor = float(init_factor)
         kwargs = {"device": device, "dtype": dtype}
         if monotone:
             self.log_start = nn.Parameter(torch.tensor(math.log(init_factor), **kwargs))
@@ -296,6 +297,23 @@ class LearnedSchedule(nn.Module):
         else:
             self.log_knots = nn.Parameter(torch.full((num_knots + 1,), math.log(init_factor), **kwargs))
 
+    def initialise_as(self, prior: Schedule, floor: float = 0.01) -> LearnedSchedule:
+        """Set the free knots to ``prior`` (a schedule over ``total_steps``) at the knots, floored at
+        ``floor``; returns self. Used to start a learned schedule as, say, warmup + cosine."""
+        if self.monotone:
+            raise ValueError("initialise_as needs free knots (monotone=False)")
+        knots = torch.linspace(0, self.total_steps, self.num_knots + 1)
+        factors = torch.tensor([float(prior(round(float(k)))) for k in knots]).clamp_min(floor)
+        with torch.no_grad():
+            self.log_knots.copy_(factors.log())
+        return self
+
+    def to_spec(self) -> dict[str, Any]:
+        """Constructor arguments (weights are saved with the module's ``state_dict``)."""
+        arguments = {"total_steps": self.total_steps, "num_knots": self.num_knots, "monotone": self.monotone,
+                     "init_factor": self.init_factor}
+        return {"schedule": type(self).__name__, "arguments": arguments}
+
     def log_knot_values(self) -> Tensor:
         """Log-factors at the ``num_knots + 1`` knots."""
         if not self.monotone:
@@ -303,9 +321,11 @@ class LearnedSchedule(nn.Module):
         drops = torch.cumsum(F.softplus(self.raw_decrements), dim=0)
         return torch.cat([self.log_start.reshape(1), self.log_start - drops])
 
-    def forward(self, step: int) -> Tensor:
-        """The factor at ``step`` (0-d tensor, differentiable in the knots)."""
-        position = min(check_step(step) / self.total_steps, 1.0) * self.num_knots
+    def forward(self, step: int, total_steps: int | None = None) -> Tensor:
+        """The factor at ``step`` of a run of ``total_steps`` (default: :attr:`total_steps`);
+        a 0-d tensor, differentiable in the knots."""
+        total = self.total_steps if total_steps is None else total_steps
+        position = min(check_step(step) / total, 1.0) * self.num_knots
         left = min(int(position), self.num_knots - 1)
         weight = position - left
         values = self.log_knot_values()
@@ -351,35 +371,3 @@ class ScheduleLR(LRScheduler):
         if schedule_state is not None:
             self.schedule.load_state_dict(schedule_state)
         self.__dict__.update(state)
-
-
-class ScheduledRule(UpdateRule):
-    """Any update rule whose updates are multiplied by ``schedule(step - 1)``.
-
-    Update ``step`` (1-based) uses the schedule at index ``step - 1``, so the first update gets
-    ``schedule(0)`` as with ``ScheduleLR``. When the schedule is an ``nn.Module`` (a
-    :class:`LearnedSchedule`) its parameters are this rule's meta-parameters, so ``MetaTrainer``
-    meta-trains the schedule of a hand-designed rule.
-    """
-
-    name = "scheduled"
-
-    def __init__(self, base_rule: UpdateRule, schedule: Schedule) -> None:
-        super().__init__()
-        if not isinstance(base_rule, UpdateRule):
-            raise TypeError(f"base_rule must be an UpdateRule, got {type(base_rule).__name__}")
-        _check_schedule(schedule)
-        self.base_rule = base_rule
-        self.schedule = schedule
-
-    def init(self, params: Mapping[str, Tensor]) -> OptimizerState:
-        return self.base_rule.init(params)
-
-    def update(
-        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
-    ) -> tuple[Params, OptimizerState]:
-        if check_step(step) < 1:
-            raise ValueError(f"update steps are 1-based, got step={step}")
-        updates, new_state = self.base_rule.update(grads, state, params, step)
-        factor = self.schedule(step - 1)
-        return {name: u * factor for name, u in updates.items()}, new_state

@@ -113,7 +113,6 @@ def run_rule(
     if eval_every is not None:
         check_positive("eval_every", eval_every, integer=True)
     started = time.perf_counter()
-    rule.set_horizon(steps)
     if device is not None:
         rule = rule.to(device)
     params = {name: p.detach().to(device) for name, p in task.init_params(seed).items()}
@@ -125,7 +124,7 @@ def run_rule(
     evaluations: dict[int, dict[str, float]] = {}
     diverged_at = None
     with torch.no_grad():
-        state = rule.init(params)
+        state = rule.init(params, num_steps=steps)
     for step in range(1, steps + 1):
         if step - 1 in schedule:
             evaluations[step - 1] = _evaluate(task, _evaluation_point(rule, params), valid)
@@ -140,7 +139,7 @@ def run_rule(
         train_loss[step - 1] = value
         with torch.no_grad():
             detached = {name: p.detach() for name, p in params.items()}
-            updates, state = rule.update(dict(zip(names, grads, strict=True)), state, detached, step)
+            updates, state = rule.update(dict(zip(names, grads, strict=True)), state, detached, loss=loss.detach())
             params = apply_updates(detached, updates)
     if diverged_at is None:
         evaluations[steps] = _evaluate(task, _evaluation_point(rule, params), valid)

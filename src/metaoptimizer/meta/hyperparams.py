@@ -149,15 +149,17 @@ class LearnedHyperparameters(UpdateRule):
             kwargs["eps"] = values["eps"]
         return make_hand_rule(self.rule_name, **kwargs)
 
-    def init(self, params: Mapping[str, Tensor]) -> OptimizerState:
-        return self.template.init(params)
+    def init(self, params: Mapping[str, Tensor], *, num_steps: int | None = None) -> OptimizerState:
+        return self.template.init(params, num_steps=num_steps)
 
     def update(
-        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
+        loss: Tensor | float | None = None,
     ) -> tuple[Params, OptimizerState]:
+        step, state = self.begin_update(grads, state, params, loss)
         values = self.values()
         if not self.per_tensor:
-            return self._hand_rule(values).update(grads, state, params, step)
+            return self._hand_rule(values).update(grads, state, params)
         unknown = sorted(set(grads) - set(self.param_names))
         if unknown:
             raise ValueError(f"no learned hyperparameters for {unknown}; this rule knows {self.param_names}")
@@ -165,7 +167,7 @@ class LearnedHyperparameters(UpdateRule):
         for index, name in enumerate(self.param_names):
             if name in grads:
                 rule = self._hand_rule({h: v[index] for h, v in values.items()})
-                update, state = rule.update({name: grads[name]}, state, params, step)
+                update, state = rule.update({name: grads[name]}, state.replace(step_count=step - 1), params)
                 updates.update(update)
         return updates, state.replace(step_count=step)
 

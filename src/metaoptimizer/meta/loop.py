@@ -32,11 +32,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from metaoptimizer.checkpoint import load_checkpoint, save_checkpoint
-from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, check_positive
+from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, build_rule, check_positive
 from metaoptimizer.meta.distributed import Communicator, SingleProcess, communicator_from_environment, shutdown
 from metaoptimizer.meta.estimators import ESTIMATORS, make_estimator
 from metaoptimizer.meta.trainer import MetaTrainer
-from metaoptimizer.rules import build_rule
 from metaoptimizer.tasks import make_family
 
 CHECKPOINT_KIND = "meta_training"

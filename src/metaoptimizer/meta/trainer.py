@@ -92,7 +92,7 @@ class TaskRun:
             task=task,
             task_index=task_index,
             params=params,
-            state=rule.init(params),
+            state=rule.init(params, num_steps=horizon),
             train_batches=ReplayableBatches(task.train_batches, seed),
             valid_batches=ReplayableBatches(task.valid_batches, seed),
             steps_done=0,
@@ -357,12 +357,6 @@ class MetaTrainer:
                 raise ValueError(f"min_horizon ({min_horizon}) must be <= horizon ({horizon})")
         if not meta_parameters(rule):
             raise ValueError(f"rule {type(rule).__name__} has no trainable meta-parameters: there is nothing to meta-train")
-        if rule.horizon is not None and min_horizon is not None:
-            raise ValueError(
-                f"rule {type(rule).__name__} is budget-aware (horizon={rule.horizon}): meta-train it with one "
-                "fixed horizon (min_horizon=None), since all runs share the rule's schedule"
-            )
-        rule.set_horizon(horizon)
         self.communicator = communicator or SingleProcess()
         if tasks_per_step < self.communicator.world_size:
             raise ValueError(

@@ -91,7 +91,7 @@ def unroll(
         if not finite:
             break
         grads = inner_gradients(loss, params, second_order)
-        updates, state = rule.update(grads, state, params, state.step_count + 1)
+        updates, state = rule.update(grads, state, params, loss=loss.detach())
         params = apply_updates(params, updates)
         loss = task.loss(params, next(train_batches))
         losses.append(float(loss.detach()))

@@ -184,8 +184,8 @@ class _RuleCall(nn.Module):
         super().__init__()
         self.rule = rule
 
-    def forward(self, grads: Params, state: OptimizerState, params: Params, step: int) -> tuple[Params, OptimizerState]:
-        return self.rule.update(grads, state, params, step)
+    def forward(self, grads: Params, state: OptimizerState, params: Params, loss: Tensor) -> tuple[Params, OptimizerState]:
+        return self.rule.update(grads, state, params, loss=loss)
 
 
 class _MemberUnroll:
@@ -223,7 +223,7 @@ class _MemberUnroll:
             if k > 0:
                 terms.append(loss)
             losses.append(loss.detach())
-            updates, state = functional_call(self.call, weights, (grads, state, params, state.step_count + 1))
+            updates, state = functional_call(self.call, weights, (grads, state, params, loss.detach()))
             params = apply_updates(params, updates)
         terms.append(self.task.loss(params, index_tree(train, self.steps)))
         if needs_valid_batch(self.meta_objective):

@@ -134,7 +134,7 @@ def trajectory_meta_gradient(
             grads = torch.autograd.grad(
                 support_loss, list(point.values()), create_graph=meta_here and not first_order, materialize_grads=True
             )
-            updates, state = rule.update(dict(zip(point, grads)), state, point, k + 1)
+            updates, state = rule.update(dict(zip(point, grads)), state, point)
             following = apply_updates(point, updates)
             if meta_here:
                 evaluated = _leaf(following) if first_order else following

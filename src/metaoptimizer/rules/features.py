@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaoptimizer.config import OptimizerState, check_positive
-from metaoptimizer.rules.base import check_unit_interval, check_update_call
+from metaoptimizer._validation import check_flag, check_positive, check_unit_interval
+from metaoptimizer.rules.base import check_update_call, compute_dtype
+from metaoptimizer.rules.state import OptimizerState
 
 #: Kinds of per-coordinate feature a rule may read (see :class:`FeatureConfig`).
 FEATURE_KINDS = ("grad", "param", "momentum", "rms", "factored", "mom_ratio", "grad_ratio")
@@ -38,6 +39,8 @@ FEATURE_KINDS = ("grad", "param", "momentum", "rms", "factored", "mom_ratio", "g
 STATE_DTYPES = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
 }
+#: Slots that hold recurrent (LSTM) state rather than accumulators.
+RECURRENT_SLOTS = ("hidden", "cell", "tensor_hidden", "tensor_cell")
 #: Scale applied to logarithms of tensor statistics so that they enter networks at O(1).
 LOG_SCALE = 0.1
 
@@ -66,8 +69,9 @@ class FeatureConfig:
     give one feature per decay (the RMS ones as square roots); ``'mom_ratio'`` gives
     ``m / sqrt(v)`` per momentum decay and ``'grad_ratio'`` gives ``g / sqrt(v)``, where ``v`` is
     the first factored second moment, or the first RMS one when no factored decay is kept.
-    ``step_timescales`` give the shared features ``tanh(step / timescale)``; ``num_steps`` adds
-    the fraction of training done, ``min(step / num_steps, 1)``. ``eps`` is added to squared
+    ``step_timescales`` give the shared features ``tanh(step / timescale)``; ``training_fraction``
+    adds the fraction of the run done, ``min(state.schedule_step() / state.num_steps, 1)``, which
+    makes the rule budget-aware (``init`` needs ``num_steps``). ``eps`` is added to squared
     gradients and under every square root and normalisation. ``state_dtype`` stores the
     accumulators in a narrower type (``'bfloat16'`` halves their memory); features are computed
     in the parameters' dtype.
@@ -87,7 +91,7 @@ class FeatureConfig:
     factored_decays: tuple[float, ...] = ()
     features: tuple[str, ...] = ("grad", "param", "momentum", "rms", "mom_ratio", "grad_ratio")
     step_timescales: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0, 10000.0)
-    num_steps: int | None = None
+    training_fraction: bool = False
     eps: float = 1e-12
     state_dtype: str | None = None
 
@@ -109,8 +113,7 @@ class FeatureConfig:
         for i, scale in enumerate(self.step_timescales):
             check_positive(f"step_timescales[{i}]", scale)
         object.__setattr__(self, "step_timescales", tuple(float(s) for s in self.step_timescales))
-        if self.num_steps is not None:
-            check_positive("num_steps", self.num_steps, integer=True)
+        check_flag("training_fraction", self.training_fraction)
         check_positive("eps", self.eps)
         if self.state_dtype is not None and self.state_dtype not in STATE_DTYPES:
             raise ValueError(
@@ -168,7 +171,7 @@ class FeatureConfig:
     @property
     def num_global(self) -> int:
         """Number of features shared by all coordinates (step embeddings, fraction of training)."""
-        return len(self.step_timescales) + (self.num_steps is not None)
+        return len(self.step_timescales) + self.training_fraction
 
     @property
     def slot_names(self) -> tuple[str, ...]:
@@ -223,7 +226,7 @@ def init_slots(params: Mapping[str, Tensor], config: FeatureConfig) -> dict[str,
     """
     slots: dict[str, dict[str, Tensor]] = {slot: {} for slot in config.slot_names}
     for name, p in params.items():
-        zeros = functools.partial(torch.zeros, dtype=config.storage_dtype(p.dtype), device=p.device)
+        zeros = functools.partial(torch.zeros, dtype=config.storage_dtype(compute_dtype(p.dtype)), device=p.device)
         rows, cols = matrix_shape(p.shape)
         for slot, _ in (*config.momentum_slots, *config.rms_slots):
             slots[slot][name] = zeros(p.numel())
@@ -335,20 +338,24 @@ def tensor_statistics(
     return new_acc, mean, mean_square, param.square().mean()
 
 
-def global_features(step: int, config: FeatureConfig, *, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+def global_features(
+    step: int, state: OptimizerState, config: FeatureConfig, *, device=None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Features shared by every coordinate: ``tanh(step / timescale)`` and the fraction of training."""
     values = [math.tanh(step / scale) for scale in config.step_timescales]
-    if config.num_steps is not None:
-        values.append(min(step / config.num_steps, 1.0))
+    if config.training_fraction:
+        if state.num_steps is None:
+            raise ValueError("features with training_fraction=True need the run's length: init(params, num_steps=N)")
+        values.append(min(state.schedule_step() / state.num_steps, 1.0))
     return torch.tensor(values, dtype=dtype, device=device)
 
 
 def check_update_inputs(
-    grads: Mapping[str, Tensor], params: Mapping[str, Tensor], step: int, slots: Mapping[str, Mapping[str, Tensor]],
+    grads: Mapping[str, Tensor], params: Mapping[str, Tensor], slots: Mapping[str, Mapping[str, Tensor]],
     config: FeatureConfig,
 ) -> None:
     """:func:`~metaoptimizer.rules.base.check_update_call`, plus the accumulators each gradient needs."""
-    check_update_call(grads, params, step)
+    check_update_call(grads, params)
     for name in grads:
         tensor_accumulators(slots, name, config)
 
@@ -357,7 +364,7 @@ def state_numel(state: OptimizerState) -> dict[str, int]:
     """Number of state elements by kind: per-coordinate accumulators, factored ones, recurrent state."""
     counts = {"per_coordinate": 0, "factored": 0, "recurrent": 0}
     for slot, values in state.slots.items():
-        kind = "factored" if slot.startswith("factored_") else "per_coordinate"
+        base = slot.rsplit("/", 1)[-1]
+        kind = "factored" if base.startswith("factored_") else "recurrent" if base in RECURRENT_SLOTS else "per_coordinate"
         counts[kind] += sum(t.numel() for t in values.values())
-    counts["recurrent"] = sum(t.numel() for t in [*state.hidden.values(), *state.cell.values()])
     return counts

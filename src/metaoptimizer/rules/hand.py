@@ -28,9 +28,9 @@ Example: three Adam steps on ``sum((w - 1)^2)`` with a learning rate that requir
 >>> rule = Adam(lr=lr)
 >>> params = {"w": torch.zeros(2)}
 >>> state = rule.init(params)
->>> for step in (1, 2, 3):
+>>> for _ in range(3):
 ...     grads = {"w": 2 * (params["w"] - 1)}
-...     updates, state = rule.update(grads, state, params, step)
+...     updates, state = rule.update(grads, state, params)
 ...     params = apply_updates(params, updates)
 >>> [round(x, 3) for x in params["w"].tolist()]  # each Adam step moves w by about lr
 [0.298, 0.298]
@@ -41,14 +41,14 @@ Example: three Adam steps on ``sum((w - 1)^2)`` with a learning rate that requir
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
-from metaoptimizer.config import OptimizerState, check_positive
-from metaoptimizer.rules.base import Params, UpdateRule, check_unit_interval, check_update_call, zeros_like_dict
+from metaoptimizer._validation import check_flag, check_positive, check_unit_interval
+from metaoptimizer.rules.base import Params, UpdateRule, check_slots, zeros_like_dict
+from metaoptimizer.rules.state import OptimizerState
 
 #: Default ``eps_root`` of Adam and RMSProp (see the module docstring for the choice).
 EPS_ROOT = 1e-16
@@ -73,12 +73,6 @@ def _hyper(name: str, value: Hyper, check: Callable[..., None], **kwargs) -> Hyp
     return value
 
 
-def _flag(name: str, value: bool) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
 def _value(value: Hyper) -> float:
     """A hyperparameter's current value as a float, without touching autograd."""
     return float(value.detach()) if isinstance(value, Tensor) else float(value)
@@ -90,11 +84,13 @@ def _is_zero(value: Hyper) -> bool:
 
 
 def _ema(average: Tensor, value: Tensor, decay: Hyper) -> Tensor:
-    return decay * average + (1 - decay) * value
+    """The moving average, kept in the accumulator's dtype (a tensor ``decay`` would promote a
+    0-d half-precision accumulator to float32)."""
+    return (decay * average + (1 - decay) * value).to(average.dtype)
 
 
 def _scaled(tensors: Mapping[str, Tensor], factor: Hyper) -> Params:
-    return {name: factor * t for name, t in tensors.items()}
+    return {name: (factor * t).to(t.dtype) for name, t in tensors.items()}
 
 
 def _advance(state: OptimizerState, step: int, **slots: Params) -> OptimizerState:
@@ -104,31 +100,20 @@ def _advance(state: OptimizerState, step: int, **slots: Params) -> OptimizerStat
 
 
 class HandRule(UpdateRule):
-    """Shared plumbing: zero-initialised slots, input checks, coupled weight decay, hyperparameters."""
+    """Shared plumbing: zero-initialised slots, input checks, coupled weight decay."""
 
     #: Slots (``state.slots`` keys) this rule keeps; set per instance when options add slots.
     slot_names: tuple[str, ...] = ()
 
-    def init(self, params: Mapping[str, Tensor]) -> OptimizerState:
-        return OptimizerState(slots={slot: zeros_like_dict(params) for slot in self.slot_names})
-
-    def hyperparameters(self) -> dict[str, object]:
-        """The constructor arguments, read back from the attributes of the same names."""
-        return {name: getattr(self, name) for name in inspect.signature(type(self)).parameters}
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{name}={value!r}" for name, value in self.hyperparameters().items())
+    def init(self, params: Mapping[str, Tensor], *, num_steps: int | None = None) -> OptimizerState:
+        slots = {slot: zeros_like_dict(params) for slot in self.slot_names}
+        return OptimizerState(num_steps=self.resolve_num_steps(num_steps), slots=slots)
 
     def _gradients(
-        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int,
-        weight_decay: Hyper,
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], weight_decay: Hyper
     ) -> Params:
-        """Check names and shapes (not values, see the module docstring); add ``weight_decay * p``."""
-        check_update_call(grads, params, step)
-        for name in grads:
-            missing = [slot for slot in self.slot_names if name not in state.slots.get(slot, {})]
-            if missing:
-                raise ValueError(f"state has no {missing} entry for {name!r}; build the state with init(params)")
+        """Check the state's slots for ``grads``; add ``weight_decay * p`` (coupled, L2)."""
+        check_slots(self, state, grads, self.slot_names)
         if _is_zero(weight_decay):
             return dict(grads)
         return {name: g + weight_decay * params[name] for name, g in grads.items()}
@@ -145,9 +130,11 @@ class SGD(HandRule):
         self.weight_decay = _hyper("weight_decay", weight_decay, check_positive, allow_zero=True)
 
     def update(
-        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
+        loss: Tensor | float | None = None,
     ) -> tuple[Params, OptimizerState]:
-        grads = self._gradients(grads, state, params, step, self.weight_decay)
+        step, state = self.begin_update(grads, state, params, loss)
+        grads = self._gradients(grads, state, params, self.weight_decay)
         return _scaled(grads, -self.lr), state.replace(step_count=step)
 
 
@@ -170,7 +157,7 @@ class Momentum(HandRule):
         super().__init__()
         self.lr = _hyper("lr", lr, check_positive)
         self.momentum = _hyper("momentum", momentum, check_unit_interval)
-        self.nesterov = _flag("nesterov", nesterov)
+        self.nesterov = check_flag("nesterov", nesterov)
         self.dampening = _hyper("dampening", dampening, check_unit_interval)
         self.weight_decay = _hyper("weight_decay", weight_decay, check_positive, allow_zero=True)
         if nesterov and (_value(momentum) == 0 or _value(dampening) != 0):
@@ -180,9 +167,11 @@ class Momentum(HandRule):
             )
 
     def update(
-        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
+        loss: Tensor | float | None = None,
     ) -> tuple[Params, OptimizerState]:
-        grads = self._gradients(grads, state, params, step, self.weight_decay)
+        step, state = self.begin_update(grads, state, params, loss)
+        grads = self._gradients(grads, state, params, self.weight_decay)
         old = state.slots["momentum_buffer"]
         buf = {
             name: g.clone() if step == 1 else self.momentum * old[name] + (1 - self.dampening) * g
@@ -216,7 +205,7 @@ class RMSProp(HandRule):
         self.alpha = _hyper("alpha", alpha, check_unit_interval)
         self.eps = _hyper("eps", eps, check_positive, allow_zero=True)
         self.momentum = _hyper("momentum", momentum, check_unit_interval)
-        self.centered = _flag("centered", centered)
+        self.centered = check_flag("centered", centered)
         self.weight_decay = _hyper("weight_decay", weight_decay, check_positive, allow_zero=True)
         self.eps_root = _hyper("eps_root", eps_root, check_positive, allow_zero=True)
         _check_eps(eps, eps_root)
@@ -227,9 +216,11 @@ class RMSProp(HandRule):
             self.slot_names += ("momentum_buffer",)
 
     def update(
-        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
+        loss: Tensor | float | None = None,
     ) -> tuple[Params, OptimizerState]:
-        grads = self._gradients(grads, state, params, step, self.weight_decay)
+        step, state = self.begin_update(grads, state, params, loss)
+        grads = self._gradients(grads, state, params, self.weight_decay)
         slots = state.slots
         square_avg = {name: _ema(slots["square_avg"][name], g * g, self.alpha) for name, g in grads.items()}
         new_slots = {"square_avg": square_avg}
@@ -269,17 +260,19 @@ class Adam(HandRule):
         self.betas = tuple(_hyper(f"betas[{i}]", beta, check_unit_interval) for i, beta in enumerate(betas))
         self.eps = _hyper("eps", eps, check_positive, allow_zero=True)
         self.weight_decay = _hyper("weight_decay", weight_decay, check_positive, allow_zero=True)
-        self.amsgrad = _flag("amsgrad", amsgrad)
-        self.decoupled_weight_decay = _flag("decoupled_weight_decay", decoupled_weight_decay)
+        self.amsgrad = check_flag("amsgrad", amsgrad)
+        self.decoupled_weight_decay = check_flag("decoupled_weight_decay", decoupled_weight_decay)
         self.eps_root = _hyper("eps_root", eps_root, check_positive, allow_zero=True)
         _check_eps(eps, eps_root)
         self.slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
 
     def update(
-        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
+        loss: Tensor | float | None = None,
     ) -> tuple[Params, OptimizerState]:
+        step, state = self.begin_update(grads, state, params, loss)
         decoupled = self.decoupled_weight_decay
-        grads = self._gradients(grads, state, params, step, 0.0 if decoupled else self.weight_decay)
+        grads = self._gradients(grads, state, params, 0.0 if decoupled else self.weight_decay)
         beta1, beta2 = self.betas
         slots = state.slots
         exp_avg = {name: _ema(slots["exp_avg"][name], g, beta1) for name, g in grads.items()}
@@ -291,11 +284,14 @@ class Adam(HandRule):
             new_slots["max_exp_avg_sq"] = second
         correction1, correction2 = 1 - beta1**step, 1 - beta2**step
         updates = {
-            name: -self.lr * (m / correction1) / (torch.sqrt(second[name] / correction2 + self.eps_root) + self.eps)
+            name: (-self.lr * (m / correction1) / (torch.sqrt(second[name] / correction2 + self.eps_root) + self.eps))
+            .to(m.dtype)
             for name, m in exp_avg.items()
         }
         if decoupled and not _is_zero(self.weight_decay):
-            updates = {name: u - self.lr * self.weight_decay * params[name] for name, u in updates.items()}
+            updates = {
+                name: (u - self.lr * self.weight_decay * params[name]).to(u.dtype) for name, u in updates.items()
+            }
         return updates, _advance(state, step, **new_slots)
 
 

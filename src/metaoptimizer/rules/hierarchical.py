@@ -17,7 +17,7 @@ coordinate. Each step:
 
 Per-coordinate state is that of the :class:`~metaoptimizer.rules.features.FeatureConfig`
 (2 floats by default, Adam's budget); the LSTM keeps ``2 * tensor_hidden_size`` floats per
-tensor in ``state.hidden`` / ``state.cell``.
+tensor in the slots ``tensor_hidden`` / ``tensor_cell``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaoptimizer.config import OptimizerState, check_positive
+from metaoptimizer._validation import check_positive
+from metaoptimizer.rules.base import check_slots, in_compute_dtype
+from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.rules.base import Params
 from metaoptimizer.rules.features import (
     LOG_SCALE,
@@ -129,28 +131,29 @@ class HierarchicalRule(FeatureRule):
     def hyperparameters(self) -> dict[str, object]:
         return {**super().hyperparameters(), "bank_size": self.bank_size, "tensor_hidden_size": self.tensor_hidden_size}
 
-    def init(self, params: Mapping[str, Tensor]) -> OptimizerState:
+    def init(self, params: Mapping[str, Tensor], *, num_steps: int | None = None) -> OptimizerState:
         dtype = self.head_bias.dtype
         zeros = lambda p: torch.zeros(self.tensor_hidden_size, dtype=dtype, device=p.device)  # noqa: E731
-        return OptimizerState(
-            slots=init_slots(params, self.features),
-            hidden={name: zeros(p) for name, p in params.items()},
-            cell={name: zeros(p) for name, p in params.items()},
-        )
+        slots = init_slots(params, self.features)
+        slots["tensor_hidden"] = {name: zeros(p) for name, p in params.items()}
+        slots["tensor_cell"] = {name: zeros(p) for name, p in params.items()}
+        return OptimizerState(num_steps=self.resolve_num_steps(num_steps), slots=slots)
 
     def update(
-        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
+        loss: Tensor | float | None = None,
     ) -> tuple[Params, OptimizerState]:
+        step, state = self.begin_update(grads, state, params, loss)
         config = self.features
-        check_update_inputs(grads, params, step, state.slots, config)
-        missing = [name for name in grads if name not in state.hidden or name not in state.cell]
-        if missing:
-            raise ValueError(f"state has no LSTM state for {missing}; build the state with init(params)")
+        check_update_inputs(grads, params, state.slots, config)
+        check_slots(self, state, grads, ("tensor_hidden", "tensor_cell"))
         if not grads:
             return {}, state.replace(step_count=step)
         names = list(grads)
+        dtypes = {name: g.dtype for name, g in grads.items()}
+        grads, params = in_compute_dtype(grads), in_compute_dtype({name: params[name] for name in names})
         dtype = self.head_bias.dtype
-        global_feats = global_features(step, config, device=grads[names[0]].device, dtype=dtype)
+        global_feats = global_features(step, state, config, device=grads[names[0]].device, dtype=dtype)
         passes = TensorPasses.select(self.backend, autograd_needed(self, grads, params))
         reduced = {
             name: passes.reduce(
@@ -162,8 +165,8 @@ class HierarchicalRule(FeatureRule):
             tensor_summary(reduced[name], global_feats, params[name].numel(), params[name].dim(), config.eps)
             for name in names
         ]).to(dtype)
-        hidden = torch.stack([state.hidden[name] for name in names])
-        cell = torch.stack([state.cell[name] for name in names])
+        hidden = torch.stack([state.slots["tensor_hidden"][name] for name in names])
+        cell = torch.stack([state.slots["tensor_cell"][name] for name in names])
         context = hidden.mean(dim=0, keepdim=True).expand_as(hidden)
         hidden, cell = lstm_cell(
             torch.cat([summaries, context], dim=1), hidden, cell, self.input_weight, self.hidden_weight, self.lstm_bias
@@ -180,10 +183,7 @@ class HierarchicalRule(FeatureRule):
                 grads[name], params[name], reduced[name], tensor_layers, skip[index], step_size,
                 self.scale.magnitude_scale, config,
             )
-        new_state = state.replace(
-            step_count=step,
-            slots=updated_slots(state, {name: r.acc for name, r in reduced.items()}),
-            hidden={**state.hidden, **dict(zip(names, hidden.unbind(0), strict=True))},
-            cell={**state.cell, **dict(zip(names, cell.unbind(0), strict=True))},
-        )
-        return updates, new_state
+        slots = updated_slots(state, {name: r.acc for name, r in reduced.items()})
+        slots["tensor_hidden"] = {**state.slots["tensor_hidden"], **dict(zip(names, hidden.unbind(0), strict=True))}
+        slots["tensor_cell"] = {**state.slots["tensor_cell"], **dict(zip(names, cell.unbind(0), strict=True))}
+        return {name: u.to(dtypes[name]) for name, u in updates.items()}, state.replace(step_count=step, slots=slots)

@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaoptimizer.config import PREPROCESSING, OptimizerState, check_positive
-from metaoptimizer.rules.base import Params, UpdateRule, check_unit_interval, check_update_call
+from metaoptimizer._validation import check_choice, check_flag, check_positive, check_unit_interval
+from metaoptimizer.rules.base import Params, UpdateRule, check_slots, compute_dtype
+from metaoptimizer.rules.combine import NamedChain, named_chain
+from metaoptimizer.rules.state import OptimizerState
+from metaoptimizer.rules.transforms import scale_by_schedule
 from metaoptimizer.schedules import CosineDecay, LearnedSchedule, warmup_cosine
 
+PREPROCESSING = ("log_sign", "none")
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
 
 
 def log_sign_preprocess(grad: Tensor, p: float) -> Tensor:
@@ -49,15 +57,14 @@ class LSTMRule(UpdateRule):
     ``preconditioning``, sign descent without) and meta-training learns a correction;
     ``init_lr=0`` is the paper's pure LSTM.
 
-    ``horizon`` makes the rule budget-aware: the LSTM also reads the fraction of training done,
-    and the whole update is multiplied by a :class:`~metaoptimizer.schedules.LearnedSchedule` of
-    that fraction with ``schedule_knots`` knots, initialised as linear warmup over
-    ``warmup_fraction`` of the run then cosine decay (floored at 1%). :meth:`set_horizon` stretches
-    it over another budget, as one would a cosine schedule.
+    ``training_fraction`` makes the rule budget-aware: the cells also read the fraction of the
+    run done, ``state.schedule_step() / state.num_steps`` (capped at 1). :func:`budget_aware_lstm`
+    pairs such an LSTM with a learned schedule.
 
     ``chunk_size`` processes a tensor's coordinates in chunks of that many, bounding the size of
     temporaries on large models. ``state_dtype`` stores hidden/cell state in a narrower type
-    (``'bfloat16'`` halves state memory); computation stays in the parameters' dtype.
+    (``'bfloat16'`` halves state memory). Arithmetic runs in float32 (float64 for float64
+    parameters, see :func:`compute_dtype`); updates come back in the parameters' dtype.
     """
 
     name = "lstm"
@@ -76,9 +83,7 @@ class LSTMRule(UpdateRule):
         state_dtype: str | None = None,
         init_lr: float = 0.0,
         momentum_decay: float = 0.0,
-        horizon: int | None = None,
-        schedule_knots: int = 20,
-        warmup_fraction: float = 0.05,
+        training_fraction: bool = False,
     ) -> None:
         super().__init__()
         check_positive("hidden_size", hidden_size, integer=True)
@@ -86,18 +91,15 @@ class LSTMRule(UpdateRule):
         check_positive("preprocess_p", preprocess_p)
         check_positive("output_scale", output_scale)
         check_unit_interval("rms_decay", rms_decay, closed_low=False)
-        if preprocessing not in PREPROCESSING:
-            raise ValueError(f"preprocessing={preprocessing!r} is not supported; accepted values: {PREPROCESSING}")
+        check_choice("preprocessing", preprocessing, PREPROCESSING)
+        check_flag("preconditioning", preconditioning)
+        check_flag("training_fraction", training_fraction)
         if chunk_size is not None:
             check_positive("chunk_size", chunk_size, integer=True)
         check_positive("init_lr", init_lr, allow_zero=True)
         check_unit_interval("momentum_decay", momentum_decay)
         if momentum_decay > 0 and not preconditioning:
             raise ValueError("momentum_decay > 0 needs preconditioning=True (momentum is divided by the running RMS)")
-        if horizon is not None:
-            check_positive("horizon", horizon, integer=True)
-        check_positive("schedule_knots", schedule_knots, integer=True)
-        check_unit_interval("warmup_fraction", warmup_fraction)
         if state_dtype is not None and state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype={state_dtype!r} is not supported; accepted values: {sorted(STATE_DTYPES)}")
         self.hidden_size = hidden_size
@@ -112,13 +114,12 @@ class LSTMRule(UpdateRule):
         self.state_dtype = state_dtype
         self.init_lr = float(init_lr)
         self.momentum_decay = float(momentum_decay)
-        self.horizon = horizon
-        self.schedule_knots = schedule_knots
-        self.warmup_fraction = float(warmup_fraction)
+        self.training_fraction = training_fraction
+        self.budget_aware = training_fraction
 
         # Direction features feed the cells and the skip path; the training fraction only the cells.
         direction_size = (2 if preprocessing == "log_sign" else 1) + int(preconditioning) + int(momentum_decay > 0)
-        input_size = direction_size + int(horizon is not None)
+        input_size = direction_size + int(training_fraction)
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
         self.input_weights = nn.ParameterList(nn.Parameter(torch.empty(n, 4 * hidden_size)) for n in sizes)
         self.hidden_weights = nn.ParameterList(
@@ -127,7 +128,6 @@ class LSTMRule(UpdateRule):
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(4 * hidden_size)) for _ in range(num_layers))
         self.head = nn.Linear(hidden_size, 1)
         self.skip = nn.Parameter(torch.zeros(direction_size))
-        self.schedule = LearnedSchedule(horizon, schedule_knots) if horizon is not None else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -146,50 +146,17 @@ class LSTMRule(UpdateRule):
             # ``init_lr`` (the last direction feature); 0 gives the paper's pure LSTM.
             self.skip.zero_()
             self.skip[-1] = -self.init_lr / self.output_scale
-            if self.schedule is not None:
-                warmup = round(self.warmup_fraction * self.horizon)
-                # horizon + 1 keeps warmup shorter than the run for any warmup_fraction < 1; the
-                # value at the horizon is floored at 1% below either way.
-                prior = warmup_cosine(warmup, self.horizon + 1) if warmup else CosineDecay(self.horizon)
-                knots = torch.linspace(0, self.horizon, self.schedule_knots + 1)
-                factors = torch.tensor([prior(round(float(k))) for k in knots]).clamp_min(0.01)
-                self.schedule.log_knots.copy_(factors.log())
-
-    def hyperparameters(self) -> dict[str, object]:
-        return {
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers,
-            "preprocessing": self.preprocessing,
-            "preprocess_p": self.preprocess_p,
-            "output_scale": self.output_scale,
-            "preconditioning": self.preconditioning,
-            "rms_decay": self.rms_decay,
-            "forget_bias": self.forget_bias,
-            "chunk_size": self.chunk_size,
-            "state_dtype": self.state_dtype,
-            "init_lr": self.init_lr,
-            "momentum_decay": self.momentum_decay,
-            "horizon": self.horizon,
-            "schedule_knots": self.schedule_knots,
-            "warmup_fraction": self.warmup_fraction,
-        }
-
-    def set_horizon(self, steps: int) -> None:
-        """Stretch the learned schedule over ``steps`` updates (no-op without a horizon)."""
-        check_positive("steps", steps, integer=True)
-        if self.schedule is not None:
-            self.horizon = steps
-            self.schedule.total_steps = steps
 
     def _stored_dtype(self, param: Tensor) -> torch.dtype:
         return STATE_DTYPES[self.state_dtype] if self.state_dtype else param.dtype
 
-    def init(self, params: Mapping[str, Tensor]) -> OptimizerState:
-        shape = lambda p: (self.num_layers, p.numel(), self.hidden_size)  # noqa: E731
-        hidden = {n: torch.zeros(shape(p), dtype=self._stored_dtype(p), device=p.device) for n, p in params.items()}
-        cell = {n: torch.zeros(shape(p), dtype=self._stored_dtype(p), device=p.device) for n, p in params.items()}
-        slots = {slot: {n: torch.zeros_like(p) for n, p in params.items()} for slot in self._slot_names()}
-        return OptimizerState(hidden=hidden, cell=cell, slots=slots)
+    def init(self, params: Mapping[str, Tensor], *, num_steps: int | None = None) -> OptimizerState:
+        def zeros(p: Tensor) -> Tensor:
+            return torch.zeros((self.num_layers, p.numel(), self.hidden_size), dtype=self._stored_dtype(p), device=p.device)
+
+        slots = {"hidden": {n: zeros(p) for n, p in params.items()}, "cell": {n: zeros(p) for n, p in params.items()}}
+        slots.update({slot: {n: torch.zeros_like(p) for n, p in params.items()} for slot in self._slot_names()})
+        return OptimizerState(num_steps=self.resolve_num_steps(num_steps), slots=slots)
 
     def _slot_names(self) -> tuple[str, ...]:
         return ("rms",) * self.preconditioning + ("momentum",) * (self.momentum_decay > 0)
@@ -209,8 +176,20 @@ class LSTMRule(UpdateRule):
                 parts.append((corrected * scale).unsqueeze(-1))
         return torch.cat(parts, dim=-1)
 
+    def _weights(self, dtype: torch.dtype) -> dict[str, Any]:
+        """The meta-parameters in the compute dtype (cast once per update; differentiable)."""
+        cast = lambda t: t.to(dtype)  # noqa: E731
+        return {
+            "input": [cast(w) for w in self.input_weights],
+            "hidden": [cast(w) for w in self.hidden_weights],
+            "bias": [cast(b) for b in self.biases],
+            "head_weight": cast(self.head.weight),
+            "head_bias": cast(self.head.bias),
+            "skip": cast(self.skip),
+        }
+
     def _cells(
-        self, directions: Tensor, hidden: Tensor, cell: Tensor, progress: float | None
+        self, directions: Tensor, hidden: Tensor, cell: Tensor, progress: float | None, weights: dict[str, Any]
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Run the stacked cells on a batch of coordinates; returns (output, new hidden, new cell)."""
         x = directions
@@ -218,24 +197,25 @@ class LSTMRule(UpdateRule):
             x = torch.cat([directions, directions.new_full((directions.shape[0], 1), progress)], dim=-1)
         new_h, new_c = [], []
         for layer in range(self.num_layers):
-            gates = x @ self.input_weights[layer] + hidden[layer] @ self.hidden_weights[layer] + self.biases[layer]
+            gates = x @ weights["input"][layer] + hidden[layer] @ weights["hidden"][layer] + weights["bias"][layer]
             i, f, g, o = gates.chunk(4, dim=-1)
             c = torch.sigmoid(f) * cell[layer] + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
             new_h.append(h)
             new_c.append(c)
             x = h
-        return self.head(x).squeeze(-1) + directions @ self.skip, torch.stack(new_h), torch.stack(new_c)
+        out = F.linear(x, weights["head_weight"], weights["head_bias"]).squeeze(-1) + directions @ weights["skip"]
+        return out, torch.stack(new_h), torch.stack(new_c)
 
     def _run_chunks(
-        self, features: Tensor, hidden: Tensor, cell: Tensor, progress: float | None
+        self, features: Tensor, hidden: Tensor, cell: Tensor, progress: float | None, weights: dict[str, Any]
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The cells over all coordinates of one tensor, ``chunk_size`` at a time; returns (new
         hidden, new cell, output). Chunks are cast to the compute dtype one at a time and written
         into preallocated results in the stored dtype, so temporaries stay chunk-sized."""
         size = self.chunk_size or features.shape[0]
         if size >= features.shape[0]:
-            out, h, c = self._cells(features, hidden.to(features.dtype), cell.to(features.dtype), progress)
+            out, h, c = self._cells(features, hidden.to(features.dtype), cell.to(features.dtype), progress, weights)
             return h.to(hidden.dtype), c.to(cell.dtype), out
         new_hidden, new_cell = torch.empty_like(hidden), torch.empty_like(cell)
         out = features.new_empty(features.shape[0])
@@ -243,7 +223,7 @@ class LSTMRule(UpdateRule):
             end = start + size
             chunk_out, h, c = self._cells(
                 features[start:end], hidden[:, start:end].to(features.dtype), cell[:, start:end].to(features.dtype),
-                progress,
+                progress, weights,
             )
             new_hidden[:, start:end] = h
             new_cell[:, start:end] = c
@@ -251,26 +231,51 @@ class LSTMRule(UpdateRule):
         return new_hidden, new_cell, out
 
     def update(
-        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
+        loss: Tensor | float | None = None,
     ) -> tuple[Params, OptimizerState]:
-        check_update_call(grads, params, step)
-        missing = [name for name in grads if name not in state.hidden]
-        if missing:
-            raise ValueError(f"state has no LSTM state for {missing}; build the state with init(params)")
+        step, state = self.begin_update(grads, state, params, loss)
+        check_slots(self, state, grads, ("hidden", "cell", *self._slot_names()))
+        slots = {slot: dict(state.slots[slot]) for slot in ("hidden", "cell", *self._slot_names())}
+        progress = None
+        if self.training_fraction:
+            if state.num_steps is None:
+                raise ValueError("this LSTM reads the training fraction: build its state with init(params, num_steps=N)")
+            progress = min(state.schedule_step() / state.num_steps, 1.0)
+        weights: dict[torch.dtype, dict[str, Any]] = {}
         updates: Params = {}
-        hidden, cell = dict(state.hidden), dict(state.cell)
-        slots = {slot: dict(state.slots[slot]) for slot in self._slot_names()}
-        progress = None if self.horizon is None else min((step - 1) / self.horizon, 1.0)
-        scale = self.output_scale if self.schedule is None else self.output_scale * self.schedule(step - 1)
         for name, grad in grads.items():
+            dtype = compute_dtype(grad.dtype)
+            if dtype not in weights:
+                weights[dtype] = self._weights(dtype)
+            g = grad.to(dtype)
             rms = momentum = None
             if self.preconditioning:
-                rms = self.rms_decay * slots["rms"][name] + (1.0 - self.rms_decay) * grad * grad
-                slots["rms"][name] = rms
+                rms = self.rms_decay * slots["rms"][name].to(dtype) + (1.0 - self.rms_decay) * g * g
+                slots["rms"][name] = rms.to(grad.dtype)
             if self.momentum_decay > 0:
-                momentum = self.momentum_decay * slots["momentum"][name] + (1.0 - self.momentum_decay) * grad
-                slots["momentum"][name] = momentum
-            features = self._features(grad, rms, momentum, step)
-            hidden[name], cell[name], out = self._run_chunks(features, state.hidden[name], state.cell[name], progress)
-            updates[name] = (scale * out).reshape(grad.shape)
-        return updates, state.replace(hidden=hidden, cell=cell, slots={**state.slots, **slots}, step_count=step)
+                momentum = self.momentum_decay * slots["momentum"][name].to(dtype) + (1.0 - self.momentum_decay) * g
+                slots["momentum"][name] = momentum.to(grad.dtype)
+            features = self._features(g, rms, momentum, step)
+            slots["hidden"][name], slots["cell"][name], out = self._run_chunks(
+                features, state.slots["hidden"][name], state.slots["cell"][name], progress, weights[dtype]
+            )
+            updates[name] = (self.output_scale * out).reshape(grad.shape).to(grad.dtype)
+        return updates, state.replace(slots={**state.slots, **slots}, step_count=step)
+
+
+def budget_aware_lstm(
+    num_steps: int, *, schedule_knots: int = 20, warmup_fraction: float = 0.05, **lstm_options: Any
+) -> NamedChain:
+    """``named_chain(lstm=..., schedule=...)``: an LSTM that reads the training fraction, its updates
+    scaled by a :class:`~metaoptimizer.schedules.LearnedSchedule` of ``schedule_knots`` knots laid
+    over ``num_steps`` (the default budget) and initialised as linear warmup over
+    ``warmup_fraction`` of the run then cosine decay, floored at 1%."""
+    check_positive("num_steps", num_steps, integer=True)
+    check_positive("schedule_knots", schedule_knots, integer=True)
+    check_unit_interval("warmup_fraction", warmup_fraction)
+    warmup = round(warmup_fraction * num_steps)
+    # num_steps + 1 keeps warmup shorter than the run for any warmup_fraction < 1.
+    prior = warmup_cosine(warmup, num_steps + 1) if warmup else CosineDecay(num_steps)
+    schedule = LearnedSchedule(num_steps, schedule_knots).initialise_as(prior)
+    return named_chain(lstm=LSTMRule(training_fraction=True, **lstm_options), schedule=scale_by_schedule(schedule))

@@ -24,16 +24,17 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from metaoptimizer.config import OptimizerState, check_positive
+from metaoptimizer._validation import check_positive
 from metaoptimizer.rules.base import Params
 from metaoptimizer.rules.hand import HandRule
+from metaoptimizer.rules.state import OptimizerState
 
 
 class MetaSGDRule(HandRule):
     """Per-coordinate learned learning rates, adapted online by their meta-gradient."""
 
     name = "meta_sgd"
-    slot_names = ("update_sum", "alpha_grad")
+    slot_names = ("alpha", "update_sum", "alpha_grad")
 
     def __init__(
         self,
@@ -60,8 +61,8 @@ class MetaSGDRule(HandRule):
         self.clamp = (float(clamp[0]), float(clamp[1]))
         self.inner_steps = inner_steps
 
-    def init(self, params: Mapping[str, Tensor]) -> OptimizerState:
-        return self.reset_per_param_lr(super().init(params))
+    def init(self, params: Mapping[str, Tensor], *, num_steps: int | None = None) -> OptimizerState:
+        return self.reset_per_param_lr(super().init(params, num_steps=num_steps))
 
     def reset_per_param_lr(self, state: OptimizerState) -> OptimizerState:
         """``state`` with every rate back at ``base_lr`` and its meta-gradient window cleared;
@@ -70,35 +71,32 @@ class MetaSGDRule(HandRule):
             raise ValueError("state has no 'update_sum' slot; build the state with MetaSGDRule.init(params)")
         shapes = state.slots["update_sum"]
         zeros = {n: torch.zeros_like(s) for n, s in shapes.items()}
-        return state.replace(
-            per_param_lr={n: torch.full_like(s, self.base_lr) for n, s in shapes.items()},
-            slots={**state.slots, "update_sum": zeros, "alpha_grad": dict(zeros)},
-        )
+        alpha = {n: torch.full_like(s, self.base_lr) for n, s in shapes.items()}
+        return state.replace(slots={**state.slots, "alpha": alpha, "update_sum": zeros, "alpha_grad": dict(zeros)})
 
     def update(
-        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
+        loss: Tensor | float | None = None,
     ) -> tuple[Params, OptimizerState]:
-        grads = self._gradients(grads, state, params, step, 0.0)
-        missing = sorted(set(grads) - set(state.per_param_lr))
-        if missing:
-            raise ValueError(f"state has no per_param_lr for {missing}; build the state with init(params)")
+        step, state = self.begin_update(grads, state, params, loss)
+        grads = self._gradients(grads, state, params, 0.0)
         window_ends = step % self.inner_steps == 0
         low, high = self.clamp
         alpha, update_sum, alpha_grad, updates = {}, {}, {}, {}
         for name, g in grads.items():
             meta_grad = state.slots["alpha_grad"][name] - g * state.slots["update_sum"][name]
             if window_ends:
-                alpha[name] = (state.per_param_lr[name] - self.alpha_lr * meta_grad).clamp(low, high)
+                alpha[name] = (state.slots["alpha"][name] - self.alpha_lr * meta_grad).clamp(low, high)
                 alpha_grad[name], update_sum[name] = torch.zeros_like(g), g
             else:
-                alpha[name] = state.per_param_lr[name]
+                alpha[name] = state.slots["alpha"][name]
                 alpha_grad[name], update_sum[name] = meta_grad, state.slots["update_sum"][name] + g
             updates[name] = -alpha[name] * g
         new_state = state.replace(
             step_count=step,
-            per_param_lr={**state.per_param_lr, **alpha},
             slots={
                 **state.slots,
+                "alpha": {**state.slots["alpha"], **alpha},
                 "update_sum": {**state.slots["update_sum"], **update_sum},
                 "alpha_grad": {**state.slots["alpha_grad"], **alpha_grad},
             },

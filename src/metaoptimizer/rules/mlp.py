@@ -34,8 +34,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from metaoptimizer.config import OptimizerState, check_positive
-from metaoptimizer.rules.base import Params, UpdateRule
+from metaoptimizer._validation import check_positive
+from metaoptimizer.rules.base import Params, UpdateRule, in_compute_dtype
+from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.rules.features import (
     Accumulators,
     FeatureConfig,
@@ -280,6 +281,7 @@ class FeatureRule(UpdateRule):
         self.scale = scale
         self.backend = check_backend(backend)
         self.features = FeatureConfig.coerce(features)
+        self.budget_aware = self.features.training_fraction
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.output_init = float(output_init)
@@ -328,18 +330,23 @@ class MLPRule(FeatureRule):
             prior_index(self.features), output_init=output_init, seed=seed,
         )
 
-    def init(self, params: Mapping[str, Tensor]) -> OptimizerState:
-        return OptimizerState(slots=init_slots(params, self.features))
+    def init(self, params: Mapping[str, Tensor], *, num_steps: int | None = None) -> OptimizerState:
+        return OptimizerState(num_steps=self.resolve_num_steps(num_steps), slots=init_slots(params, self.features))
 
     def update(
-        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
+        loss: Tensor | float | None = None,
     ) -> tuple[Params, OptimizerState]:
+        step, state = self.begin_update(grads, state, params, loss)
         config = self.features
-        check_update_inputs(grads, params, step, state.slots, config)
+        check_update_inputs(grads, params, state.slots, config)
         if not grads:
             return {}, state.replace(step_count=step)
         device = next(iter(grads.values())).device
-        layers, skip = self.mlp.layers(global_features(step, config, device=device, dtype=self.mlp.skip.dtype))
+        shared = global_features(step, state, config, device=device, dtype=self.mlp.skip.dtype)
+        layers, skip = self.mlp.layers(shared)
+        dtypes = {name: g.dtype for name, g in grads.items()}
+        grads, params = in_compute_dtype(grads), in_compute_dtype({name: params[name] for name in grads})
         passes = TensorPasses.select(self.backend, autograd_needed(self, grads, params))
         updates: Params = {}
         accumulators: dict[str, Accumulators] = {}
@@ -350,4 +357,5 @@ class MLPRule(FeatureRule):
                 grad, params[name], reduced, layers, skip, step_size, self.scale.magnitude_scale, config
             )
             accumulators[name] = reduced.acc
+        updates = {name: u.to(dtypes[name]) for name, u in updates.items()}
         return updates, state.replace(step_count=step, slots=updated_slots(state, accumulators))
