@@ -6,12 +6,13 @@ import torch
 from prodigyopt import Prodigy
 from schedulefree import AdamWScheduleFree
 
-from metaoptimizer.config import OptimizerState
-from metaoptimizer.evaluate.baselines import WarmupCosine, general_baselines
+from metaoptimizer.evaluate.baselines import ScaleByWarmupCosine, general_baselines
 from metaoptimizer.evaluate.runner import run_rule
 from metaoptimizer.evaluate.torch_rule import TorchOptimizerRule
-from metaoptimizer.rules.base import apply_updates
+from metaoptimizer.rules import AdamW, chain
+from metaoptimizer.rules.base import apply_updates, from_spec, to_spec
 from metaoptimizer.rules.hand import Adam
+from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.schedules import warmup_cosine
 from metaoptimizer.tasks.quadratic import QuadraticFamily
 
@@ -48,7 +49,7 @@ def rule_run(rule, steps):
         leaves = {name: p.clone().requires_grad_(True) for name, p in params.items()}
         grads = dict(zip(leaves, torch.autograd.grad(loss_of(leaves), list(leaves.values())), strict=True))
         frozen = {name: g.clone() for name, g in grads.items()}
-        updates, state = rule.update(grads, state, params, step)
+        updates, state = rule.update(grads, state, params)
         assert all(torch.equal(grads[name], frozen[name]) for name in grads)  # inputs are not mutated
         assert state.step_count == step
         params = apply_updates(params, updates)
@@ -79,7 +80,7 @@ def test_parameters_without_gradients_are_left_alone():
     rule = TorchOptimizerRule(torch.optim.Adam, lr=0.1)
     params = initial()
     state = rule.init(params)
-    updates, _ = rule.update({"w": torch.ones(2, 2)}, state, params, 1)
+    updates, _ = rule.update({"w": torch.ones(2, 2)}, state, params)
     assert set(updates) == {"w"} and torch.allclose(updates["w"], torch.full((2, 2), -0.1))
 
 
@@ -99,34 +100,48 @@ def test_adapter_errors_are_clear():
     with pytest.raises(TypeError, match="torch.optim.Optimizer subclass"):
         TorchOptimizerRule(Adam)
     rule = TorchOptimizerRule(Prodigy)
+    started = OptimizerState(step_count=1)
     with pytest.raises(ValueError, match="call init"):
-        rule.update({"w": torch.ones(2)}, OptimizerState(), {"w": torch.zeros(2)}, 1)
+        rule.update({"w": torch.ones(2)}, started, {"w": torch.zeros(2)})
     rule.init({"w": torch.zeros(2)})
+    with pytest.raises(ValueError, match="call init"):  # another model's parameters
+        rule.update({"v": torch.ones(2)}, started, {"v": torch.zeros(2)})
     with pytest.raises(ValueError, match="shape"):
-        rule.update({"w": torch.ones(3)}, OptimizerState(), {"w": torch.zeros(2)}, 1)
+        rule.update({"w": torch.ones(3)}, started, {"w": torch.zeros(2)})
+    with pytest.raises(ValueError, match="not a registered rule"):
+        to_spec(rule)
 
 
-def test_warmup_cosine_scales_the_base_rules_updates_by_the_budgets_schedule():
-    rule = WarmupCosine(Adam(lr=0.1), warmup_fraction=0.2)
-    rule.set_horizon(10)
+def test_warmup_cosine_scales_adamw_like_a_torch_scheduler_over_the_budget():
+    rule = chain(AdamW(lr=0.1), ScaleByWarmupCosine(warmup_fraction=0.2))
+    leaves = {name: torch.nn.Parameter(p.clone()) for name, p in initial().items()}
+    optimizer = torch.optim.AdamW(list(leaves.values()), lr=0.1)
     schedule = warmup_cosine(2, 10)
-    base = Adam(lr=0.1)
-    params, grads = {"w": torch.ones(3)}, {"w": torch.tensor([1.0, -2.0, 3.0])}
-    state, base_state = rule.init(params), base.init(params)
-    for step in range(1, 6):
-        updates, state = rule.update(grads, state, params, step)
-        expected, base_state = base.update(grads, base_state, params, step)
-        assert torch.allclose(updates["w"], expected["w"] * schedule(step - 1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: float(schedule(step)))
+    params = initial()
+    state = rule.init(params, num_steps=10)
+    for _ in range(10):
+        optimizer.zero_grad()
+        loss_of(leaves).backward()
+        optimizer.step()
+        scheduler.step()
+        tracked = {name: p.clone().requires_grad_(True) for name, p in params.items()}
+        grads = dict(zip(tracked, torch.autograd.grad(loss_of(tracked), list(tracked.values())), strict=True))
+        updates, state = rule.update(grads, state, params)
+        params = apply_updates(params, updates)
+    for name in params:
+        assert torch.allclose(params[name], leaves[name].detach(), atol=1e-6)
 
 
 def test_warmup_cosine_needs_its_budget():
     with pytest.raises(ValueError, match="warmup_fraction"):
-        WarmupCosine(Adam(), warmup_fraction=1.0)
-    rule = WarmupCosine(Adam())
-    with pytest.raises(ValueError, match="set_horizon"):
-        rule.update({"w": torch.ones(1)}, rule.init({"w": torch.ones(1)}), {"w": torch.ones(1)}, 1)
+        ScaleByWarmupCosine(warmup_fraction=1.0)
+    rule = chain(Adam(), ScaleByWarmupCosine())
+    with pytest.raises(ValueError, match="budget-aware: pass the run's length"):
+        rule.init({"w": torch.ones(1)})
     with pytest.raises(ValueError, match="at least 2 steps"):
-        rule.set_horizon(1)
+        rule.init({"w": torch.ones(1)}, num_steps=1)
+    assert from_spec(to_spec(rule)).members["1"].warmup_fraction == 0.05
 
 
 def test_general_baselines_are_the_users_alternatives():

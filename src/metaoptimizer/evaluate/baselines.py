@@ -19,16 +19,20 @@ per-task tuning.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from metaoptimizer.config import OptimizerState, check_positive
+from torch import Tensor
+
+from metaoptimizer._validation import check_positive
 from metaoptimizer.evaluate import metrics
 from metaoptimizer.rules.base import Params, UpdateRule
+from metaoptimizer.rules.combine import chain
 from metaoptimizer.rules.hand import Adam, AdamW, Momentum, RMSProp
+from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.schedules import warmup_cosine
 
 if TYPE_CHECKING:
@@ -77,37 +81,35 @@ def default_baselines() -> list[Baseline]:
     ]
 
 
-class WarmupCosine(UpdateRule):
-    """``base_rule``'s updates times a linear warmup over ``warmup_fraction`` of the run's budget
-    and a cosine decay to 0 at its end (:func:`metaoptimizer.schedules.warmup_cosine`): the
-    schedule a user sets knowing the number of steps. Budget-aware: the runner tells it the budget."""
+class ScaleByWarmupCosine(UpdateRule):
+    """Chain member: updates times a linear warmup over ``warmup_fraction`` of the run's budget
+    (``state.num_steps``) then a cosine decay to 0 at its end
+    (:func:`metaoptimizer.schedules.warmup_cosine`), the schedule a user sets knowing the number of
+    steps: ``chain(AdamW(lr), ScaleByWarmupCosine())`` is AdamW with that schedule on its lr."""
 
-    name = "warmup_cosine"
+    name = "scale_by_warmup_cosine"
+    budget_aware = True
 
-    def __init__(self, base_rule: UpdateRule, warmup_fraction: float = 0.05) -> None:
+    def __init__(self, warmup_fraction: float = 0.05) -> None:
         super().__init__()
         if not 0.0 < warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must lie in (0, 1), got {warmup_fraction!r}")
-        self.base_rule = base_rule
         self.warmup_fraction = warmup_fraction
-        self.schedule = None
 
-    def set_horizon(self, steps: int) -> None:
-        check_positive("steps", steps, integer=True)
-        if steps < 2:
-            raise ValueError(f"a warmup-cosine schedule needs a budget of at least 2 steps, got {steps}")
-        self.horizon = steps
-        self.schedule = warmup_cosine(max(1, round(self.warmup_fraction * steps)), steps)
+    def init(self, params: Mapping[str, Tensor], *, num_steps: int | None = None) -> OptimizerState:
+        num_steps = self.resolve_num_steps(num_steps)
+        if num_steps < 2:
+            raise ValueError(f"a warmup-cosine schedule needs a budget of at least 2 steps, got num_steps={num_steps}")
+        return OptimizerState(num_steps=num_steps)
 
-    def init(self, params: dict) -> OptimizerState:
-        return self.base_rule.init(params)
-
-    def update(self, grads: dict, state: OptimizerState, params: dict, step: int) -> tuple[Params, OptimizerState]:
-        if self.schedule is None:
-            raise ValueError("warmup-cosine needs the run's budget: call set_horizon(steps) before the run")
-        updates, state = self.base_rule.update(grads, state, params, step)
-        factor = self.schedule(step - 1)
-        return {name: u * factor for name, u in updates.items()}, state
+    def update(
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
+        loss: Tensor | float | None = None,
+    ) -> tuple[Params, OptimizerState]:
+        step, state = self.begin_update(grads, state, params, loss)
+        total = state.num_steps
+        factor = warmup_cosine(max(1, round(self.warmup_fraction * total)), total)(state.schedule_step())
+        return {name: u * factor for name, u in grads.items()}, state.replace(step_count=step)
 
 
 def general_baselines() -> list[Baseline]:
@@ -129,7 +131,7 @@ def general_baselines() -> list[Baseline]:
     return [
         Baseline("adam", lambda lr: Adam(lr=lr), adaptive),
         Baseline("adam-default", lambda lr: Adam(lr=lr), (1e-3,)),
-        Baseline("adamw-warmup-cosine", lambda lr: WarmupCosine(AdamW(lr=lr)), adaptive),
+        Baseline("adamw-warmup-cosine", lambda lr: chain(AdamW(lr=lr), ScaleByWarmupCosine()), adaptive),
         Baseline("prodigy", lambda lr: TorchOptimizerRule(Prodigy, lr=lr), (1.0,)),
         Baseline("schedule-free-adamw", lambda lr: TorchOptimizerRule(AdamWScheduleFree, lr=lr), (0.0025,)),
     ]

@@ -5,7 +5,7 @@ This adapter is for deployment (evaluation) only: it is **not differentiable** (
 optimizer updates its own tensors in place under ``torch.no_grad``) and it is **stateful** (the
 optimizer and its tensors live on the rule instance, not in the returned ``OptimizerState``):
 ``init`` starts a new run and discards the previous one, so one instance serves one run at a
-time. Each ``update`` copies the caller's parameters into the optimizer's tensors, sets their
+time. It is not a registered rule (no spec, no checkpoint): it exists for evaluation baselines. Each ``update`` copies the caller's parameters into the optimizer's tensors, sets their
 gradients, takes one ``optimizer.step()`` and returns the difference as the additive update;
 the caller's tensors are never mutated.
 
@@ -23,20 +23,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaoptimizer.config import OptimizerState
-from metaoptimizer.rules.base import Params, UpdateRule, check_update_call
+from metaoptimizer.rules.base import Params, UpdateRule
+from metaoptimizer.rules.state import OptimizerState
 
 
 class TorchOptimizerRule(UpdateRule):
     """``optimizer_class(params, **options)`` (a ``torch.optim.Optimizer`` subclass) as a
     deployment-only, non-differentiable update rule (see the module docstring)."""
 
-    name = "torch_optimizer"
-
     def __init__(self, optimizer_class: type[torch.optim.Optimizer], **options: Any) -> None:
         super().__init__()
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
             raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
+        self.name = f"torch.optim:{optimizer_class.__name__}"  # for messages; the class stays unregistered
         self.optimizer_class = optimizer_class
         self.options = options
         self._leaves: dict[str, nn.Parameter] = {}
@@ -48,13 +47,14 @@ class TorchOptimizerRule(UpdateRule):
         return callable(getattr(self.optimizer_class, "train", None)) and callable(
             getattr(self.optimizer_class, "eval", None))
 
-    def init(self, params: Mapping[str, Tensor]) -> OptimizerState:
-        """Start a new run: fresh copies of ``params`` and a fresh optimizer over them (in train mode)."""
+    def init(self, params: Mapping[str, Tensor], *, num_steps: int | None = None) -> OptimizerState:
+        """Start a new run: fresh copies of ``params`` and a fresh optimizer over them (in train
+        mode). The budget is kept in the state; the wrapped optimizers do not read it."""
         self._leaves = {name: nn.Parameter(p.detach().clone()) for name, p in params.items()}
         self._optimizer = self.optimizer_class(list(self._leaves.values()), **self.options)
         if self.switches_modes:
             self._optimizer.train()
-        return OptimizerState()
+        return OptimizerState(num_steps=self.resolve_num_steps(num_steps))
 
     def _load(self, params: Mapping[str, Tensor]) -> torch.optim.Optimizer:
         if self._optimizer is None or set(params) != set(self._leaves):
@@ -65,9 +65,10 @@ class TorchOptimizerRule(UpdateRule):
         return self._optimizer
 
     def update(
-        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], step: int
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
+        loss: Tensor | float | None = None,
     ) -> tuple[Params, OptimizerState]:
-        check_update_call(grads, params, step)
+        step, state = self.begin_update(grads, state, params, loss)  # a fresh state calls init: a new run
         optimizer = self._load(params)
         for name, leaf in self._leaves.items():
             leaf.grad = grads[name].detach().clone() if name in grads else None
