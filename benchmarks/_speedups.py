@@ -17,7 +17,7 @@ def speedups_over_tuned_adam(trained: Mapping[str, UpdateRule], suite: Suite, he
     one line per rule, and return :meth:`SuiteResult.headline` per rule."""
     adam = [b for b in default_baselines() if b.name == "adam"]
     factories = {name: (lambda rule=rule: copy.deepcopy(rule)) for name, rule in trained.items()}
-    result = run_suite(suite, factories, baselines=adam, progress=False)
+    result = run_suite(suite, factories, baselines=adam)
     print(header)
     for name in trained:
         print("  " + result.headline_line(name))

@@ -63,7 +63,7 @@ def runner_overhead(steps: int, repeats: int) -> None:
 
 def suite_costs(name: str, out: str, overrides: dict) -> None:
     suite = make_suite(name, **overrides)
-    result = run_suite(suite, {}, progress=True)
+    result = run_suite(suite, {})
     files = write_report(result, out, extra={"command": "benchmarks/bench_evaluate.py", "optimizers": "baselines only"})
     runs = sum(len(t.entry.seeds) * sum(len(b.lrs) for b in t.baselines.values()) for t in result.tasks)
     print(f"suite {name}: {len(result.tasks)} tasks, {runs} runs, {result.seconds:.0f} s wall ({files.markdown})")

@@ -26,7 +26,7 @@ import time
 import torch
 
 from metaoptimizer import pretrained
-from metaoptimizer.demo import DEMO_CONFIG
+from metaoptimizer.pretrained.lstm_digits_mlp import CONFIG as DEMO_CONFIG
 from metaoptimizer.evaluate.baselines import Baseline, default_baselines
 from metaoptimizer.evaluate.report import write_report
 from metaoptimizer.evaluate.runner import run_suite
@@ -78,7 +78,7 @@ def main() -> None:
     if args.tuned_schedule:
         adam_grid = next(b.lrs for b in baselines if b.name == "adam")
         baselines.append(Baseline("tuned-adam-warmup-cosine", adam_warmup_cosine, adam_grid))
-    result = run_suite(suite, optimizers, baselines=baselines, cache=args.baseline_cache, progress=False)
+    result = run_suite(suite, optimizers, baselines=baselines, cache=args.baseline_cache)
     print(f"suite {args.suite} ({suite.description}); {time.perf_counter() - started:.0f} s; "
           f"speedup over tuned Adam (constant lr, tuned per task):")
     for name in [*optimizers, *(["tuned-adam-warmup-cosine"] if args.tuned_schedule else [])]:

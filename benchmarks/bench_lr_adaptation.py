@@ -123,7 +123,7 @@ def bench_hypergradient(args: argparse.Namespace) -> dict:
               + ", ".join(f"HD from {s}: x{row['hd'][s]['ratio']:.2f} (lr {row['hd'][s]['final_lr']:.2g})"
                           for s in row["hd"]))
     print()
-    print(f"| task | tuned Adam lr | tuned Adam final loss | " + " | ".join(
+    print("| task | tuned Adam lr | tuned Adam final loss | " + " | ".join(
         f"HD-Adam from {s:g}: final loss (ratio, end lr)" for s in HD_STARTS) + " |")
     print("|---" * (3 + len(HD_STARTS)) + "|")
     for row in rows:
@@ -199,7 +199,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
 
     suite = heldout_suite(family=FAMILY, num_tasks=args.tasks, steps=args.steps, seeds=tuple(args.seeds))
     result = run_suite(suite, {"learned_schedule": lambda: rule}, baselines=adam_baselines(args.steps),
-                       reference="adam", progress=False)
+                       reference="adam")
     names = [b.name for b in adam_baselines(args.steps)]
     per_task = []
     for task in result.tasks:

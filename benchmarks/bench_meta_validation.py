@@ -1,6 +1,6 @@
 """Meta-validation of the demo configuration: how the shipped checkpoint's meta-training budget was chosen.
 
-Meta-trains ``metaoptimizer.demo.DEMO_CONFIG`` (seed 0, as ``metaopt pretrain``) for ``--steps``
+Meta-trains ``metaoptimizer.pretrained.lstm_digits_mlp.CONFIG`` (seed 0, as ``metaopt pretrain``) for ``--steps``
 meta-steps, keeps a snapshot every ``--every`` steps (and the untrained rule), then scores every
 snapshot, with and without its LSTM output, against tuned Adam on *training-split* tasks of the
 family (indices 0-9 by default; meta-training draws indices at random from 2**31, so these are
@@ -19,7 +19,7 @@ import time
 import torch
 
 from bench_headline import without_lstm
-from metaoptimizer.demo import DEMO_CONFIG, FAMILY, HORIZON
+from metaoptimizer.pretrained.lstm_digits_mlp import CONFIG as DEMO_CONFIG, FAMILY, HORIZON
 from metaoptimizer.evaluate.runner import run_suite
 from metaoptimizer.evaluate.suites import Suite, SuiteEntry
 from metaoptimizer.facade import MetaOptimizer
@@ -70,7 +70,7 @@ def main() -> None:
     for step, rule in snapshots.items():
         optimizers[f"step{step}"] = lambda rule=rule: rule
         optimizers[f"step{step}-no-lstm"] = lambda rule=rule: without_lstm(rule)
-    result = run_suite(suite, optimizers, cache=args.baseline_cache, progress=False)
+    result = run_suite(suite, optimizers, cache=args.baseline_cache)
     print(f"speedup over tuned Adam on {args.num_tasks} training-split tasks x {args.seeds} seeds:")
     for name in optimizers:
         print("  " + result.headline_line(name))

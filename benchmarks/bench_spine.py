@@ -1,7 +1,10 @@
 """Spine figures: LSTM optimizer step time vs fused torch.optim.Adam on a 1M-parameter model, and
 meta-training throughput (inner steps per second) at several unroll lengths.
 
-    python benchmarks/bench_spine.py [--repeats 20] [--threads 1]
+    python benchmarks/bench_spine.py [--repeats 20] [--threads 1] [--widths 784,1024,256,10] [--meta-steps 10]
+
+``--widths`` sets the MLP of the step timing (784,128,10: 101,770 parameters); ``--meta-steps 0``
+skips the throughput table.
 
 Both figures are measured in the same run as their reference and printed as ratios.
 """
@@ -21,9 +24,12 @@ from metaoptimizer.rules.lstm import LSTMRule
 from metaoptimizer.tasks import make_family
 
 
-def one_million_parameter_mlp() -> nn.Module:
-    """784-1024-256-10 MLP: 1,068,810 parameters in 6 tensors."""
-    return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 10))
+def mlp(widths: list[int]) -> nn.Module:
+    """An MLP of ``widths`` (the default 784-1024-256-10: 1,068,810 parameters in 6 tensors)."""
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:], strict=False):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
 
 
 def step_time(model: nn.Module, optimizer: torch.optim.Optimizer, repeats: int) -> float:
@@ -39,12 +45,25 @@ def step_time(model: nn.Module, optimizer: torch.optim.Optimizer, repeats: int) 
     return statistics.median(times)
 
 
-def optimizer_step_ratios(repeats: int) -> None:
+def forward_backward_time(model: nn.Module, repeats: int) -> float:
+    """Median seconds of the rest of a training step: forward and backward of a batch of 64."""
+    x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        start = time.perf_counter()
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def optimizer_step_ratios(repeats: int, widths: list[int]) -> None:
     torch.manual_seed(0)
-    model = one_million_parameter_mlp()
+    model = mlp(widths)
     n = sum(p.numel() for p in model.parameters())
     adam = step_time(model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True), repeats)
-    rows = [("torch.optim.Adam(fused=True)", adam)]
+    rows = [("forward + backward, batch 64 (not an optimizer)", forward_backward_time(model, repeats)),
+            ("torch.optim.Adam(fused=True)", adam)]
     for label, rule in [
         ("LSTM 2x20, fp32 state", LSTMRule()),
         ("LSTM 2x20, chunk 262144", LSTMRule(chunk_size=262144)),
@@ -77,11 +96,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--meta-steps", type=int, default=10)
+    parser.add_argument("--widths", default="784,1024,256,10", help="MLP layer widths of the step timing.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
-    optimizer_step_ratios(args.repeats)
-    meta_training_throughput([20, 50, 100], args.meta_steps)
+    optimizer_step_ratios(args.repeats, [int(w) for w in args.widths.split(",")])
+    if args.meta_steps > 0:
+        meta_training_throughput([20, 50, 100], args.meta_steps)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ distribution (before clipping) and the fraction of skipped (non-finite) meta-ste
 
     python benchmarks/bench_unroll_stability.py [--meta-steps 20]
 
-The LSTM is the demo's configuration (``metaoptimizer.demo.DEMO_CONFIG``) on the digits-MLP
+The LSTM is the demo's configuration (``metaoptimizer.pretrained.lstm_digits_mlp.CONFIG``) on the digits-MLP
 family, from the same initialisation for every unroll length.
 """
 
@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 import torch
 
-from metaoptimizer.demo import DEMO_CONFIG, FAMILY
+from metaoptimizer.pretrained.lstm_digits_mlp import CONFIG as DEMO_CONFIG, FAMILY
 from metaoptimizer.meta.trainer import MetaTrainer
 from metaoptimizer.config import build_rule
 from metaoptimizer.tasks import make_family

@@ -165,11 +165,22 @@ def test_damaged_header(tmp_path, header, message):
         load_checkpoint(tmp_path / "d.pt")
 
 
+def test_a_truncated_large_checkpoint_says_truncated(tmp_path):
+    """torch.load reports some truncations of a zip file as an OSError (``[Errno 22] Invalid argument``)."""
+    path = tmp_path / "large.pt"
+    save_checkpoint(path, kind="test", payload={"weights": torch.randn(4096)})
+    data = path.read_bytes()
+    for keep in (0.3, 0.6):
+        path.write_bytes(data[: int(len(data) * keep)])
+        with pytest.raises(CheckpointError, match="truncated or corrupt"):
+            load_checkpoint(path)
+
+
 def test_unreadable_file_is_reported(saved, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError("permission denied")
 
-    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr("metaoptimizer.checkpoint.open", refuse, raising=False)
     with pytest.raises(CheckpointError, match="cannot read checkpoint .*permission denied"):
         load_checkpoint(saved)
 

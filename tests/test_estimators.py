@@ -15,7 +15,6 @@ from metaoptimizer.meta.vectorized import (
     UnrollJob,
     flatten_meta,
     loss_signature,
-    register_loss_signature,
     run_jobs,
     unflatten_meta,
 )
@@ -124,13 +123,16 @@ def test_loss_signature_groups_equal_losses_only():
     assert loss_signature(QuadraticTask(0, dim=3)) != loss_signature(QuadraticTask(0, dim=4))
 
     class Custom(QuadraticTask):
-        pass
+        def loss(self, params, batch):
+            return 2 * super().loss(params, batch)
 
-    assert loss_signature(Custom(0, dim=3)) is None  # subclasses may change the loss: not vmapped
-    register_loss_signature(Custom, lambda task: task.dim)
-    assert loss_signature(Custom(0, dim=3)) == loss_signature(Custom(1, dim=3))
-    with pytest.raises(TypeError, match="class"):
-        register_loss_signature("Custom", lambda task: 0)
+    assert loss_signature(Custom(0, dim=3)) is None  # a subclass that changes the loss: not vmapped
+
+    class Declared(Custom):
+        def loss_signature(self):
+            return type(self), self.dim
+
+    assert loss_signature(Declared(0, dim=3)) == loss_signature(Declared(1, dim=3)) != loss_signature(_mlp_task(0))
 
 
 def test_tasks_of_different_shapes_run_unbatched_with_the_same_results():

@@ -22,7 +22,7 @@ def _family(name, **kwargs):
 def _run(cache, baselines=None, tuner="grid"):
     baselines = baselines or [Baseline("adam", lambda lr: Adam(lr=lr), (1e-2, 1e-1))]
     return run_suite(SUITE, {"sgd": lambda: SGD(lr=1e-2)}, baselines=baselines, family_factory=_family,
-                     cache=cache, tuner=tuner, trials=2, progress=False)
+                     cache=cache, tuner=tuner, trials=2)
 
 
 def _assert_same(a, b):
@@ -91,7 +91,7 @@ def test_runs_tell_budget_aware_rules_the_budget(tmp_path):
     rule = BudgetSpy()
     run_suite(SUITE, {"spy": lambda: rule}, baselines=[Baseline("adam", lambda lr: Adam(lr=lr), (1e-2,)),
                                                         Baseline("sgd", lambda lr: SGD(lr=lr), (1e-2,))],
-              family_factory=_family, progress=False)
+              family_factory=_family)
     assert rule.budgets and set(rule.budgets) == {12}
 
 

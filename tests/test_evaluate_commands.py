@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from metaoptimizer import pretrained
 from metaoptimizer.config import MetaOptimizerConfig
-from metaoptimizer.evaluate.commands import load_optimizer, make_eval_command, parse_hand_spec
+from metaoptimizer.cli.eval import make_eval_command
+from metaoptimizer.evaluate.loading import load_optimizer, parse_hand_spec
 from metaoptimizer.facade import MetaOptimizer
 from metaoptimizer.rules.hand import Adam, Momentum
 from metaoptimizer.rules.lstm import LSTMRule
@@ -31,7 +32,7 @@ def test_eval_command_runs_an_injected_rule_and_writes_the_report(tmp_path):
         return Adam(lr=float(spec))
 
     args = ["eval", "--optimizer", "0.01", "--suite", "smoke", "--steps", "8", "--num-tasks", "1", "--seeds", "1",
-            "--out-dir", str(tmp_path), "--name", "my-adam", "--no-progress"]
+            "--out", str(tmp_path), "--name", "my-adam", "--no-progress"]
     outcome = CliRunner().invoke(app_with(loader), args)
     assert outcome.exit_code == 0, outcome.output
     assert loaded == ["0.01"]
@@ -54,7 +55,7 @@ def test_eval_command_runs_an_injected_rule_and_writes_the_report(tmp_path):
      (["--name", "a", "--name", "b"], "one --name per --optimizer")],
 )
 def test_eval_command_reports_bad_options_cleanly(args, message, tmp_path):
-    base = {"--optimizer": "adam:lr=0.01", "--out-dir": str(tmp_path)}
+    base = {"--optimizer": "adam:lr=0.01", "--out": str(tmp_path)}
     argv = ["eval", *[item for pair in base.items() for item in pair], *args, "--no-progress"]
     outcome = CliRunner().invoke(app_with(load_optimizer), argv)
     assert outcome.exit_code == 2
@@ -67,7 +68,7 @@ def test_eval_general_suite_compares_several_optimizers_and_reuses_cached_baseli
     args = ["eval", "--optimizer", "adam:lr=0.01", "--optimizer", "sgd:lr=0.1", "--suite", "general",
             "--horizons", "12,16", "--tasks", "regression", "--seeds", "1", "--baseline-cache", str(tmp_path / "cache"),
             "--no-progress"]
-    first = CliRunner().invoke(app_with(load_optimizer), [*args, "--out-dir", str(tmp_path / "a")])
+    first = CliRunner().invoke(app_with(load_optimizer), [*args, "--out", str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
     data = json.loads((tmp_path / "a" / "results.json").read_text())
     assert [t["group"] for t in data["tasks"]] == ["12 steps", "16 steps"]
@@ -77,7 +78,7 @@ def test_eval_general_suite_compares_several_optimizers_and_reuses_cached_baseli
     assert set(data["summary"]["groups"]) == {"12 steps", "16 steps"}
     assert data["beat_fractions"]["all"]["valid"]["sgd:lr=0.1"].keys() >= {"adam", "prodigy"}
     assert len(list((tmp_path / "cache").iterdir())) == 2 * 5  # 5 baselines x 2 horizons
-    second = CliRunner().invoke(app_with(load_optimizer), [*args, "--out-dir", str(tmp_path / "b")])
+    second = CliRunner().invoke(app_with(load_optimizer), [*args, "--out", str(tmp_path / "b")])
     assert second.exit_code == 0, second.output
     again = json.loads((tmp_path / "b" / "results.json").read_text())
     for old, new in zip(data["tasks"], again["tasks"], strict=True):
@@ -115,6 +116,17 @@ def test_load_optimizer_reads_a_pretrained_name(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrained, "path", lambda name: tmp_path / "shipped.pt")
     rule = load_optimizer(pretrained.available()[0])
     assert isinstance(rule, LSTMRule) and rule.hidden_size == 3
+
+
+def test_a_truncated_checkpoint_is_a_usage_error_that_says_so(tmp_path):
+    meta = MetaOptimizer(config=MetaOptimizerConfig(hidden_size=4, num_layers=1))
+    meta.save(tmp_path / "lstm.pt")
+    data = (tmp_path / "lstm.pt").read_bytes()
+    (tmp_path / "lstm.pt").write_bytes(data[: len(data) // 3])
+    argv = ["eval", "--optimizer", str(tmp_path / "lstm.pt"), "--out", str(tmp_path / "eval"), "--no-progress"]
+    outcome = CliRunner().invoke(app_with(load_optimizer), argv)
+    assert outcome.exit_code == 2
+    assert "truncated or corrupt" in outcome.output
 
 
 def test_load_optimizer_rejects_unknown_specs(tmp_path):

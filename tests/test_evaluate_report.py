@@ -27,7 +27,7 @@ def result():
     )
     suite = Suite("tiny", "two tiny digits entries", entries)
     optimizers = {"adam_fixed": lambda: Adam(lr=0.01), "sgd_huge": lambda: SGD(lr=1e30)}
-    return run_suite(suite, optimizers, progress=False)
+    return run_suite(suite, optimizers)
 
 
 @pytest.fixture(scope="module")

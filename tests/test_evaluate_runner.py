@@ -141,7 +141,7 @@ def small_suite(steps=12, seeds=(0, 1), num_tasks=1):
 def test_a_rule_identical_to_the_tuned_reference_has_speedup_one():
     baselines = [Baseline("adam", lambda lr: Adam(lr=lr), (0.05,)),
                  Baseline("momentum", lambda lr: Momentum(lr=lr), (0.1, 0.3))]
-    result = run_suite(small_suite(), {"same": lambda: Adam(lr=0.05)}, baselines=baselines, progress=False)
+    result = run_suite(small_suite(), {"same": lambda: Adam(lr=0.05)}, baselines=baselines)
     (task,) = result.tasks
     same = task.comparisons["same"]
     assert same.speedup.reached and same.speedup.value == 1.0
@@ -170,9 +170,13 @@ def test_run_suite_with_an_injected_family_and_optuna_tuner():
         return QuadraticFamily(dim=4)
 
     baselines = [Baseline("adam", lambda lr: Adam(lr=lr), (1e-2, 1.0))]
+    reports = []
     result = run_suite(suite, {"sgd": lambda: SGD(lr=1e-3)}, baselines=baselines, tuner="optuna", trials=3,
-                       family_factory=family_factory, progress=True)
+                       family_factory=family_factory, progress=reports.append)
     assert made == ["quadratic"]
+    # one report per run (2 tasks x (3 trials + 1 optimizer) x 1 seed), counting up to the total
+    assert [r.done for r in reports] == list(range(1, 9)) and {r.total for r in reports} == {8}
+    assert reports[0].label == "quad: quadratic #0" and reports[-1].label == "quad: quadratic #1"
     assert len(result.tasks) == 2 and result.tuner == "optuna"
     assert all(len(t.baselines["adam"].lrs) <= 3 for t in result.tasks)
     accuracy = result.summary()["sgd"]["accuracy_ratio"]
@@ -188,4 +192,4 @@ def test_run_suite_with_an_injected_family_and_optuna_tuner():
 def test_run_suite_rejects_bad_options(kwargs, match):
     options = {"optimizers": {"mine": Adam}, **kwargs}
     with pytest.raises(ValueError, match=match):
-        run_suite(small_suite(), options.pop("optimizers"), progress=False, **options)
+        run_suite(small_suite(), options.pop("optimizers"), **options)

@@ -6,8 +6,9 @@ from torch import nn
 
 from metaoptimizer import MetaOptimizer, MetaOptimizerConfig
 from metaoptimizer.checkpoint import CheckpointError
+from metaoptimizer.meta.trainer import MetaTrainer
 from metaoptimizer.optim import LearnedOptimizer
-from metaoptimizer.tasks.quadratic import QuadraticTask
+from metaoptimizer.tasks.quadratic import QuadraticFamily, QuadraticTask
 
 
 def _model():
@@ -91,7 +92,8 @@ def test_non_finite_meta_step_is_skipped_and_counted():
 def test_torch_optimizer_trains_the_model():
     model = _model()
     meta = MetaOptimizer(model, MetaOptimizerConfig(hidden_size=6, rule_options={"init_lr": 0.01}))
-    opt = meta.torch_optimizer()
+    with pytest.warns(UserWarning, match="not been meta-trained"):
+        opt = meta.torch_optimizer()
     assert isinstance(opt, LearnedOptimizer) and isinstance(opt, torch.optim.Optimizer)
     x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
     losses = []
@@ -223,3 +225,19 @@ def test_any_rule_is_saved_and_loaded_by_its_spec(tmp_path):
     save_checkpoint(tmp_path / "bad.pt", kind="metaoptimizer", config=data["config"], payload=payload)
     with pytest.raises(ValueError, match="holds a rule spec that cannot be rebuilt: unknown rule 'no_such_rule'"):
         MetaOptimizer.load(tmp_path / "bad.pt")
+
+
+def test_only_untrained_learned_rules_warn_when_handed_to_torch(recwarn, tmp_path):
+    model = _model()
+    config = MetaOptimizerConfig(hidden_size=4, num_layers=1)
+    MetaOptimizer(model, MetaOptimizerConfig(method="warp_grad")).torch_optimizer()  # plain SGD: nothing to learn
+    trained = MetaOptimizer(model, config)
+    MetaTrainer(trained.rule, QuadraticFamily(dim=3), meta_lr=0.01, unroll_steps=2, horizon=4).train(1)
+    trained.torch_optimizer()  # trained outside the facade: its weights moved
+    trained.save(tmp_path / "t.pt")
+    MetaOptimizer.load(tmp_path / "t.pt", model).torch_optimizer()
+    MetaOptimizer(model, config, rule=trained.rule).torch_optimizer()  # a given rule is the caller's business
+    assert not [w for w in recwarn if "meta-trained" in str(w.message)]
+    with pytest.warns(UserWarning, match="'lstm' rule has not been meta-trained") as caught:
+        MetaOptimizer(model, config).torch_optimizer()
+    assert caught[0].filename == __file__  # points at the caller's line

@@ -1,4 +1,4 @@
-"""Few-shot evaluation: confidence intervals, learners, runs, report files and the CLI command."""
+"""Few-shot evaluation: confidence intervals, learners, runs and report files (the command: test_cli_fewshot.py)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,14 @@ import statistics
 import numpy as np
 import pytest
 import torch
-import typer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
 from metaoptimizer.evaluate.fewshot import (
     METHODS,
     FewShotResult,
     conv_learner,
     evaluate_fewshot,
-    fewshot_command,
     make_model,
     make_sampler,
     mean_confidence_interval,
@@ -128,38 +125,3 @@ def test_write_report(tmp_path):
     assert "0.375 ± " in mse.read_text()
     with pytest.raises(ValueError, match="results is empty"):
         write_report([], tmp_path, title="t", setup={})
-
-
-def cli() -> typer.Typer:
-    app = typer.Typer()
-    app.command()(fewshot_command)
-    return app
-
-
-def test_fewshot_command_writes_a_report(tmp_path):
-    out = tmp_path / "report"
-    result = CliRunner().invoke(
-        cli(),
-        ["--dataset", "sinusoid", "--methods", "maml,meta_sgd", "--k-shot", "3", "--query-shots", "4",
-         "--inner-lr", "0.01", "--meta-steps", "2", "--meta-batch-size", "2", "--test-episodes", "3",
-         "--width", "8", "--out", str(out)],
-    )
-    assert result.exit_code == 0, result.output
-    assert "meta_sgd: meta-test mse" in result.output
-    data = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in data["results"]] == ["maml", "meta_sgd"]
-    assert all(len(r["values"]) == 3 for r in data["results"])
-
-
-@pytest.mark.parametrize(
-    "arguments, message",
-    [
-        (["--methods", "meta_sgd,reptile"], "unknown methods"),
-        (["--methods", " , "], "unknown methods"),
-        (["--dataset", "omniglot", "--data-dir", "/nonexistent/folder"], "does not exist"),
-        (["--dataset", "cifar"], "accepted values"),
-    ],
-)
-def test_fewshot_command_rejects_bad_options(arguments, message):
-    result = CliRunner().invoke(cli(), arguments)
-    assert result.exit_code == 2 and message in result.output

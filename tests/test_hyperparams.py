@@ -1,25 +1,16 @@
 """Meta-learned hand-rule hyperparameters: equivalence with the hand rules, meta-gradients against
-finite differences, per-tensor rates, the optax line-fit example's direction of travel, errors."""
+finite differences, per-tensor rates, errors (the optax line-fit example: test_cli_lr_example.py)."""
 
 from __future__ import annotations
 
-import json
 import math
-import runpy
-import sys
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metaoptimizer.meta.hyperparams import (
-    LearnedHyperparameters,
-    NoisyLineFamily,
-    NoisyLineTask,
-    lr_example_command,
-    meta_learn_line_fit,
-)
+from metaoptimizer.meta.hyperparams import LearnedHyperparameters
 from metaoptimizer.meta.unroll import detach_params, unroll
 from metaoptimizer.rules.base import apply_updates
 from metaoptimizer.rules.hand import Adam, Momentum, RMSProp
@@ -129,49 +120,6 @@ def test_per_tensor_rule_refuses_unknown_parameters():
         rule.update({"b": torch.ones(2)}, rule.init(params), params)
 
 
-def test_noisy_line_task_loss_and_batches():
-    task = NoisyLineTask(samples_per_batch=5)
-    x, y = next(task.train_batches(0))
-    assert x.shape == (5,) and bool((x >= 0).all() and (x <= 10).all())
-    assert float((y - 10 * x).abs().max()) < 5.0
-    loss = task.loss({"theta": torch.tensor(10.0)}, (x, y))
-    assert float(loss) == pytest.approx(float(0.5 * (10 * x - y).square().mean()))
-    again = next(task.train_batches(0))
-    assert torch.equal(again[0], x)
-    assert not torch.equal(next(task.valid_batches(0))[0], x)
-    assert isinstance(NoisyLineFamily(noise_std=0.5).task(3), NoisyLineTask)
-
-
-def test_line_fit_lr_rises_then_decays_while_theta_reaches_ten():
-    """Direction of travel of optax's example over 150 outer steps (the docs run 2000)."""
-    trace = meta_learn_line_fit(outer_steps=150)
-    peak = max(range(len(trace.lrs)), key=trace.lrs.__getitem__)
-    assert trace.lrs[peak] > trace.lrs[0]  # far from the answer, larger steps help
-    assert peak < 100 and trace.lrs[-1] < trace.lrs[peak]  # once there, the noise calls for smaller ones
-    summary = trace.summary(window=50)
-    assert abs(summary["theta_mean_last_50"] - 10.0) < 0.5
-    assert trace.thetas[0] < 5.0
-    assert not any(r.skipped for r in trace.results)
-
-
-def test_lr_example_command_writes_plot_and_numbers(tmp_path, capsys):
-    summary = lr_example_command(out_dir=tmp_path, outer_steps=5)
-    assert (tmp_path / "lr_example.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "lr_example.json").read_text()) == summary
-    assert '"outer_steps": 5' in capsys.readouterr().out
-
-
-@pytest.mark.filterwarnings("ignore:'metaoptimizer.meta.hyperparams' found in sys.modules:RuntimeWarning")
-def test_module_runs_the_example_from_the_command_line(tmp_path, monkeypatch, capsys):
-    argv = ["hyperparams", "--out-dir", str(tmp_path), "--outer-steps", "3", "--seed", "1"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("metaoptimizer.meta.hyperparams", run_name="__main__")
-    assert exit_info.value.code == 0
-    assert json.loads((tmp_path / "lr_example.json").read_text())["outer_steps"] == 3
-    assert "lr_final" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -197,28 +145,8 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
         LearnedHyperparameters(**kwargs)
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(outer_steps=0), "outer_steps"),
-        (dict(samples_per_step=1), "samples_per_step"),
-        (dict(meta_lr=-0.1), "meta_lr"),
-    ],
-)
-def test_line_fit_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        meta_learn_line_fit(**kwargs)
-
-
 @settings(max_examples=25, deadline=None)
 @given(lr=st.floats(allow_nan=True, allow_infinity=True).filter(lambda v: not 0 < v < 1))
 def test_sigmoid_rates_must_start_in_the_unit_interval(lr):
     with pytest.raises(ValueError):
         LearnedHyperparameters("sgd", lr, lr_parametrisation="sigmoid")
-
-
-def test_noisy_line_bad_arguments():
-    with pytest.raises(ValueError, match="noise_std"):
-        NoisyLineFamily(noise_std=-1.0)
-    with pytest.raises(ValueError, match="samples_per_batch"):
-        NoisyLineTask(samples_per_batch=0)

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from metaoptimizer.checkpoint import CheckpointError, load_checkpoint
 from metaoptimizer.meta import loop
@@ -18,7 +17,6 @@ from metaoptimizer.meta.estimators import PES
 from metaoptimizer.meta.loop import (
     TrainingConfig,
     build_trainer,
-    meta_train_command,
     rng_states,
     run_meta_training,
     set_rng_states,
@@ -258,24 +256,6 @@ def test_missing_config_and_wrong_optimizer_type(tmp_path):
         TrainingConfig.from_toml(tmp_path / "absent.toml")
     with pytest.raises(TypeError, match="MetaOptimizerConfig"):
         TrainingConfig(optimizer={"method": "lstm"}, family="quadratic")
-
-
-def test_meta_train_command_runs_and_resumes(tmp_path, config_path):
-    import typer
-
-    app = typer.Typer()
-    app.command()(meta_train_command)
-    runner = CliRunner()
-    out = tmp_path / "cli"
-    first = runner.invoke(app, ["--config", str(config_path), "--out-dir", str(out), "--steps", "2", "--no-progress"])
-    assert first.exit_code == 0, first.output
-    assert "2 meta-steps run" in first.output
-    again = runner.invoke(app, ["--config", str(config_path), "--out-dir", str(out), "--steps", "3",
-                                "--checkpoint-every", "1", "--resume"])
-    assert again.exit_code == 0, again.output
-    assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 3
-    refused = runner.invoke(app, ["--config", str(config_path), "--out-dir", str(out)])
-    assert refused.exit_code != 0 and isinstance(refused.exception, ValueError)
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path, config_path):

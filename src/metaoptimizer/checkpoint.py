@@ -139,10 +139,13 @@ def load_checkpoint(
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as handle:
+            handle.read(1)
     except OSError as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
-    except Exception as error:  # torch.load raises many types on damaged files
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a readable file that torch.load refuses is damaged (a truncated zip: OSError)
         if isinstance(error, pickle.UnpicklingError) and str(error).startswith("Weights only load failed"):
             raise CheckpointError(
                 f"{path} is not a metaoptimizer checkpoint: it holds objects that safe loading "

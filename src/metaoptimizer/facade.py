@@ -8,6 +8,7 @@ ordinary PyTorch training loop, and ``save``/``load`` persist it.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from metaoptimizer.checkpoint import load_checkpoint, save_checkpoint
 from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, build_rule
-from metaoptimizer.meta.step import apply_meta_gradient
+from metaoptimizer.meta.step import apply_estimate
 from metaoptimizer.meta.trainer import TaskRun, TruncatedBPTT
 from metaoptimizer.rules.base import Params, UpdateRule, check_grads, from_spec, to_spec
 from metaoptimizer.rules.state import OptimizerState
@@ -54,6 +55,8 @@ class MetaOptimizer:
         self.base_model = base_model
         self.rule = rule if rule is not None else build_rule(config)
         meta_parameters = self._meta_parameters()
+        # A rule built here starts untrained: kept to tell torch_optimizer's users (see _warn_if_untrained).
+        self._initial_weights = None if rule is not None else [p.detach().clone() for p in meta_parameters]
         # Episode learners (meta_sgd, warp_grad) hold their own meta-optimizer.
         self.meta_optimizer = torch.optim.Adam(meta_parameters, lr=config.meta_lr) if meta_parameters else None
         self.estimator = TruncatedBPTT(config.meta_objective, config.second_order)
@@ -179,21 +182,12 @@ class MetaOptimizer:
         if not runs:
             raise ValueError("meta_train_step needs at least one episode")
         estimate = self.estimator.estimate(self.rule, runs, self.config.unroll_steps)
-        norm, skipped = apply_meta_gradient(
-            self.meta_optimizer, self._meta_parameters(), estimate.grads, self.config.gradient_clipping, estimate.finite
+        result = apply_estimate(
+            self.meta_optimizer, self._meta_parameters(), estimate, self.config.gradient_clipping,
+            self.meta_steps, self.skipped_meta_steps,
         )
-        if skipped:
-            self.skipped_meta_steps += 1
-        else:
-            self.meta_steps += 1
-        return MetaOptTrainResult(
-            meta_loss=estimate.meta_loss,
-            meta_grad_norm=norm,
-            skipped=skipped,
-            steps=self.meta_steps,
-            skipped_total=self.skipped_meta_steps,
-            inner_steps=estimate.inner_steps,
-        )
+        self.meta_steps, self.skipped_meta_steps = result.steps, result.skipped_total
+        return result
 
     def get_learned_lr(self) -> dict[str, float]:
         """Per-parameter-tensor learning rates the rule applies.
@@ -224,7 +218,22 @@ class MetaOptimizer:
             if self.base_model is None:
                 raise ValueError("pass params, or construct the MetaOptimizer with a base_model")
             params = self.base_model.parameters()
+        self._warn_if_untrained()
         return LearnedOptimizer(params, self.rule, **kwargs)
+
+    def _warn_if_untrained(self) -> None:
+        """Warn when a learned rule built here and never meta-trained (its weights unchanged) is
+        about to train a model: it updates as its random initialisation dictates (the README's first
+        users got 22% accuracy on digits where Adam gets 82%). Loaded and given rules never warn."""
+        initial = self._initial_weights
+        if initial and all(torch.equal(a, b) for a, b in zip(initial, self._meta_parameters(), strict=True)):
+            warnings.warn(
+                f"this {self.config.method!r} rule has not been meta-trained, so it may train far worse than "
+                "Adam; use a meta-trained one (metaoptimizer.pretrained.load('lstm-digits-mlp')) or "
+                "meta-train it first",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write rule weights, config, meta-optimizer state and counters to one file, atomically."""

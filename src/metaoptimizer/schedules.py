@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 

@@ -1,7 +1,9 @@
 """Evaluation against tuned baselines: runs, learning-rate tuning, steps-to-target metrics,
 suites and reports (markdown, JSON, PNG).
 
-The command-line adapter (``metaopt eval``) is :func:`metaoptimizer.evaluate.commands.eval_command`.
+``metaopt eval`` (:mod:`metaoptimizer.cli.eval`) runs a suite and writes its report; optimizers named
+by a string (pretrained names, checkpoint files, ``adam:lr=0.001``) are loaded by
+:func:`metaoptimizer.evaluate.loading.load_optimizer`.
 """
 
 from __future__ import annotations

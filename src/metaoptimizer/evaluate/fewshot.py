@@ -3,7 +3,7 @@
 A run meta-trains each method from the same initial model on meta-train episodes, then adapts to
 held-out meta-test episodes (disjoint classes, or fresh sinusoids) and reports the query accuracy
 (classification) or MSE (regression) with a 95% confidence interval over episodes. Reports are
-markdown + JSON + a PNG; :func:`fewshot_command` is the ``metaopt fewshot`` command.
+markdown + JSON + a PNG; ``metaopt fewshot`` (:mod:`metaoptimizer.cli.fewshot`) runs it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated
 
 import torch
-import typer
 from torch import nn
 
 from metaoptimizer.config import MetaOptTrainResult, check_positive
@@ -220,7 +218,8 @@ def _moving_average(values: Sequence[float], window: int) -> list[float]:
     return [(cumulative[i] - cumulative[i - window]) / window for i in range(window, len(cumulative))]
 
 
-def _format_metric(result: FewShotResult) -> str:
+def format_metric(result: FewShotResult) -> str:
+    """The score as the report prints it: mean ± 95% half-width (accuracy in percent)."""
     if result.metric == "accuracy":
         return f"{100 * result.mean:.2f}% ± {100 * result.ci95:.2f}"
     return f"{result.mean:.3f} ± {result.ci95:.3f}"
@@ -270,7 +269,7 @@ def write_report(
     for r in results:
         lr = statistics.fmean(r.learned_lr.values()) if r.learned_lr else float("nan")
         lines.append(
-            f"| {r.method} | {_format_metric(r)} | {len(r.values)} | {r.meta_steps} | {r.skipped_steps} "
+            f"| {r.method} | {format_metric(r)} | {len(r.values)} | {r.meta_steps} | {r.skipped_steps} "
             f"| {r.meta_train_seconds:.1f} | {lr:.4g} |"
         )
     lines += ["", "![scores and meta-training curves](fewshot.png)", ""]
@@ -281,71 +280,3 @@ def write_report(
         encoding="utf-8",
     )
     return path
-
-
-def fewshot_command(
-    dataset: Annotated[str, typer.Option(help=f"one of {', '.join(DATASETS)}")] = "digits",
-    methods: Annotated[
-        str, typer.Option(help=f"comma-separated, from {', '.join(METHODS)}")
-    ] = "meta_sgd,maml_scalar_lr",
-    n_way: Annotated[int, typer.Option(help="classes per episode (ignored for sinusoid)")] = 5,
-    k_shot: Annotated[int, typer.Option(help="support examples per class (per task for sinusoid)")] = 1,
-    query_shots: Annotated[int, typer.Option(help="query examples per class (per task for sinusoid)")] = 15,
-    inner_steps: Annotated[int, typer.Option(help="inner gradient steps in meta-training")] = 1,
-    test_inner_steps: Annotated[
-        int | None, typer.Option(help="inner steps at meta-test (default: inner-steps)")
-    ] = None,
-    inner_lr: Annotated[float, typer.Option(help="inner learning rate (initial value when learned)")] = 0.4,
-    first_order: Annotated[bool, typer.Option(help="drop second derivatives (FOMAML)")] = False,
-    meta_lr: Annotated[float, typer.Option(help="Adam learning rate of the meta-update")] = 1e-3,
-    meta_steps: Annotated[int, typer.Option(help="meta-training steps per method")] = 1000,
-    meta_batch_size: Annotated[int, typer.Option(help="episodes per meta-step")] = 16,
-    test_episodes: Annotated[int, typer.Option(help="meta-test episodes")] = 600,
-    width: Annotated[int | None, typer.Option(help="conv channels / hidden units (default per dataset)")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="folder holding omniglot/ (or METAOPT_DATA_DIR)")] = None,
-    out: Annotated[Path, typer.Option(help="output folder for report.md, results.json, fewshot.png")] = Path(
-        "fewshot-report"
-    ),
-    seed: Annotated[int, typer.Option(help="seed of the initial model and of the episodes")] = 0,
-) -> None:
-    """Meta-train few-shot learners and compare them on meta-test episodes (95% CIs)."""
-    from rich.console import Console
-    from rich.progress import Progress
-
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in METHODS]
-    if not chosen or unknown:
-        raise typer.BadParameter(f"unknown methods {unknown or chosen}; accepted values: {', '.join(METHODS)}")
-    try:
-        samplers = {
-            split: make_sampler(
-                dataset, split, n_way=n_way, k_shot=k_shot, query_shots=query_shots, data_dir=data_dir
-            )
-            for split in ("train", "test")
-        }
-    except (ValueError, FileNotFoundError) as err:
-        raise typer.BadParameter(str(err)) from err
-    results = []
-    with Progress() as progress:
-        for method in chosen:
-            bar = progress.add_task(f"meta-training {method}", total=meta_steps)
-            results.append(
-                run_method(
-                    method, dataset, samplers["train"], samplers["test"], n_way=n_way, width=width,
-                    inner_steps=inner_steps, inner_lr=inner_lr, first_order=first_order, meta_lr=meta_lr,
-                    meta_steps=meta_steps, meta_batch_size=meta_batch_size, test_episodes=test_episodes,
-                    test_inner_steps=test_inner_steps, seed=seed,
-                    on_step=lambda _result, bar=bar: progress.advance(bar),
-                )
-            )
-    shots = f"{k_shot}-shot" if dataset == "sinusoid" else f"{n_way}-way {k_shot}-shot"
-    setup = {
-        "dataset": dataset, "episodes": shots, "query per class/task": query_shots, "inner steps": inner_steps,
-        "test inner steps": test_inner_steps or inner_steps, "inner lr (init)": inner_lr, "first order": first_order,
-        "meta lr": meta_lr, "meta-steps": meta_steps, "meta-batch": meta_batch_size, "seed": seed,
-    }
-    report = write_report(results, out, title=f"Few-shot {dataset} {shots}", setup=setup)
-    console = Console()
-    for r in results:
-        console.print(f"{r.method}: meta-test {r.metric} {_format_metric(r)} over {len(r.values)} episodes")
-    console.print(f"report written to {report}")

@@ -21,14 +21,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from metaoptimizer.config import check_positive
 from metaoptimizer.evaluate import metrics
 from metaoptimizer.evaluate.baselines import TUNERS, Baseline, TuningResult, make_baselines, tune_lr
 from metaoptimizer.evaluate.cache import BaselineCache
 from metaoptimizer.evaluate.suites import Suite, SuiteEntry
-from metaoptimizer.rules.base import UpdateRule, apply_updates
+from metaoptimizer.meta.unroll import inner_step
+from metaoptimizer.progress import Progress, ProgressCallback
+from metaoptimizer.rules.base import UpdateRule
 from metaoptimizer.tasks import make_family
 from metaoptimizer.tasks.base import Batch, Task, TaskFamily
 
@@ -139,8 +140,7 @@ def run_rule(
         train_loss[step - 1] = value
         with torch.no_grad():
             detached = {name: p.detach() for name, p in params.items()}
-            updates, state = rule.update(dict(zip(names, grads, strict=True)), state, detached, loss=loss.detach())
-            params = apply_updates(detached, updates)
+            params, state = inner_step(rule.update, detached, state, dict(zip(names, grads, strict=True)), loss)
     if diverged_at is None:
         evaluations[steps] = _evaluate(task, _evaluation_point(rule, params), valid)
     metric_names = list(next(iter(evaluations.values())))
@@ -356,16 +356,16 @@ def _cache_key(
     }
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
+class _RunCounter:
+    """Counts a suite's runs and reports each to ``progress`` (if any) under the current task's label."""
+
+    def __init__(self, progress: ProgressCallback | None, total: int, label: str) -> None:
+        self.progress, self.total, self.label, self.done = progress, total, label, 0
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        if self.progress is not None:
+            self.progress(Progress(self.label, self.done, self.total))
 
 
 def run_suite(
@@ -379,7 +379,7 @@ def run_suite(
     window_fraction: float = metrics.DEFAULT_WINDOW_FRACTION,
     family_factory: FamilyFactory | None = None,
     device: torch.device | str | None = None,
-    progress: bool = True,
+    progress: ProgressCallback | None = None,
     cache: BaselineCache | str | os.PathLike | None = None,
 ) -> SuiteResult:
     """Run ``optimizers`` and the learning-rate-tuned ``baselines`` on every task of ``suite``.
@@ -389,7 +389,7 @@ def run_suite(
     that sets the target (tuned Adam by default); every optimizer and every other baseline (at
     its tuned learning rate) is compared with it. The smoothing window is ``window_fraction`` of
     each entry's step budget (at least one step). ``tuner`` is ``'grid'`` (each baseline's grid)
-    or ``'optuna'`` (``trials`` TPE trials in the grid's range). A rich progress bar counts runs.
+    or ``'optuna'`` (``trials`` TPE trials in the grid's range). ``progress`` hears of every run.
     ``cache`` (a :class:`BaselineCache` or its folder) reuses baselines tuned by earlier calls.
     """
     if cache is not None and not isinstance(cache, BaselineCache):
@@ -412,39 +412,37 @@ def run_suite(
     tuning_runs = lambda b: len(b.lrs) if tuner == "grid" else trials  # noqa: E731  (configurations per seed)
     configs_per_task = len(optimizers) + sum(tuning_runs(b) for b in baselines)
     total = sum(len(e.task_indices) * len(e.seeds) * configs_per_task for e in suite.entries)
-    with _progress(progress) as bar:
-        job = bar.add_task(f"suite {suite.name}", total=total)
-        advance = lambda: bar.advance(job)  # noqa: E731
-        for entry in suite.entries:
-            family = build_family(entry.family, **entry.kwargs)
-            window = metrics.smoothing_window(entry.steps, window_fraction)
-            for index in entry.task_indices:
-                task = family.task(index, entry.split)
-                bar.update(job, description=f"{suite.name}: {entry.label} #{index}")
+    runs = _RunCounter(progress, total, f"suite {suite.name}")
+    for entry in suite.entries:
+        family = build_family(entry.family, **entry.kwargs)
+        window = metrics.smoothing_window(entry.steps, window_fraction)
+        for index in entry.task_indices:
+            task = family.task(index, entry.split)
+            runs.label = f"{suite.name}: {entry.label} #{index}"
 
-                def run(factory: RuleFactory, task: Task = task, entry: SuiteEntry = entry) -> list[Curve]:
-                    return run_seeds(
-                        factory, task, steps=entry.steps, seeds=entry.seeds, eval_every=entry.eval_every,
-                        eval_batches=entry.eval_batches, device=device, on_run=advance,
-                    )
-
-                tuned = {}
-                for b in baselines:
-                    key = _cache_key(task, b, entry, tuner, trials, window, device)
-                    cached = cache.lookup(key) if cache is not None else None
-                    if cached is not None:
-                        bar.advance(job, len(entry.seeds) * tuning_runs(b))  # runs it did not have to make
-                        tuned[b.name] = cached
-                        continue
-                    tuned[b.name] = tune_lr(b, run, window=window, method=tuner, trials=trials)
-                    if cache is not None:
-                        cache.store(key, tuned[b.name])
-                curves = {name: run(factory) for name, factory in optimizers.items()}
-                ref = tuned[reference]
-                comparisons = {name: compare(c, ref, window) for name, c in curves.items()}
-                comparisons.update(
-                    {name: compare(t.runs[t.best_lr], ref, window) for name, t in tuned.items() if name != reference}
+            def run(factory: RuleFactory, task: Task = task, entry: SuiteEntry = entry) -> list[Curve]:
+                return run_seeds(
+                    factory, task, steps=entry.steps, seeds=entry.seeds, eval_every=entry.eval_every,
+                    eval_batches=entry.eval_batches, device=device, on_run=runs.advance,
                 )
-                result.tasks.append(TaskResult(entry, index, task.name, window, curves, tuned, comparisons))
+
+            tuned = {}
+            for b in baselines:
+                key = _cache_key(task, b, entry, tuner, trials, window, device)
+                cached = cache.lookup(key) if cache is not None else None
+                if cached is not None:
+                    runs.advance(len(entry.seeds) * tuning_runs(b))  # runs it did not have to make
+                    tuned[b.name] = cached
+                    continue
+                tuned[b.name] = tune_lr(b, run, window=window, method=tuner, trials=trials)
+                if cache is not None:
+                    cache.store(key, tuned[b.name])
+            curves = {name: run(factory) for name, factory in optimizers.items()}
+            ref = tuned[reference]
+            comparisons = {name: compare(c, ref, window) for name, c in curves.items()}
+            comparisons.update(
+                {name: compare(t.runs[t.best_lr], ref, window) for name, t in tuned.items() if name != reference}
+            )
+            result.tasks.append(TaskResult(entry, index, task.name, window, curves, tuned, comparisons))
     result.seconds = time.perf_counter() - started
     return result

@@ -7,30 +7,22 @@ differentiate through them, so an unroll's meta-loss has a gradient with respect
 meta-parameters and ``MetaTrainer`` (or any meta-optimizer) can learn them. Rates are global
 or one per parameter tensor.
 
-The module also reproduces optax's meta-learning example (:func:`meta_learn_line_fit`): fit
-``y = 10 x + N(0, 1)`` with the model ``x * theta`` by RMSProp whose learning rate (starting at
-0.1, sigmoid-parametrised) is meta-trained by Adam(0.03) on 7 samples per outer step (6 inner
-updates, the loss on the 7th sample as the meta-loss), for 2000 outer steps.
+optax's meta-learning example, RMSProp's learning rate learned while it fits a noisy line, is
+``metaopt lr-example`` (:mod:`metaoptimizer.cli.lr_example`, task in :mod:`metaoptimizer.tasks.line`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-import typer
 from torch import Tensor, nn
 
-from metaoptimizer.config import MetaOptTrainResult, OptimizerState, check_positive
-from metaoptimizer.meta.trainer import MetaTrainer
+from metaoptimizer.config import OptimizerState, check_positive
 from metaoptimizer.rules.base import Params, UpdateRule
 from metaoptimizer.rules.hand import HandRule, make_hand_rule
-from metaoptimizer.tasks.base import Batch, Task, TaskFamily
 
 LEARNABLE = ("lr", "momentum", "eps")
 LR_PARAMETRISATIONS = ("log", "sigmoid")
@@ -186,177 +178,3 @@ class LearnedHyperparameters(UpdateRule):
         if "lr" in self.learn:
             return self.learned_values()["lr"]
         return dict.fromkeys(self.param_names or ["global"], self.lr)
-
-
-# -- optax's meta-learning example -------------------------------------------------------------
-
-
-class NoisyLineTask(Task):
-    """Fit ``y = slope * x + N(0, noise_std^2)``, ``x ~ U(0, x_max)``, with the model ``x * theta``.
-
-    Batches hold ``samples_per_batch`` points; the loss is ``0.5 * mean((x * theta - y)^2)``
-    (optax's ``l2_loss``). Training and validation batches are independent draws of the same line.
-    """
-
-    name = "noisy_line"
-
-    def __init__(
-        self,
-        slope: float = 10.0,
-        noise_std: float = 1.0,
-        x_max: float = 10.0,
-        samples_per_batch: int = 1,
-        device: torch.device | str | None = None,
-    ) -> None:
-        check_positive("noise_std", noise_std, allow_zero=True)
-        check_positive("x_max", x_max)
-        check_positive("samples_per_batch", samples_per_batch, integer=True)
-        self.slope = float(slope)
-        self.noise_std = float(noise_std)
-        self.x_max = float(x_max)
-        self.samples_per_batch = samples_per_batch
-        self.device = device
-
-    def init_params(self, seed: int) -> Params:
-        return {"theta": torch.randn((), generator=torch.Generator().manual_seed(seed)).to(self.device)}
-
-    def loss(self, params: Mapping[str, Tensor], batch: Batch) -> Tensor:
-        x, y = batch
-        return 0.5 * (x * params["theta"] - y).square().mean()
-
-    def _batches(self, seed: int) -> Iterator[Batch]:
-        generator = torch.Generator().manual_seed(seed)
-        while True:
-            x = self.x_max * torch.rand(self.samples_per_batch, generator=generator)
-            y = self.slope * x + self.noise_std * torch.randn(self.samples_per_batch, generator=generator)
-            yield x.to(self.device), y.to(self.device)
-
-    def train_batches(self, seed: int) -> Iterator[Batch]:
-        return self._batches(2 * seed)
-
-    def valid_batches(self, seed: int) -> Iterator[Batch]:
-        return self._batches(2 * seed + 1)
-
-
-class NoisyLineFamily(TaskFamily):
-    """Every seed gives the same line (:class:`NoisyLineTask`); seeds change the data and theta's start."""
-
-    name = "noisy_line"
-
-    def __init__(self, **task_options: Any) -> None:
-        self.task_options = task_options
-        NoisyLineTask(**task_options)  # validate now, not at the first sample
-
-    def sample(self, seed: int) -> NoisyLineTask:
-        return NoisyLineTask(**self.task_options)
-
-
-@dataclass
-class LineFitTrace:
-    """The learned learning rate and theta after each outer step of :func:`meta_learn_line_fit`."""
-
-    lrs: list[float] = field(default_factory=list)
-    thetas: list[float] = field(default_factory=list)
-    results: list[MetaOptTrainResult] = field(default_factory=list)
-
-    def summary(self, window: int = 100) -> dict[str, float]:
-        """Start, peak and end values (steps are 1-based) and the means of the last ``window`` outer steps."""
-        tail = slice(-min(window, len(self.lrs)), None)
-        peak = max(range(len(self.lrs)), key=self.lrs.__getitem__)
-        return {
-            "outer_steps": len(self.lrs),
-            "lr_after_first_step": self.lrs[0],
-            "lr_max": self.lrs[peak],
-            "lr_max_step": peak + 1,
-            "lr_final": self.lrs[-1],
-            "theta_after_first_step": self.thetas[0],
-            "theta_at_lr_max": self.thetas[peak],
-            "theta_final": self.thetas[-1],
-            f"theta_mean_last_{window}": sum(self.thetas[tail]) / len(self.thetas[tail]),
-            f"lr_mean_last_{window}": sum(self.lrs[tail]) / len(self.lrs[tail]),
-        }
-
-
-def meta_learn_line_fit(
-    outer_steps: int = 2000,
-    samples_per_step: int = 7,
-    inner_lr: float = 0.1,
-    meta_lr: float = 0.03,
-    seed: int = 0,
-) -> LineFitTrace:
-    """optax's example: meta-learn RMSProp's (sigmoid) lr while it fits ``y = 10 x + N(0, 1)``.
-
-    One inner run continues over all outer steps. Each outer step makes ``samples_per_step - 1``
-    RMSProp updates of theta, one sample each, and differentiates (second order, as ``jax.grad``
-    does) the loss on one more sample with respect to the lr's meta-parameter, which Adam(``meta_lr``)
-    then steps. RMSProp is optax's: decay 0.9 and ``g / sqrt(v + 1e-8)``.
-    """
-    check_positive("outer_steps", outer_steps, integer=True)
-    check_positive("samples_per_step", samples_per_step, integer=True)
-    if samples_per_step < 2:
-        raise ValueError(f"samples_per_step must be >= 2 (inner samples plus the meta-loss sample), got {samples_per_step}")
-    inner_steps = samples_per_step - 1
-    rule = LearnedHyperparameters(
-        "rmsprop", inner_lr, lr_parametrisation="sigmoid", param_names=["theta"], alpha=0.9, eps=0.0, eps_root=1e-8
-    )
-    trainer = MetaTrainer(
-        rule,
-        NoisyLineFamily(),
-        meta_lr=meta_lr,
-        unroll_steps=inner_steps,
-        horizon=(outer_steps + 1) * inner_steps,  # never finished, so never replaced by a fresh run
-        gradient_clipping=None,
-        meta_objective="valid_loss",
-        second_order=True,
-        seed=seed,
-    )
-    trace = LineFitTrace()
-    for _ in range(outer_steps):
-        trace.results.append(trainer.step())
-        trace.lrs.append(rule.learned_lr()["theta"])
-        trace.thetas.append(float(trainer.runs[0].params["theta"]))
-    return trace
-
-
-def plot_line_fit(trace: LineFitTrace, path: str | Path) -> None:
-    """Two panels, as in optax's notebook: the learned lr (log scale) and theta, per outer step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = range(1, len(trace.lrs) + 1)
-    fig, (ax_lr, ax_theta) = plt.subplots(2, sharex=True, figsize=(6, 5))
-    fig.suptitle("Meta-learning RMSProp's learning rate (y = 10x + N(0, 1))")
-    ax_lr.semilogy(steps, trace.lrs)
-    ax_lr.set_ylabel("learned lr")
-    ax_theta.plot(steps, trace.thetas)
-    ax_theta.axhline(10.0, color="grey", linestyle="--", linewidth=0.8)
-    ax_theta.set_ylabel("theta")
-    ax_theta.set_xlabel("outer step")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def lr_example_command(
-    out_dir: Annotated[Path, typer.Option(help="Folder for lr_example.png and lr_example.json.")] = Path("docs/img"),
-    outer_steps: Annotated[int, typer.Option(help="Outer (meta) steps.")] = 2000,
-    samples_per_step: Annotated[int, typer.Option(help="Samples per outer step (inner updates + 1).")] = 7,
-    inner_lr: Annotated[float, typer.Option(help="RMSProp's starting learning rate.")] = 0.1,
-    meta_lr: Annotated[float, typer.Option(help="Adam's learning rate for the meta-parameter.")] = 0.03,
-    seed: Annotated[int, typer.Option(help="Seed of the inner run.")] = 0,
-) -> dict[str, float]:
-    """Reproduce optax's meta-learning example; write the plot and the numbers, print the numbers."""
-    trace = meta_learn_line_fit(outer_steps, samples_per_step, inner_lr, meta_lr, seed)
-    summary = trace.summary()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot_line_fit(trace, out_dir / "lr_example.png")
-    (out_dir / "lr_example.json").write_text(json.dumps(summary, indent=2) + "\n")
-    typer.echo(json.dumps(summary, indent=2))
-    return summary
-
-
-if __name__ == "__main__":
-    typer.run(lr_example_command)

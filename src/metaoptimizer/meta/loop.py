@@ -8,15 +8,14 @@ the meta-optimizer state, every inner run (parameters, rule state, batches drawn
 each slot's generator, the global torch / numpy / Python RNG states and the counters: resuming
 from it continues bit for bit as if the run had never stopped (on CPU).
 
-:func:`meta_train_command` is the ``metaopt meta-train`` command: it builds the rule, the task
-family and the estimator from a TOML file and runs the loop with a progress bar; under
-``torchrun`` it trains on all processes (see ``docs/distributed.md``).
+:class:`TrainingConfig` describes a run in a TOML file and :func:`build_trainer` builds its rule,
+task family and estimator; ``metaopt meta-train`` (:mod:`metaoptimizer.cli.meta_train`) runs them,
+on all processes under ``torchrun`` (see ``docs/distributed.md``).
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import os
 import random
 import time
@@ -24,16 +23,14 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
-import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from metaoptimizer.checkpoint import load_checkpoint, save_checkpoint
 from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, build_rule, check_positive
-from metaoptimizer.meta.distributed import Communicator, SingleProcess, communicator_from_environment, shutdown
+from metaoptimizer.meta.distributed import Communicator
 from metaoptimizer.meta.estimators import ESTIMATORS, make_estimator
 from metaoptimizer.meta.trainer import MetaTrainer
 from metaoptimizer.tasks import make_family
@@ -353,53 +350,3 @@ def build_trainer(config: TrainingConfig, communicator: Communicator | None = No
         communicator=communicator,
         meta_lr_scales=config.meta_lr_scales,
     )
-
-
-def meta_train_command(
-    config: Annotated[Path, typer.Option("--config", "-c", help="TOML file describing the run (see configs/).")],
-    out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Folder for checkpoint.pt and log.csv.")] = Path(
-        "runs/meta-train"
-    ),
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out-dir.")] = False,
-    steps: Annotated[int | None, typer.Option(help="Meta-steps in total (overrides [training] steps).")] = None,
-    checkpoint_every: Annotated[
-        int | None, typer.Option(help="Meta-steps between checkpoints (overrides [training] checkpoint_every).")
-    ] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-) -> None:
-    """Meta-train a learned optimizer from a TOML config, with checkpoints, logs and --resume.
-
-    Under torchrun (``torchrun --nproc-per-node N -m metaoptimizer.meta.loop --config FILE``) the
-    meta-batch is split over the processes.
-    """
-    settings = TrainingConfig.from_toml(config)
-    total = steps if steps is not None else settings.steps
-    every = checkpoint_every if checkpoint_every is not None else settings.checkpoint_every
-    communicator = communicator_from_environment()
-    try:
-        trainer = build_trainer(settings, communicator)
-        show = progress and communicator.rank == 0
-        with Progress(
-            TextColumn("meta-train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"), disable=not show,
-        ) as bar:
-            task = bar.add_task("meta-train", total=total, status="")
-
-            def report(iteration: int, result: MetaOptTrainResult) -> None:
-                status = f"meta-loss {result.meta_loss:.4g}  skipped {result.skipped_total}"
-                bar.update(task, completed=iteration, status=status)
-
-            results = run_meta_training(
-                trainer, out_dir, total, every, resume=resume, log_csv=settings.log_csv,
-                tensorboard=settings.tensorboard, config=settings.to_dict(), callback=report,
-            )
-        if communicator.rank == 0:
-            last = results[-1].meta_loss if results else math.nan
-            typer.echo(f"{len(results)} meta-steps run, last meta-loss {last:.4g}; checkpoint in {out_dir / CHECKPOINT_NAME}")
-    finally:
-        if not isinstance(communicator, SingleProcess):
-            shutdown()
-
-
-if __name__ == "__main__":  # torchrun --nproc-per-node 2 -m metaoptimizer.meta.loop --config FILE
-    typer.run(meta_train_command)

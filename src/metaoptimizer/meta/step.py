@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+from metaoptimizer.config import MetaOptTrainResult
+
+if TYPE_CHECKING:
+    from metaoptimizer.meta.trainer import Estimate
 
 
 def global_norm(grads: list[Tensor | None]) -> float:
@@ -37,3 +44,21 @@ def apply_meta_gradient(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, False
+
+
+def apply_estimate(
+    optimizer: torch.optim.Optimizer, params: list[Tensor], estimate: Estimate, clipping: float | None,
+    steps: int, skipped_total: int,
+) -> MetaOptTrainResult:
+    """Apply ``estimate`` (see :func:`apply_meta_gradient`) after ``steps`` applied and
+    ``skipped_total`` skipped meta-steps; the result carries the new counts. Every meta-trainer's
+    step ends here (``MetaTrainer.step``, ``MetaOptimizer.meta_train_step``)."""
+    norm, skipped = apply_meta_gradient(optimizer, params, estimate.grads, clipping, estimate.finite)
+    return MetaOptTrainResult(
+        meta_loss=estimate.meta_loss,
+        meta_grad_norm=norm,
+        skipped=skipped,
+        steps=steps + (not skipped),
+        skipped_total=skipped_total + skipped,
+        inner_steps=estimate.inner_steps,
+    )

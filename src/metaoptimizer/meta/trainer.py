@@ -24,7 +24,7 @@ from torch import Tensor
 
 from metaoptimizer.config import META_OBJECTIVES, MetaOptTrainResult, OptimizerState, check_positive
 from metaoptimizer.meta.distributed import Communicator, SingleProcess
-from metaoptimizer.meta.step import apply_meta_gradient
+from metaoptimizer.meta.step import apply_estimate
 from metaoptimizer.meta.unroll import detach_params, unroll
 from metaoptimizer.meta.vectorized import (
     UnrollJob,
@@ -423,26 +423,17 @@ class MetaTrainer:
         rows = gather_slot_rows(local, self.slots, self.tasks_per_step, self.communicator)
         estimate = rows.mean(self.rule)
         self.inner_steps += estimate.inner_steps
-        norm, skipped = apply_meta_gradient(
-            self.meta_optimizer, list(meta_parameters(self.rule).values()), estimate.grads,
-            self.gradient_clipping, estimate.finite,
+        result = apply_estimate(
+            self.meta_optimizer, list(meta_parameters(self.rule).values()), estimate, self.gradient_clipping,
+            self.steps, self.skipped_steps,
         )
-        if skipped:
-            self.skipped_steps += 1
-        else:
-            self.steps += 1
+        self.steps, self.skipped_steps = result.steps, result.skipped_total
         # After a skipped step no run continues: their parameters may hold non-finite values.
         self.runs = [
-            self._new_run(run.slot, run_generator(run)) if skipped or run.finished else run for run in self.runs
+            self._new_run(run.slot, run_generator(run)) if result.skipped or run.finished else run
+            for run in self.runs
         ]
-        return MetaOptTrainResult(
-            meta_loss=estimate.meta_loss,
-            meta_grad_norm=norm,
-            skipped=skipped,
-            steps=self.steps,
-            skipped_total=self.skipped_steps,
-            inner_steps=estimate.inner_steps,
-        )
+        return result
 
     def train(self, num_steps: int, callback: Callable[[MetaOptTrainResult], None] | None = None) -> list[MetaOptTrainResult]:
         """Run ``num_steps`` meta-steps, calling ``callback`` after each."""

@@ -1,9 +1,14 @@
-"""Differentiable unrolls: apply an update rule K steps on a task and return a meta-loss."""
+"""Differentiable unrolls: apply an update rule K steps on a task and return a meta-loss.
+
+:func:`inner_step` is the one inner update every loop runs (this unroll, the vectorized unroll of
+:mod:`metaoptimizer.meta.vectorized` and the evaluation runner), and :func:`objective` the one
+meta-loss both unrolls take.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +58,29 @@ def log_loss(loss: Tensor) -> Tensor:
     return torch.log(loss.clamp_min(1e-30))
 
 
+#: ``rule.update`` or a stand-in with its signature (the vectorized unroll substitutes meta-parameters).
+Update = Callable[..., tuple[Params, OptimizerState]]
+
+
+def inner_step(
+    update: Update, params: Params, state: OptimizerState, grads: Mapping[str, Tensor], loss: Tensor
+) -> tuple[Params, OptimizerState]:
+    """One inner update: the rule's updates from ``grads`` and the loss at ``params`` (a constant:
+    rules read its value, the meta-gradient does not flow through it), applied to ``params``."""
+    updates, state = update(dict(grads), state, params, loss=loss.detach())
+    return apply_updates(params, updates), state
+
+
+def objective(train_terms: Sequence[Tensor], valid_loss: Tensor | None, kind: str) -> Tensor:
+    """The meta-loss ``kind`` (one of :data:`~metaoptimizer.config.META_OBJECTIVES`): the mean of the
+    training losses after each update, or the validation loss at the end; ``log_`` kinds take
+    ``log`` of each term first."""
+    terms = [valid_loss] if kind.endswith("valid_loss") else list(train_terms)
+    if kind.startswith("log_"):
+        terms = [log_loss(term) for term in terms]
+    return torch.stack(terms).mean()
+
+
 def unroll(
     rule: UpdateRule,
     task: Task,
@@ -79,28 +107,26 @@ def unroll(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     use_valid = meta_objective.endswith("valid_loss")
-    log_scale = meta_objective.startswith("log_")
     if use_valid and valid_batches is None:
         raise ValueError(f"meta_objective={meta_objective!r} needs valid_batches")
     params = dict(params)
     loss = task.loss(params, next(train_batches))
     losses = [float(loss.detach())]
-    meta_terms: list[Tensor] = []
+    train_terms: list[Tensor] = []
     finite = math.isfinite(losses[0])
     for _ in range(steps):
         if not finite:
             break
-        grads = inner_gradients(loss, params, second_order)
-        updates, state = rule.update(grads, state, params, loss=loss.detach())
-        params = apply_updates(params, updates)
+        params, state = inner_step(rule.update, params, state, inner_gradients(loss, params, second_order), loss)
         loss = task.loss(params, next(train_batches))
         losses.append(float(loss.detach()))
         finite = math.isfinite(losses[-1])
-        meta_terms.append(log_loss(loss) if log_scale else loss)
+        train_terms.append(loss)
     if use_valid and finite:
-        valid_loss = task.loss(params, next(valid_batches))
-        meta_loss = log_loss(valid_loss) if log_scale else valid_loss
+        meta_loss = objective([], task.loss(params, next(valid_batches)), meta_objective)
+    elif train_terms:  # a diverged run falls back on its training losses
+        meta_loss = objective(train_terms, None, meta_objective.replace("valid", "train"))
     else:
-        meta_loss = torch.stack(meta_terms).mean() if meta_terms else loss
+        meta_loss = loss
     finite = finite and bool(torch.isfinite(meta_loss))
     return UnrollResult(meta_loss=meta_loss, params=params, state=state, losses=losses[:-1], finite=finite)

@@ -9,7 +9,7 @@ truncated BPTT).
 
 A :class:`UnrollJob` is one truncation of one task for a population of *members* (meta-parameter
 vectors) that all see the same batches. :func:`run_jobs` stacks jobs whose tasks compute the same
-loss function (equal :func:`loss_signature`) and whose parameters, states and batches agree in
+loss function (equal :meth:`Task.loss_signature`) and whose parameters, states and batches agree in
 shape and step count, and runs each stack in one ``vmap(vmap(unroll))`` call; every other job runs
 one member at a time through the same function.
 """
@@ -26,10 +26,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from metaoptimizer.config import META_OBJECTIVES, OptimizerState
-from metaoptimizer.meta.unroll import log_loss
-from metaoptimizer.rules.base import Params, UpdateRule, apply_updates
-from metaoptimizer.tasks.base import Batch, ModuleTask, Task
-from metaoptimizer.tasks.quadratic import QuadraticTask
+from metaoptimizer.meta.unroll import inner_step, objective
+from metaoptimizer.rules.base import Params, UpdateRule
+from metaoptimizer.tasks.base import Batch, Task
 
 # -- meta-parameters as one flat vector ---------------------------------------------------------
 
@@ -59,30 +58,11 @@ def unflatten_meta(rule: nn.Module, vector: Tensor) -> dict[str, Tensor]:
 
 # -- which tasks can share one vmapped call ---------------------------------------------------
 
-LossSignature = Callable[[Any], Hashable]
-_SIGNATURES: dict[type, LossSignature] = {}
-
-
-def register_loss_signature(task_type: type, signature: LossSignature) -> None:
-    """Declare how to tell which tasks of exactly ``task_type`` compute the same ``loss(params, batch)``.
-
-    Tasks with equal signatures must compute the same function of (params, batch); everything
-    that differs between them must live in the parameters or the batches. Subclasses are not
-    covered (they may override ``loss``): register them separately.
-    """
-    if not isinstance(task_type, type):
-        raise TypeError(f"task_type must be a class, got {task_type!r}")
-    _SIGNATURES[task_type] = signature
-
 
 def loss_signature(task: Task) -> Hashable | None:
-    """A hashable that equal-loss tasks share, or None when ``task`` cannot be vmapped with others."""
-    signature = _SIGNATURES.get(type(task))
-    return None if signature is None else (type(task), signature(task))
-
-
-register_loss_signature(ModuleTask, lambda task: (repr(task.model), task.loss_name))
-register_loss_signature(QuadraticTask, lambda task: task.dim)
+    """A hashable that equal-loss tasks share, or None when ``task`` cannot be vmapped with others
+    (see :meth:`~metaoptimizer.tasks.base.Task.loss_signature`)."""
+    return task.loss_signature()
 
 
 # -- pytrees split into tensors (vmapped) and Python values (static) ----------------------------
@@ -213,6 +193,10 @@ class _MemberUnroll:
         self, meta: Tensor, params: Params, state_tensors: list[Tensor], train: Any, valid: Any
     ) -> tuple[Tensor, tuple[Params, list[Tensor], Tensor]]:
         weights = {f"rule.{name}": t for name, t in unflatten_meta(self.rule, meta).items()}
+
+        def update(grads: Params, state: OptimizerState, params: Params, *, loss: Tensor):
+            return functional_call(self.call, weights, (grads, state, params, loss))
+
         state = self.state.join(state_tensors)
         loss_and_grad = grad_and_value(self.task.loss)
         terms, losses = [], []
@@ -223,14 +207,10 @@ class _MemberUnroll:
             if k > 0:
                 terms.append(loss)
             losses.append(loss.detach())
-            updates, state = functional_call(self.call, weights, (grads, state, params, loss.detach()))
-            params = apply_updates(params, updates)
+            params, state = inner_step(update, params, state, grads, loss)
         terms.append(self.task.loss(params, index_tree(train, self.steps)))
-        if needs_valid_batch(self.meta_objective):
-            terms = [self.task.loss(params, valid)]
-        if self.meta_objective.startswith("log_"):
-            terms = [log_loss(term) for term in terms]
-        meta_loss = torch.stack(terms).mean()
+        valid_loss = self.task.loss(params, valid) if needs_valid_batch(self.meta_objective) else None
+        meta_loss = objective(terms, valid_loss, self.meta_objective)
         tensors, self.out_state = _split(state)
         return meta_loss, (params, tensors, torch.stack(losses))
 

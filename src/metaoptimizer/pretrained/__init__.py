@@ -1,7 +1,8 @@
 """Meta-trained optimizers shipped with the package: ``load(name)`` returns a ready ``MetaOptimizer``.
 
 Each entry has a checkpoint ``<name>.pt`` and a model card ``<name>.md`` (training command, data,
-budget, seeds, results) in this folder. ``train(name, out_dir, ...)`` reproduces a checkpoint.
+budget, seeds, results) in this folder. ``train(name, out_dir, ...)`` reproduces a checkpoint
+with the recipe in :mod:`metaoptimizer.pretrained.lstm_digits_mlp`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ from pathlib import Path
 from torch import nn
 
 from metaoptimizer.facade import MetaOptimizer
+from metaoptimizer.pretrained import lstm_digits_mlp
+from metaoptimizer.progress import ProgressCallback
+
+__all__ = ["REGISTRY", "available", "load", "path", "train"]
 
 #: name -> (meta-training family, number of meta-steps used for the shipped checkpoint, seed)
-REGISTRY: dict[str, tuple[str, int, int]] = {"lstm-digits-mlp": ("digits_mlp", 200, 0)}
+REGISTRY: dict[str, tuple[str, int, int]] = {
+    "lstm-digits-mlp": (lstm_digits_mlp.FAMILY, lstm_digits_mlp.META_STEPS, lstm_digits_mlp.SEED),
+}
 
 
 def available() -> list[str]:
@@ -40,18 +47,21 @@ def load(name: str, base_model: nn.Module | None = None) -> MetaOptimizer:
     return MetaOptimizer.load(checkpoint, base_model)
 
 
-def train(name: str, out_dir: str | Path, *, meta_steps: int | None = None, seed: int | None = None) -> Path:
-    """Meta-train ``name`` from scratch as the shipped checkpoint was; returns the checkpoint path."""
-    from metaoptimizer.demo import DEMO_CONFIG, meta_train
-
+def train(
+    name: str, out_dir: str | Path, *, meta_steps: int | None = None, seed: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """Meta-train ``name`` from scratch as the shipped checkpoint was (its meta-steps and seed
+    unless given); returns the checkpoint path. ``progress`` hears of every meta-step."""
     if name not in REGISTRY:
         raise ValueError(f"unknown pretrained optimizer {name!r}; available: {available()}")
     _, default_steps, default_seed = REGISTRY[name]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = meta_train(
-        DEMO_CONFIG, minutes=float("inf"), meta_steps=meta_steps or default_steps,
-        seed=default_seed if seed is None else seed, log_path=out / f"{name}.csv",
+    meta, trainer = lstm_digits_mlp.start(seed=default_seed if seed is None else seed)
+    lstm_digits_mlp.meta_train(
+        meta, trainer, default_steps if meta_steps is None else meta_steps, log_path=out / f"{name}.csv",
+        progress=progress,
     )
     checkpoint = out / f"{name}.pt"
     meta.save(checkpoint)

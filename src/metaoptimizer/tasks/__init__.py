@@ -5,6 +5,7 @@ from __future__ import annotations
 from metaoptimizer.tasks.base import HELDOUT, TRAIN, ModuleTask, Task, TaskFamily, split_seed
 from metaoptimizer.tasks.digits import ClassifierFamily, DigitsCNNFamily, DigitsMLPFamily
 from metaoptimizer.tasks.general import GeneralTaskFamily
+from metaoptimizer.tasks.line import NoisyLineFamily, NoisyLineTask
 from metaoptimizer.tasks.mnist import MNISTMLPFamily
 from metaoptimizer.tasks.quadratic import QuadraticFamily, QuadraticTask
 from metaoptimizer.tasks.sequence import CharRNNFamily, SequenceTask
@@ -15,6 +16,7 @@ FAMILIES: dict[str, type[TaskFamily]] = {
     "digits_cnn": DigitsCNNFamily,
     "char_rnn": CharRNNFamily,
     "mnist_mlp": MNISTMLPFamily,
+    "noisy_line": NoisyLineFamily,
     "general": GeneralTaskFamily,
 }
 
@@ -37,6 +39,8 @@ __all__ = [
     "GeneralTaskFamily",
     "MNISTMLPFamily",
     "ModuleTask",
+    "NoisyLineFamily",
+    "NoisyLineTask",
     "QuadraticFamily",
     "QuadraticTask",
     "SequenceTask",

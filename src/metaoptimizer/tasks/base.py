@@ -7,7 +7,7 @@ step; models are evaluated with ``torch.func.functional_call``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,13 @@ class Task(ABC):
     @abstractmethod
     def valid_batches(self, seed: int) -> Iterator[Batch]:
         """An endless, seeded stream of validation batches."""
+
+    def loss_signature(self) -> Hashable | None:
+        """A hashable that tasks computing the same ``loss(params, batch)`` function share, so that
+        their unrolls can run in one vmapped call; None (the default) when this task's unrolls run
+        alone. Everything that differs between tasks of equal signature must live in the
+        parameters or the batches."""
+        return None
 
     def metrics(self, params: Mapping[str, Tensor], batch: Batch) -> dict[str, float]:
         """Evaluation metrics on ``batch``; the loss always, accuracy for classifiers."""
@@ -134,6 +141,12 @@ class ModuleTask(Task):
     def loss(self, params: Mapping[str, Tensor], batch: Batch) -> Tensor:
         x, y = batch
         return self._loss(self.forward(params, x), y)
+
+    def loss_signature(self) -> Hashable | None:
+        """The module's architecture and the loss (a subclass that overrides ``loss`` is not covered)."""
+        if type(self).loss is not ModuleTask.loss:
+            return None
+        return type(self), repr(self.model), self.loss_name
 
     def train_batches(self, seed: int) -> Iterator[Batch]:
         return sample_batches(*self.train_data, self.batch_size, seed)

@@ -49,6 +49,10 @@ class QuadraticTask(Task):
         w, y = batch
         return quadratic_loss(params["theta"], w, y)
 
+    def loss_signature(self) -> tuple | None:
+        """The dimension (a subclass that overrides ``loss`` is not covered)."""
+        return (type(self), self.dim) if type(self).loss is QuadraticTask.loss else None
+
     def train_batches(self, seed: int) -> Iterator[Batch]:
         if self.noise_std == 0.0:
             return itertools.repeat((self.w, self.y))

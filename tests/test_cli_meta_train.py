@@ -1,0 +1,85 @@
+"""``metaopt meta-train``: a run from a TOML file, --resume, and mistakes reported as usage errors."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from metaoptimizer.checkpoint import load_checkpoint
+from metaoptimizer.cli import app
+
+CONFIG = """
+[optimizer]
+hidden_size = 4
+num_layers = 1
+meta_lr = 0.01
+unroll_steps = 2
+seed = 3
+
+[family]
+name = "quadratic"
+dim = 3
+
+[training]
+steps = 4
+horizon = 4
+checkpoint_every = 2
+"""
+runner = CliRunner()
+
+
+@pytest.fixture
+def config_path(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+def test_meta_train_runs_and_resumes(tmp_path, config_path):
+    out = tmp_path / "run"
+    first = runner.invoke(app, ["meta-train", "--config", str(config_path), "--out", str(out), "--steps", "2"])
+    assert first.exit_code == 0, first.output
+    assert "2 meta-steps run" in first.output and "meta-train: 2/2" in first.output  # plain progress lines
+    # the old spelling --out-dir still works
+    again = runner.invoke(app, ["meta-train", "-c", str(config_path), "--out-dir", str(out), "--steps", "3",
+                                "--checkpoint-every", "1", "--resume", "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert "meta-train:" not in again.output
+    assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 3
+
+
+def test_an_existing_checkpoint_without_resume_is_a_usage_error(tmp_path, config_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["meta-train", "-c", str(config_path), "-o", str(out), "--steps", "1"]).exit_code == 0
+    refused = runner.invoke(app, ["meta-train", "-c", str(config_path), "-o", str(out)])
+    assert refused.exit_code == 2 and "already holds a checkpoint" in refused.output
+
+
+@pytest.mark.parametrize(
+    ("make_config", "message"),
+    [(lambda tmp: tmp / "absent.toml", "does not exist"),
+     (lambda tmp: _write(tmp / "bad.toml", "[family\n"), "not valid TOML"),
+     (lambda tmp: _write(tmp / "bad.toml", "[family]\nname='imagenet'\n"), "not known")],
+)
+def test_config_mistakes_are_usage_errors(tmp_path, make_config, message):
+    outcome = runner.invoke(app, ["meta-train", "--config", str(make_config(tmp_path)), "--out", str(tmp_path / "o")])
+    assert outcome.exit_code == 2, outcome.output
+    assert message in outcome.output and "Traceback" not in outcome.output
+
+
+def test_a_corrupt_checkpoint_on_resume_is_a_usage_error(tmp_path, config_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    outcome = runner.invoke(app, ["meta-train", "-c", str(config_path), "-o", str(out), "--resume"])
+    assert outcome.exit_code == 2 and "truncated or corrupt" in outcome.output
+
+
+def test_help_keeps_the_toml_section_names():
+    outcome = runner.invoke(app, ["meta-train", "--help"])
+    assert outcome.exit_code == 0 and "[training]" in outcome.output
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
