@@ -1,15 +1,20 @@
-"""Cost of ``LearnedOptimizer.step`` against torch.optim and against calling the rule directly.
+"""Cost of ``LearnedOptimizer.step`` with hand-designed rules against ``torch.optim``, same kernels.
 
-For each model shape it times one optimizer step (gradients fixed, so only the step is timed):
+For each model shape and rule (SGD, momentum, RMSProp, Adam, AdamW) it times one optimizer step
+(gradients fixed, so only the step is timed) of
 
-* ``torch.optim.Adam`` (default foreach implementation): the reference;
-* ``LearnedOptimizer(hand.Adam)``: the adapter;
-* ``hand.Adam`` called directly (``update`` + in-place add): the rule without the adapter.
+* ``torch.optim`` with ``foreach=True``, and ``LearnedOptimizer(rule)`` on its default foreach
+  kernels: with the rule's default ``eps_root`` (1e-16, one extra pass for Adam/RMSProp) and with
+  ``eps_root=0`` (the same arithmetic as torch's);
+* ``torch.optim`` with ``fused=True`` and ``LearnedOptimizer(rule, fused=True)`` (SGD, momentum,
+  Adam/AdamW at ``eps_root=0``; torch has no fused RMSprop);
+* ``LearnedOptimizer(rule, foreach=False)``: the rule's functional (differentiable) update.
 
-It prints the adapter's time per step as a ratio to each, so the adapter's own overhead
-(bookkeeping per tensor, state split/merge, non-finite check) is separated from the rule's cost.
+and prints each adapter time as a ratio to torch's with the same implementation (target: at
+most 1.1). Methods are interleaved in rounds and the best round is kept, so load changes on a
+shared machine hit all of them alike.
 
-    python benchmarks/bench_optim_adapter.py [--device cpu|cuda] [--repeats 30] [--rounds 5] [--threads N]
+    python benchmarks/bench_optim_adapter.py [--device cpu|cuda] [--repeats 30] [--rounds 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -22,6 +27,18 @@ from torch import nn
 
 from metaoptimizer.optim import LearnedOptimizer
 from metaoptimizer.rules import hand
+
+#: rule name -> (hand rule with keyword overrides, torch.optim optimizer with keyword overrides)
+RULES = {
+    "sgd": (lambda **k: hand.SGD(lr=1e-2, **k), lambda ps, **k: torch.optim.SGD(ps, lr=1e-2, **k)),
+    "momentum": (lambda **k: hand.Momentum(lr=1e-2, momentum=0.9, **k),
+                 lambda ps, **k: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, **k)),
+    "rmsprop": (lambda **k: hand.RMSProp(lr=1e-3, **k), lambda ps, **k: torch.optim.RMSprop(ps, lr=1e-3, **k)),
+    "adam": (lambda **k: hand.Adam(lr=1e-3, **k), lambda ps, **k: torch.optim.Adam(ps, lr=1e-3, **k)),
+    "adamw": (lambda **k: hand.AdamW(lr=1e-3, **k), lambda ps, **k: torch.optim.AdamW(ps, lr=1e-3, **k)),
+}
+HAS_EPS_ROOT = ("rmsprop", "adam", "adamw")
+FUSED = ("sgd", "momentum", "adam", "adamw")
 
 SHAPES = {
     # name: (layer widths) - many small tensors vs few large ones
@@ -47,7 +64,9 @@ def sync(device: str) -> None:
 
 def best_times(steps: dict[str, object], device: str, repeats: int, rounds: int) -> dict[str, float]:
     """Best mean seconds per call of each step function; rounds interleave the methods so that
-    load changes on a shared machine hit all of them alike."""
+    load changes on a shared machine hit all of them alike. On CPU the clock is this process's
+    CPU time (one thread), so time the process spends preempted by other jobs is not counted."""
+    clock = time.process_time if device == "cpu" else time.perf_counter
     for fn in steps.values():
         for _ in range(5):
             fn()
@@ -55,27 +74,28 @@ def best_times(steps: dict[str, object], device: str, repeats: int, rounds: int)
     for _ in range(rounds):
         for name, fn in steps.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             for _ in range(repeats):
                 fn()
             sync(device)
-            best[name] = min(best[name], (time.perf_counter() - start) / repeats)
+            best[name] = min(best[name], (clock() - start) / repeats)
     return best
 
 
-def direct_rule_step(params: list[nn.Parameter], lr: float):
-    """``hand.Adam`` applied without the adapter: one update call over all tensors, then add."""
-    rule = hand.Adam(lr=lr)
-    named = {f"p{i}": p for i, p in enumerate(params)}
-    state = rule.init(named)
-
-    @torch.no_grad()
-    def step():
-        nonlocal state
-        updates, state = rule.update({n: p.grad for n, p in named.items()}, state, named, state.step_count + 1)
-        torch._foreach_add_(list(named.values()), [updates[n] for n in named])
-
-    return step
+def steps_for(rule: str, params: list[nn.Parameter]) -> dict[str, object]:
+    """Step functions to time for one rule, by label."""
+    make_rule, make_torch = RULES[rule]
+    zero_root = {"eps_root": 0.0} if rule in HAS_EPS_ROOT else {}
+    steps = {
+        "torch foreach": make_torch(params, foreach=True).step,
+        "adapter foreach": LearnedOptimizer(params, make_rule()).step,
+        "adapter foreach eps_root=0": LearnedOptimizer(params, make_rule(**zero_root)).step,
+        "adapter functional": LearnedOptimizer(params, make_rule(), foreach=False).step,
+    }
+    if rule in FUSED:
+        steps["torch fused"] = make_torch(params, fused=True).step
+        steps["adapter fused"] = LearnedOptimizer(params, make_rule(**zero_root), fused=True).step
+    return steps
 
 
 def main() -> None:
@@ -83,25 +103,24 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=30, help="calls per timed block")
     parser.add_argument("--rounds", type=int, default=5, help="timed blocks per method (best is kept)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
-    header = ("model", "torch Adam", "adapter", "direct rule", "adapter/torch", "adapter/direct")
-    print(f"{header[0]:32s} {header[1]:>11s} {header[2]:>11s} {header[3]:>11s} {header[4]:>14s} {header[5]:>15s}")
+    torch.set_num_threads(args.threads)
+    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}\n")
+    print("| model | rule | torch foreach | adapter foreach / torch foreach | same, eps_root=0 | torch fused | "
+          "adapter fused / torch fused | functional / torch foreach |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, widths in SHAPES.items():
         params = build(widths, args.device)
-        steps = {
-            "torch": torch.optim.Adam(params, lr=1e-3).step,
-            "adapter": LearnedOptimizer(params, hand.Adam(lr=1e-3)).step,
-            "direct": direct_rule_step(params, 1e-3),
-        }
-        t = best_times(steps, args.device, args.repeats, args.rounds)
-        print(
-            f"{name:32s} {t['torch'] * 1e3:9.3f}ms {t['adapter'] * 1e3:9.3f}ms {t['direct'] * 1e3:9.3f}ms "
-            f"{t['adapter'] / t['torch']:14.2f} {t['adapter'] / t['direct']:15.2f}"
-        )
+        for rule in RULES:
+            t = best_times(steps_for(rule, params), args.device, args.repeats, args.rounds)
+            foreach = t["torch foreach"]
+            fused = (f"{t['torch fused'] * 1e3:.3f} ms | {t['adapter fused'] / t['torch fused']:.2f}"
+                     if "torch fused" in t else "- | -")
+            print(f"| {name} | {rule} | {foreach * 1e3:.3f} ms | {t['adapter foreach'] / foreach:.2f} | "
+                  f"{t['adapter foreach eps_root=0'] / foreach:.2f} | {fused} | "
+                  f"{t['adapter functional'] / foreach:.2f} |", flush=True)
+
 
 if __name__ == "__main__":
     main()

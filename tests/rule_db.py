@@ -17,11 +17,12 @@ from metaoptimizer.rules import (
     Adam,
     AdamW,
     HierarchicalRule,
+    HypergradientRule,
     LSTMRule,
-    MetaSGDRule,
     MLPRule,
     Momentum,
     RMSProp,
+    ShrinkingRatesRule,
     UpdateRule,
     add_decayed_weights,
     budget_aware_lstm,
@@ -31,6 +32,7 @@ from metaoptimizer.rules import (
     scale,
     scale_by_schedule,
 )
+from metaoptimizer.rules.celo import CeloAdamRule, CeloRule
 from metaoptimizer.rules.features import FeatureConfig
 from metaoptimizer.schedules import CosineDecay, LearnedSchedule, warmup_cosine
 
@@ -63,7 +65,8 @@ RULE_DB: list[RuleInfo] = [
     RuleInfo("adam", lambda: Adam(lr=0.01)),
     RuleInfo("adam_amsgrad", lambda: Adam(lr=0.01, amsgrad=True, weight_decay=0.1)),
     RuleInfo("adamw", lambda: AdamW(lr=0.01)),
-    RuleInfo("online_rates", lambda: MetaSGDRule(base_lr=0.05, alpha_lr=0.01, inner_steps=2)),
+    RuleInfo("hypergradient_rates", lambda: HypergradientRule(base_lr=0.05, alpha_lr=0.01, inner_steps=2)),
+    RuleInfo("shrinking_rates", lambda: ShrinkingRatesRule(base_lr=0.05, alpha_lr=0.5, inner_steps=2)),
     RuleInfo("lstm", lambda: LSTMRule(init_lr=0.01, momentum_decay=0.9), meta_parameters=True),
     RuleInfo("lstm_fraction", lambda: LSTMRule(training_fraction=True), budget_aware=True, meta_parameters=True),
     RuleInfo("lstm_budget_chain", lambda: budget_aware_lstm(50, init_lr=0.01), budget_aware=True,
@@ -79,6 +82,8 @@ RULE_DB: list[RuleInfo] = [
     RuleInfo("chain_adam_decay", lambda: chain(Adam(lr=0.01), add_decayed_weights(1e-3), scale(0.5))),
     RuleInfo("named_chain_cosine", lambda: named_chain(adam=Adam(lr=0.01), schedule=scale_by_schedule(
         warmup_cosine(2, 20)))),
+    RuleInfo("celo", lambda: CeloRule.pretrained(), budget_aware=True, reads_loss=True, meta_parameters=True),
+    RuleInfo("celo_adam", lambda: CeloAdamRule.pretrained(), budget_aware=True, reads_loss=True, meta_parameters=True),
     RuleInfo("learned_schedule", lambda: named_chain(sgd=SGD(lr=0.1), schedule=scale_by_schedule(
         LearnedSchedule(20, 4).initialise_as(CosineDecay(20)))), budget_aware=True, meta_parameters=True),
     RuleInfo("adamw_warmup_cosine", lambda: chain(AdamW(lr=0.01), ScaleByWarmupCosine()), budget_aware=True),

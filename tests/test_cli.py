@@ -80,7 +80,7 @@ def test_pretrain_rebuilds_a_checkpoint(tmp_path):
 
 
 def test_shipped_checkpoint_loads_ready_to_use():
-    assert pretrained.available() == ["lstm-digits-mlp"]
+    assert pretrained.available() == ["celo", "celo-adam", "lstm-digits-mlp"]
     meta = pretrained.load("lstm-digits-mlp")
     assert meta.config.method == "lstm" and meta.meta_steps == pretrained.REGISTRY["lstm-digits-mlp"][1]
     # `metaopt pretrain` trains the recipe's config: the shipped file must be that configuration
@@ -158,7 +158,7 @@ def test_a_fresh_interpreter_finds_pretrained_and_no_cli_stack():
             "print(metaoptimizer.pretrained.available(), sorted(m for m in ('typer', 'rich') if m in sys.modules))")
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert done.stdout.strip() == "['lstm-digits-mlp'] []"
+    assert done.stdout.strip() == "['celo', 'celo-adam', 'lstm-digits-mlp'] []"
 
 
 def test_python_dash_m_runs_the_tool(monkeypatch, capsys):

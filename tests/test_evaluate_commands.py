@@ -114,7 +114,7 @@ def test_load_optimizer_reads_a_pretrained_name(tmp_path, monkeypatch):
     meta = MetaOptimizer(config=MetaOptimizerConfig(hidden_size=3, num_layers=1))
     meta.save(tmp_path / "shipped.pt")
     monkeypatch.setattr(pretrained, "path", lambda name: tmp_path / "shipped.pt")
-    rule = load_optimizer(pretrained.available()[0])
+    rule = load_optimizer("lstm-digits-mlp")
     assert isinstance(rule, LSTMRule) and rule.hidden_size == 3
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from metaoptimizer import MetaOptimizer, MetaOptimizerConfig
 from metaoptimizer.checkpoint import CheckpointError
+from metaoptimizer.config import METHODS
 from metaoptimizer.meta.trainer import MetaTrainer
 from metaoptimizer.optim import LearnedOptimizer
 from metaoptimizer.tasks.quadratic import QuadraticFamily, QuadraticTask
@@ -194,7 +195,7 @@ def test_episode_methods_without_a_model_cannot_meta_train():
         MetaOptimizer(None, MetaOptimizerConfig(method="meta_sgd")).meta_train_step(_few_shot_episodes())
 
 
-@pytest.mark.parametrize("method", ["lstm", "meta_sgd", "warp_grad", "l2o"])
+@pytest.mark.parametrize("method", METHODS)
 def test_the_spec_usage_works_for_every_method(method):
     """``meta.compute_update(grads, OptimizerState())``, exactly as the spec writes it."""
     from metaoptimizer import OptimizerState
@@ -225,6 +226,64 @@ def test_any_rule_is_saved_and_loaded_by_its_spec(tmp_path):
     save_checkpoint(tmp_path / "bad.pt", kind="metaoptimizer", config=data["config"], payload=payload)
     with pytest.raises(ValueError, match="holds a rule spec that cannot be rebuilt: unknown rule 'no_such_rule'"):
         MetaOptimizer.load(tmp_path / "bad.pt")
+
+
+def test_meta_sgd_builds_the_episodic_learner_and_the_online_rule_and_says_so():
+    from metaoptimizer.meta.gradient_learner import GradientMetaLearner
+    from metaoptimizer.rules import HypergradientRule
+
+    options = {"inner_steps": 3, "base_lr": 0.05, "alpha_lr": 0.02}
+    meta = MetaOptimizer(_model(), MetaOptimizerConfig(method="meta_sgd", rule_options=options))
+    assert isinstance(meta.learner, GradientMetaLearner) and meta.learner.inner_steps == 3
+    assert isinstance(meta.rule, HypergradientRule) and (meta.rule.base_lr, meta.rule.alpha_lr) == (0.05, 0.02)
+    assert meta.rule.inner_steps == 1  # the window of the online rule is set through method='hypergradient'
+    with pytest.raises(ValueError, match=r"unknown rule_options \['window'\] for method='meta_sgd'"):
+        MetaOptimizer(_model(), MetaOptimizerConfig(method="meta_sgd", rule_options={"window": 2}))
+
+
+def test_the_online_rule_has_its_own_method_with_every_option():
+    from metaoptimizer.rules import HypergradientRule
+
+    model = _model()
+    options = {"base_lr": 0.05, "alpha_lr": 0.02, "inner_steps": 4, "clamp": (1e-6, 1.0)}
+    meta = MetaOptimizer(model, MetaOptimizerConfig(method="hypergradient", rule_options=options))
+    assert isinstance(meta.rule, HypergradientRule) and meta.rule.hyperparameters() == options
+    assert meta.learner is None
+    optimizer = meta.torch_optimizer()
+    x, y = torch.randn(8, 4), torch.arange(8) % 3
+    for _ in range(5):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    optimizer.reset_per_param_lr()
+    assert all(torch.all(rate == 0.05) for rate in optimizer.get_per_param_lr().values())
+    with pytest.raises(ValueError, match="has nothing to meta-train"):
+        meta.meta_train_step(_few_shot_episodes())
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lr_mode'"):
+        MetaOptimizer(model, MetaOptimizerConfig(method="hypergradient", rule_options={"lr_mode": "scalar"}))
+
+
+def test_meta_sgd_defaults_train_a_small_mlp_below_adam_at_its_default_lr():
+    """``method='meta_sgd'`` as a torch optimizer, at its defaults, against Adam(1e-3) after the
+    same steps (benchmarks/bench_online_rates.py runs the full comparison)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=gen)
+    y = (x[:, :4].sum(1) > 0).long() + 2 * (x[:, 4:8].sum(1) > 0).long()
+
+    def train(make_optimizer):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+        optimizer = make_optimizer(model)
+        for step in range(100):
+            batch = torch.arange(32) + 32 * (step % 8)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+        return nn.functional.cross_entropy(model(x), y).item()
+
+    online = train(lambda m: MetaOptimizer(m, MetaOptimizerConfig(method="meta_sgd")).torch_optimizer())
+    adam = train(lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))
+    assert online < adam
 
 
 def test_only_untrained_learned_rules_warn_when_handed_to_torch(recwarn, tmp_path):

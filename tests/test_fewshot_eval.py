@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from metaoptimizer.evaluate.fewshot import (
     METHODS,
     FewShotResult,
+    FewShotScore,
     conv_learner,
     evaluate_fewshot,
     make_model,
@@ -81,6 +82,33 @@ def test_evaluate_fewshot_is_independent_of_chunking():
     assert metric == "mse" and len(whole) == 7 and whole == pytest.approx(chunked)
     with pytest.raises(ValueError, match="episodes must be an integer > 0"):
         evaluate_fewshot(learner, sampler, episodes=0)
+
+
+def test_the_facade_scores_episode_learners_with_intervals():
+    from metaoptimizer import MetaOptimizer, MetaOptimizerConfig
+
+    sampler = make_sampler("digits", "test", n_way=3, k_shot=1, query_shots=2)
+    scores = {}
+    for method in ("meta_sgd", "warp_grad"):
+        meta = MetaOptimizer(
+            make_model("digits", 3, width=4), MetaOptimizerConfig(method=method, rule_options={"inner_steps": 1})
+        )
+        scores[method] = meta.evaluate_fewshot(sampler, episodes=6, seed=1)
+        _, expected = evaluate_fewshot(meta.learner, sampler, episodes=6, seed=1)
+        score = scores[method]
+        assert score.metric == "accuracy" and score.values == expected
+        assert (score.mean, score.ci95) == mean_confidence_interval(expected)
+        assert score.interval == (score.mean - score.ci95, score.mean + score.ci95)
+    difference = scores["warp_grad"].paired_difference(scores["meta_sgd"])
+    assert difference == mean_confidence_interval(
+        [a - b for a, b in zip(scores["warp_grad"].values, scores["meta_sgd"].values)]
+    )
+    with pytest.raises(ValueError, match="same metric and episodes"):
+        scores["meta_sgd"].paired_difference(FewShotScore("accuracy", 0.5, 0.1, [0.5, 0.5]))
+    with pytest.raises(ValueError, match="needs an episode learner: method='meta_sgd' or 'warp_grad'"):
+        MetaOptimizer(make_model("digits", 3, width=4)).evaluate_fewshot(sampler)
+    with pytest.raises(TypeError, match="TaskDistributionSampler"):
+        meta.evaluate_fewshot([sampler.episode(0)])
 
 
 def tiny_classes():

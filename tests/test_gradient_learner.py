@@ -143,12 +143,13 @@ def test_inner_adapt_is_plain_gradient_descent():
 
 
 def test_learning_rate_shapes_per_mode():
-    per_param, scalar, fixed = (learner(mode) for mode in LR_MODES)
+    per_param, per_tensor, scalar, fixed = (learner(mode) for mode in LR_MODES)
     params = per_param.params()
     assert [r.shape for r in per_param.learned_rates] == [p.shape for p in params.values()]
+    assert [r.shape for r in per_tensor.learned_rates] == [()] * len(params)
     assert len(scalar.learned_rates) == 1 and scalar.learned_rates[0].shape == ()
     assert len(fixed.learned_rates) == 0 and len(fixed.meta_parameters()) == len(params)
-    for meta in (per_param, scalar, fixed):
+    for meta in (per_param, per_tensor, scalar, fixed):
         assert {n: t.shape for n, t in meta.per_param_lr.items()} == {n: p.shape for n, p in params.items()}
         assert meta.learned_lr() == pytest.approx(dict.fromkeys(params, 0.1))
 
@@ -280,7 +281,7 @@ def test_bad_numbers_are_rejected(name, value):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(lr_mode="vector"), ValueError, "accepted values: \\('per_parameter', 'scalar', 'fixed'\\)"),
+        (dict(lr_mode="vector"), ValueError, "accepted values: \\('per_parameter', 'per_tensor', 'scalar', 'fixed'\\)"),
         (dict(first_order=1), ValueError, "first_order must be True or False"),
         (dict(loss="hinge"), ValueError, "accepted values"),
     ],
@@ -300,7 +301,7 @@ def test_bad_models_are_rejected():
 
 @pytest.mark.parametrize(
     "make",
-    [learner, lambda: WarpGradLearner(interleave_warps(tiny_regressor(), seed=0), inner_steps=2, loss="mse")],
+    [learner, lambda: WarpGradLearner(interleave_warps(tiny_regressor()), inner_steps=2, loss="mse")],
     ids=["gradient_learner", "warp_grad"],
 )
 def test_bad_episodes_are_rejected_by_both_episodic_learners(make):

@@ -110,9 +110,10 @@ def test_matches_torch_optim_trajectory_in_float64(name):
 
 @pytest.mark.parametrize("name", sorted(PAIRS))
 def test_equals_the_functional_rule_bitwise(name):
-    """The adapter adds nothing to the rule's arithmetic: same bits as init/update/apply_updates."""
+    """Without torch kernels the adapter adds nothing to the rule's arithmetic: same bits as
+    init/update/apply_updates."""
     model = make_model()
-    got = run(model, LearnedOptimizer(model.parameters(), PAIRS[name][0]()), 30)
+    got = run(model, LearnedOptimizer(model.parameters(), PAIRS[name][0](), foreach=False), 30)
     rule, reference = PAIRS[name][0](), make_model()
     params = dict(reference.named_parameters())
     state = rule.init(params)
@@ -331,6 +332,13 @@ def test_nonfinite_check_handles_empty_and_mixed_precision_tensors():
     assert params[1].tolist() == [0.5] * 3 and params[2].tolist() == [0.5] * 2
     params[1].grad[0] = 1e300  # finite in float64, would overflow a float32 check
     opt.step()
+    params[2].grad.fill_(6e4)  # finite in bfloat16 and float16 alike; their sum may overflow, they do not
+    opt.step()
+    half = nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    half.grad = torch.full_like(half, 6e4)
+    assert torch.isinf(half.grad.sum())
+    LearnedOptimizer([half], hand.SGD(lr=1e-6)).step()
+    assert torch.isfinite(half).all() and half[0] < 0
     params[2].grad[1] = math.inf
     with pytest.raises(ValueError, match=r"'g0\.p2' \(shape \(2,\)\)"):
         opt.step()
@@ -679,3 +687,281 @@ class LossReader(Recorder):
     def update(self, grads, state, params, *, loss=None):
         self.losses.append(float(loss))
         return super().update(grads, state, params, loss=loss)
+
+
+# --- torch kernels (foreach / fused) against the rule's functional update ---------------------------
+
+KERNEL_RULES = {
+    "sgd": lambda: hand.SGD(lr=0.1, weight_decay=0.01),
+    "momentum_dampening": lambda: hand.Momentum(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01),
+    "nesterov": lambda: hand.Momentum(lr=0.05, momentum=0.9, nesterov=True),
+    "rmsprop": lambda: hand.RMSProp(lr=1e-2, weight_decay=0.01),
+    "rmsprop_momentum": lambda: hand.RMSProp(lr=1e-2, momentum=0.5),
+    "adam": lambda: hand.Adam(lr=1e-2, weight_decay=0.01),
+    "adam_amsgrad": lambda: hand.Adam(lr=1e-2, amsgrad=True),
+    "adamw": lambda: hand.AdamW(lr=1e-2, weight_decay=0.1),
+    "adamw_eps_root_0": lambda: hand.AdamW(lr=1e-2, weight_decay=0.1, eps_root=0.0),
+}
+FUSED = ("sgd", "momentum_dampening", "nesterov", "adamw_eps_root_0")
+
+
+def two_groups(model):
+    """Two param groups with different lr multipliers (a kernel call takes one lr)."""
+    params = list(model.parameters())
+    return [{"params": params[:2]}, {"params": params[2:], "lr": 0.5}]
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.float64, 1e-12)], ids=["float32", "float64"])
+@pytest.mark.parametrize(
+    "name, kernel", [(name, "foreach") for name in sorted(KERNEL_RULES)] + [(name, "fused") for name in FUSED]
+)
+def test_torch_kernels_match_the_functional_update(name, kernel, dtype, atol):
+    drop = lambda step: [1] if step < 3 else ([2] if step % 4 == 0 else [])  # noqa: E731 late and intermittent
+    fast, reference = make_model(dtype=dtype), make_model(dtype=dtype)
+    opt = LearnedOptimizer(two_groups(fast), KERNEL_RULES[name](), **{kernel: True})
+    assert opt.kernel == kernel
+    got = run(fast, opt, 30, drop=drop)
+    want = run(reference, LearnedOptimizer(two_groups(reference), KERNEL_RULES[name](), foreach=False), 30, drop=drop)
+    assert_close_lists(got, want, atol=atol)
+    assert not torch.equal(got[0], make_model(dtype=dtype)[0].weight.detach().to(dtype))
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_RULES))
+def test_torch_kernels_run_bfloat16_parameters(name):
+    """(float16 with eps=1e-8 overflows in every form, torch.optim's included.)"""
+    dtype = torch.bfloat16
+    fast, reference = make_model(dtype=dtype), make_model(dtype=dtype)
+    got = run(fast, LearnedOptimizer(fast.parameters(), KERNEL_RULES[name]()), 5)
+    want = run(reference, LearnedOptimizer(reference.parameters(), KERNEL_RULES[name](), foreach=False), 5)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_the_default_kernel_is_foreach_and_resumes_bit_exactly():
+    model, reference = make_model(), make_model()
+    opt = LearnedOptimizer(reference.parameters(), hand.Adam(lr=1e-2))
+    assert opt.kernel == "foreach"
+    want = run(reference, opt, 6)
+    first = LearnedOptimizer(model.parameters(), hand.Adam(lr=1e-2))
+    run(model, first, 3)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    second = LearnedOptimizer(model.parameters(), hand.Adam(lr=1e-2))
+    second.load_state_dict(torch.load(buffer, weights_only=True))
+    assert_bitwise(run(model, second, 3), want)
+
+
+SAME_AS_TORCH = {
+    "sgd": (lambda: hand.SGD(lr=0.1, weight_decay=0.01), lambda ps, **k: torch.optim.SGD(ps, 0.1, weight_decay=0.01, **k)),
+    "nesterov": (lambda: hand.Momentum(lr=0.05, momentum=0.9, nesterov=True),
+                 lambda ps, **k: torch.optim.SGD(ps, 0.05, momentum=0.9, nesterov=True, **k)),
+    "rmsprop": (lambda: hand.RMSProp(lr=1e-2, momentum=0.5, weight_decay=0.01, eps_root=0.0),
+                lambda ps, **k: torch.optim.RMSprop(ps, 1e-2, momentum=0.5, weight_decay=0.01, **k)),
+    "adam": (lambda: hand.Adam(lr=1e-2, weight_decay=0.01, eps_root=0.0),
+             lambda ps, **k: torch.optim.Adam(ps, 1e-2, weight_decay=0.01, **k)),
+    "adamw_amsgrad": (lambda: hand.AdamW(lr=1e-2, amsgrad=True, eps_root=0.0),
+                      lambda ps, **k: torch.optim.AdamW(ps, 1e-2, amsgrad=True, **k)),
+}
+
+
+@pytest.mark.parametrize(
+    "name, kernel",
+    [(name, "foreach") for name in sorted(SAME_AS_TORCH)] + [(n, "fused") for n in sorted(SAME_AS_TORCH) if n != "rmsprop"],
+)
+def test_kernels_follow_torch_optim_bitwise_with_the_same_implementation(name, kernel):
+    """At eps_root=0 the kernels run torch.optim's arithmetic, pass for pass (torch has no fused RMSprop)."""
+    make_rule, make_torch = SAME_AS_TORCH[name]
+    ours, reference = make_model(), make_model()
+    got = run(ours, LearnedOptimizer(ours.parameters(), make_rule(), **{kernel: True}), 20)
+    want = run(reference, make_torch(reference.parameters(), **{kernel: True}), 20)
+    assert_bitwise(got, want)
+
+
+@pytest.mark.parametrize(
+    "rule, kwargs, message",
+    [
+        (lambda: LSTMRule(), {"foreach": True}, "has no torch foreach kernel"),
+        (lambda: hand.RMSProp(), {"fused": True}, "has no torch fused kernel"),
+        (lambda: hand.RMSProp(centered=True), {"foreach": True}, "has no torch foreach kernel"),
+        (lambda: hand.Adam(), {"fused": True}, "has no torch fused kernel"),
+        (lambda: hand.Adam(), {"foreach": True, "fused": True}, "not both"),
+        (lambda: hand.Adam(), {"fused": 1}, "fused must be True, False or None"),
+    ],
+)
+def test_kernel_requests_that_cannot_be_met_are_errors(rule, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LearnedOptimizer(make_model().parameters(), rule(), **kwargs)
+
+
+@pytest.mark.parametrize("rule", [lambda: hand.RMSProp(centered=True), LSTMRule])
+def test_rules_without_a_kernel_run_their_own_update(rule):
+    assert LearnedOptimizer(make_model().parameters(), rule()).kernel is None
+
+
+def test_a_hand_rule_without_a_kernel_says_so():
+    from metaoptimizer.rules import HypergradientRule
+
+    rule = HypergradientRule()
+    assert not rule.has_torch_kernel()
+    with pytest.raises(NotImplementedError, match="HypergradientRule has no torch kernel"):
+        rule.torch_step([], [], {}, 0)
+
+
+def test_tensor_hyperparameters_reach_the_kernel_as_numbers():
+    make = lambda: hand.Adam(lr=torch.tensor(1e-2), betas=(torch.tensor(0.9), 0.999))  # noqa: E731
+    fast, reference = make_model(), make_model()
+    opt = LearnedOptimizer(fast.parameters(), make())
+    assert opt.kernel == "foreach" and opt.defaults["betas"] == (pytest.approx(0.9), 0.999)
+    got = run(fast, opt, 10)
+    want = run(reference, LearnedOptimizer(reference.parameters(), make(), foreach=False), 10)
+    assert_close_lists(got, want)
+
+
+# --- schedulers that cycle momentum, and weight-decay groups -------------------------------------
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize(
+    "make_rule, make_reference",
+    [
+        (lambda: hand.Adam(lr=1e-2), lambda ps: torch.optim.Adam(ps, lr=1e-2)),
+        (lambda: hand.AdamW(lr=1e-2), lambda ps: torch.optim.AdamW(ps, lr=1e-2)),
+        (lambda: hand.Momentum(lr=1e-2, momentum=0.9), lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9)),
+        (lambda: hand.RMSProp(lr=1e-3, momentum=0.9), lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.9)),
+    ],
+    ids=["adam", "adamw", "momentum", "rmsprop"],
+)
+def test_one_cycle_lr_with_its_defaults_cycles_the_rules_momentum_like_torch(make_rule, make_reference, foreach):
+    """OneCycleLR with its defaults (cycle_momentum=True) sets the group's betas/momentum, which
+    the rule reads; lr 1.0 x the rule's lr plays torch's max_lr."""
+    ours, reference = make_model(), make_model()
+    opt = LearnedOptimizer(ours.parameters(), make_rule(), foreach=foreach)
+    ref = make_reference(reference.parameters())
+    ref_max_lr = ref.param_groups[0]["lr"]
+    got = run(ours, opt, 20, scheduler=torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=20))
+    want = run(reference, ref, 20, scheduler=torch.optim.lr_scheduler.OneCycleLR(ref, max_lr=ref_max_lr, total_steps=20))
+    assert_close_lists(got, want)
+    key = "betas" if "betas" in opt.defaults else "momentum"
+    cycled = opt.param_groups[0][key]
+    assert cycled == ref.param_groups[0][key] and cycled != opt.defaults[key]
+
+
+@pytest.mark.parametrize("rule", [LSTMRule, lambda: hand.SGD(lr=0.1), lambda: hand.RMSProp()])
+def test_one_cycle_lr_refuses_rules_without_a_momentum_coefficient_and_the_documented_fix_works(rule):
+    model = make_model()
+    opt = LearnedOptimizer(model.parameters(), rule())
+    with pytest.raises(ValueError, match="must support momentum or beta1"):
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10, cycle_momentum=False)
+    run(model, opt, 5, scheduler=scheduler)
+    assert opt.param_groups[0]["lr"] == pytest.approx(scheduler.get_last_lr()[0])
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear, self.norm, self.out = nn.Linear(5, 8), nn.LayerNorm(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.linear(x))))
+
+
+def adamw_recipe_groups(model, weight_decay=None):
+    """The AdamW recipe: decay matrices, not biases and norms."""
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight") and "norm" not in n]
+    rest = [p for n, p in model.named_parameters() if not (n.endswith("weight") and "norm" not in n)]
+    first = {"params": decay} if weight_decay is None else {"params": decay, "weight_decay": weight_decay}
+    return [first, {"params": rest, "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("kernel", [{}, {"foreach": False}, {"fused": True}], ids=["foreach", "functional", "fused"])
+def test_adamw_recipe_without_decay_on_biases_and_norms_matches_torch(kernel):
+    torch.manual_seed(0)
+    ours = Block()
+    reference = copy.deepcopy(ours)
+    fused = kernel.get("fused", False)
+    rule = hand.AdamW(lr=1e-2, weight_decay=0.1, eps_root=0.0 if fused else hand.EPS_ROOT)
+    opt = LearnedOptimizer(adamw_recipe_groups(ours), rule, **kernel)
+    ref = torch.optim.AdamW(adamw_recipe_groups(reference), lr=1e-2, weight_decay=0.1, fused=fused)
+    got, want = run(ours, opt, 25), run(reference, ref, 25)
+    if fused:  # the same kernel with the same arguments
+        assert_bitwise(got, want)
+    else:
+        assert_close_lists(got, want)
+
+
+def test_a_learned_rule_gets_decoupled_decay_per_group():
+    """p <- p * (1 - lr * weight_decay) + lr * update: add_decayed_weights' semantics, per group."""
+    from metaoptimizer.rules import HypergradientRule, chain
+    from metaoptimizer.rules.transforms import add_decayed_weights
+
+    torch.manual_seed(0)
+    ours = Block()
+    undecayed, masked = copy.deepcopy(ours), copy.deepcopy(ours)
+    rule = HypergradientRule(base_lr=0.05)
+    got = run(ours, LearnedOptimizer(adamw_recipe_groups(ours, weight_decay=0.02), rule, lr=0.5), 10)
+    plain = run(undecayed, LearnedOptimizer(adamw_recipe_groups(undecayed), rule, lr=0.5), 10)
+    decay_group = ("g0.p0", "g0.p1")  # the adapter's names for the first group's parameters
+    transform = chain(HypergradientRule(base_lr=0.05), add_decayed_weights(0.02, mask=decay_group))
+    want = run(masked, LearnedOptimizer(adamw_recipe_groups(masked), transform, lr=0.5), 10)
+    assert_close_lists(got, want)
+    assert not all(torch.allclose(g, p, atol=1e-4) for g, p in zip(got, plain, strict=True))
+
+
+@pytest.mark.parametrize(
+    "rule, group, message",
+    [
+        (LSTMRule, {"eps": 1e-6}, r"sets \['eps'\], which the update rule 'lstm' does not read"),
+        (lambda: hand.SGD(lr=0.1), {"betas": (0.9, 0.99)}, r"sets \['betas'\]"),
+        (lambda: hand.Adam(), {"momentum": 0.9}, r"sets \['momentum'\]"),
+        (LSTMRule, {"weight_decay": -0.1}, "weight_decay must be a number >= 0"),
+        (lambda: hand.Adam(), {"betas": (1.5, 0.999)}, r"betas\[0\] must lie in \[0, 1\)"),
+    ],
+)
+def test_group_hyperparameters_the_rule_does_not_read_or_bad_values_are_errors(rule, group, message):
+    model = make_model()
+    with pytest.raises(ValueError, match=message):
+        LearnedOptimizer([{"params": list(model.parameters()), **group}], rule())
+
+
+def test_per_coordinate_rates_are_read_and_reset_through_the_optimizer():
+    from metaoptimizer.rules import HypergradientRule
+
+    model = make_model()
+    opt = LearnedOptimizer(model.parameters(), HypergradientRule(base_lr=0.05, alpha_lr=1.0))
+    run(model, opt, 5)
+    rates = opt.get_per_param_lr()
+    assert set(rates) == set(model.parameters())
+    assert any(not torch.all(r == 0.05) for r in rates.values())
+    steps = [opt.state[p]["step"].item() for p in model.parameters()]
+    opt.rule.set_learning_rate(0.02)
+    opt.reset_per_param_lr()
+    assert all(torch.all(r == 0.02) for r in opt.get_per_param_lr().values())
+    assert [opt.state[p]["step"].item() for p in model.parameters()] == steps == [5.0] * 4
+    with pytest.raises(TypeError, match="keeps no per-coordinate rates"):
+        LearnedOptimizer(model.parameters(), hand.SGD(lr=0.1)).reset_per_param_lr()
+
+
+def test_the_readme_weight_decay_groups_and_closure_snippet_runs():
+    """README's usage section: the AdamW recipe's groups and a closure step with the pretrained rule."""
+    import re
+    import warnings
+    from pathlib import Path
+
+    from metaoptimizer import pretrained
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (snippet,) = [s for s in re.findall(r"```python\n(.*?)```", readme, re.S) if "weight_decay" in s]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = [(torch.randn(16, 64), torch.randint(10, (16,))) for _ in range(3)]
+    namespace = {"torch": torch, "model": model, "meta": pretrained.load("lstm-digits-mlp", model), "batches": batches}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exec(compile(snippet, "README.md", "exec"), namespace)
+    optimizer = namespace["optimizer"]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-5, 0.0]
+    assert optimizer.clock == 3 and optimizer.running_loss is not None
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

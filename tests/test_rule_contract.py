@@ -140,8 +140,8 @@ def test_adapter_matches_direct_updates_and_resumes_bit_exactly(info: RuleInfo):
     params = make_params()
     expected, _, _ = run(rule, params, 6)
 
-    def make_optimizer(tensors):
-        return LearnedOptimizer(tensors, rule, total_steps=NUM_STEPS)
+    def make_optimizer(tensors):  # foreach=False: the rule's own update (torch kernels: test_optim)
+        return LearnedOptimizer(tensors, rule, total_steps=NUM_STEPS, foreach=False)
 
     tensors = [p.clone().requires_grad_(True) for p in params.values()]
     optimizer = make_optimizer(tensors)

@@ -17,6 +17,7 @@ from torch import nn
 from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult
 from metaoptimizer.evaluate.fewshot import conv_learner, evaluate_fewshot
 from metaoptimizer.meta.gradient_learner import GradientMetaLearner
+from metaoptimizer.meta.step import apply_meta_gradient
 from metaoptimizer.meta.warp_grad import (
     DEFAULT_INNER_LR,
     DEFAULT_INNER_STEPS,
@@ -36,7 +37,7 @@ def plain_mlp(dtype=torch.float32) -> nn.Sequential:
 
 
 def warped_mlp(dtype=torch.float32, **options) -> WarpedSequential:
-    return interleave_warps(plain_mlp(dtype), seed=1, **options).to(dtype)
+    return interleave_warps(plain_mlp(dtype), init="random", seed=1, **options).to(dtype)
 
 
 def sinusoid_episodes(count=2, dtype=torch.float32, seed=0):
@@ -67,7 +68,7 @@ def query_loss(meta, params, episode):
 
 def test_interleave_warps_places_shape_preserving_warps_between_task_layers():
     plain = plain_mlp()
-    warped = interleave_warps(plain, seed=0)
+    warped = interleave_warps(plain)
     assert list(dict(warped.named_children())) == ["0", "1", "warp1", "2", "3", "warp2", "4"]
     assert warped.warp_layer_names == ("warp1", "warp2")
     assert {n: p.shape for n, p in plain.named_parameters()} == {
@@ -77,8 +78,32 @@ def test_interleave_warps_places_shape_preserving_warps_between_task_layers():
         torch.testing.assert_close(dict(warped.named_parameters())[name], p)
         assert dict(warped.named_parameters())[name] is not p
     assert warped(torch.randn(7, 1)).shape == (7, 1)
-    again = interleave_warps(plain_mlp(), seed=0)
-    torch.testing.assert_close(warped.warp1.transform[0].weight, again.warp1.transform[0].weight)
+    again = interleave_warps(plain_mlp(), init="random", seed=0).warp1.transform[0].weight
+    torch.testing.assert_close(again, interleave_warps(plain, init="random", seed=0).warp1.transform[0].weight)
+
+
+@pytest.mark.parametrize(
+    "plain, options, x",
+    [
+        (plain_mlp(), {}, torch.randn(9, 1)),
+        (plain_mlp(), {"residual": True, "activation": True}, torch.randn(9, 1)),
+        (conv_learner(8, 2, 5, 4), {}, torch.rand(6, 1, 8, 8)),
+        (conv_learner(8, 2, 5, 4), {"activation": True, "kernel_size": 5}, torch.rand(6, 1, 8, 8)),
+        (conv_learner(8, 2, 5, 4), {"residual": True, "kernel_size": 1}, torch.rand(6, 1, 8, 8)),
+    ],
+)
+def test_untrained_warped_model_computes_the_plain_model_and_its_gradients(plain, options, x):
+    """Identity warps: same outputs and same task-parameter gradients as the plain learner, so
+    Warp-Grad starts from the plain learner's optimisation geometry."""
+    warped = interleave_warps(plain, **options)
+    torch.testing.assert_close(warped(x), plain(x), rtol=1e-6, atol=1e-6)
+    plain_grads = torch.autograd.grad(plain(x).square().sum(), list(plain.parameters()))
+    named = dict(warped.named_parameters())
+    warped_grads = torch.autograd.grad(warped(x).square().sum(), [named[n] for n, _ in plain.named_parameters()])
+    for expected, got in zip(plain_grads, warped_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    random = interleave_warps(plain, init="random", seed=0, **options)
+    assert not torch.allclose(random(x), plain(x), atol=1e-3)
 
 
 def test_conv_warps_see_feature_maps_before_the_flatten():
@@ -91,12 +116,16 @@ def test_conv_warps_see_feature_maps_before_the_flatten():
 
 def test_warp_layer_variants():
     x = torch.randn(4, 3)
-    linear = WarpLayer("linear", 3, activation=False, residual=True)
+    linear = WarpLayer("linear", 3, residual=True, init="random")
     torch.testing.assert_close(linear(x), x + linear.transform[0](x))
-    relu = WarpLayer("linear", 3)
-    assert (relu(x) >= 0).all()
+    assert torch.equal(linear.transform[0].weight == 0, torch.zeros(3, 3, dtype=torch.bool))
+    assert torch.equal(WarpLayer("linear", 3, residual=True).transform[0].weight, torch.zeros(3, 3))
+    torch.testing.assert_close(WarpLayer("linear", 3)(x), x)
+    relu = WarpLayer("linear", 3, activation=True)
+    torch.testing.assert_close(relu(x), x.clamp_min(0))
     conv = WarpLayer("conv", 2, kernel_size=5)
-    assert conv(torch.randn(2, 2, 6, 6)).shape == (2, 2, 6, 6)
+    maps = torch.randn(2, 2, 6, 6)
+    torch.testing.assert_close(conv(maps), maps)
 
 
 @pytest.mark.parametrize(
@@ -105,10 +134,12 @@ def test_warp_layer_variants():
         (lambda: interleave_warps(nn.Linear(2, 2)), TypeError, "nn.Sequential"),
         (lambda: interleave_warps(nn.Sequential(nn.Linear(2, 2), nn.ReLU())), ValueError, "at least two task layers"),
         (lambda: interleave_warps(warped_mlp()), ValueError, "already has warp layers"),
-        (lambda: interleave_warps(plain_mlp(), seed=1.5), ValueError, "seed must be an integer"),
+        (lambda: interleave_warps(plain_mlp(), init="random", seed=1.5), ValueError, "seed must be an integer"),
         (lambda: interleave_warps(plain_mlp(), kernel_size=2), ValueError, "kernel_size must be odd"),
         (lambda: interleave_warps(plain_mlp(), residual="yes"), ValueError, "residual must be True or False"),
         (lambda: WarpLayer("attention", 3), ValueError, "accepted values: \\('linear', 'conv'\\)"),
+        (lambda: WarpLayer("linear", 3, init="zeros"), ValueError, "accepted values: \\('identity', 'random'\\)"),
+        (lambda: interleave_warps(plain_mlp(), seed=0), ValueError, "seed applies to init='random'"),
         (lambda: WarpLayer("linear", 0), ValueError, "features must be an integer > 0"),
         (lambda: WarpedSequential({"a": nn.Linear(1, 1)}, ("b",)), ValueError, "not children"),
         (
@@ -333,7 +364,7 @@ def test_meta_step_memory_does_not_grow_with_inner_steps():
 
 def test_meta_train_step_reports_and_improves_on_images():
     plain = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
-    model = interleave_warps(plain, seed=0)
+    model = interleave_warps(plain)
     meta = WarpGradLearner(model, inner_steps=3, inner_lr=0.1, meta_lr=0.01, trajectory_samples=2)
     episodes = image_episodes(3)
     first = meta.meta_train_step(episodes)
@@ -341,6 +372,41 @@ def test_meta_train_step_reports_and_improves_on_images():
     assert isinstance(first, MetaOptTrainResult) and first.inner_steps == 3 * 3
     assert results[-1].steps == 16 and results[-1].skipped_total == 0 and not any(r.skipped for r in results)
     assert results[-1].meta_loss < 0.8 * first.meta_loss
+
+
+def test_buffer_holds_the_sampled_points_of_each_trajectory():
+    meta = learner(inner_steps=4, trajectory_samples=2, seed=5)
+    episodes = sinusoid_episodes(2)
+    first_points = sample_trajectory_points(4, 2, torch.Generator().manual_seed(5))
+    buffer = meta.collect(episodes)
+    assert [p.episode.task_id for p in buffer] == [episodes[0].task_id] * 2 + [episodes[1].task_id] * 2
+    assert [p.step for p in buffer[:2]] == first_points
+    init = {n: p.detach() for n, p in meta.params().items()}
+    for point in buffer:
+        expected = meta.adapt(point.episode, steps=point.step) if point.step else init
+        torch.testing.assert_close(point.params, expected)
+        assert not any(p.requires_grad for p in point.params.values())
+
+
+def test_points_per_update_splits_the_shuffled_buffer_into_meta_updates():
+    episodes = sinusoid_episodes(2)
+    split = learner(inner_steps=3, points_per_update=2, meta_lr=0.01, seed=2)
+    manual = copy.deepcopy(split)
+    result = split.meta_train_step(episodes)
+    assert result.steps == split.steps == 3 and not result.skipped  # 6 buffered points, 2 per update
+    buffer = manual.collect(episodes)
+    order = torch.randperm(len(buffer), generator=manual.generator).tolist()
+    losses = []
+    for start in (0, 2, 4):
+        loss, grads, _ = manual.points_gradient([buffer[i] for i in order[start : start + 2]])
+        names = manual.meta_parameter_names()
+        apply_meta_gradient(manual.meta_optimizer, manual.meta_parameters(), [grads[n] for n in names], None)
+        losses.append(loss)
+    assert result.meta_loss == pytest.approx(sum(losses) / 3)
+    for p, q in zip(split.meta_parameters(), manual.meta_parameters()):
+        torch.testing.assert_close(p, q)
+    whole = learner(inner_steps=3, meta_lr=0.01, seed=2)
+    assert whole.meta_train_step(episodes).steps == 1
 
 
 def test_non_finite_meta_steps_are_skipped_and_counted():
@@ -366,7 +432,7 @@ def test_gradient_clipping_bounds_the_applied_meta_gradient():
 
 
 def test_classification_evaluate_plugs_into_fewshot_evaluation():
-    model = interleave_warps(nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)), seed=0)
+    model = interleave_warps(nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)))
     meta = WarpGradLearner(model, inner_steps=2, inner_lr=0.2)
     sampler = FewShotClassificationSampler(
         [torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(c)) + c for c in range(4)], 3, 2, 2
@@ -392,7 +458,7 @@ def test_from_config_enables_warps_with_preconditioning():
     params = meta.hyperparameters()
     assert params == {
         "warp_layers": ["warp1", "warp2"], "inner_steps": 3, "inner_lr": 0.2, "inner_rule": "sgd", "meta_lr": 0.02,
-        "first_order": False, "trajectory_samples": 2, "learn_init": False, "loss": "mse", "gradient_clipping": 1.0,
+        "first_order": False, "trajectory_samples": 2, "points_per_update": None, "learn_init": False, "loss": "mse", "gradient_clipping": 1.0,
         "seed": 4,
     }
     warped = warped_mlp()
@@ -426,6 +492,30 @@ def test_from_config_enables_warps_with_preconditioning():
 def test_from_config_rejects_bad_configs(model, config, error, message):
     with pytest.raises(error, match=message):
         WarpGradLearner.from_config(model, config)
+
+
+def test_facade_keeps_the_users_model_and_exposes_the_warped_one(tmp_path):
+    from metaoptimizer import MetaOptimizer
+
+    plain = plain_mlp()
+    before = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    config = MetaOptimizerConfig(method="warp_grad", loss="mse", meta_lr=0.01, rule_options={"inner_steps": 2})
+    meta = MetaOptimizer(plain, config)
+    assert meta.base_model is plain and not hasattr(plain, "warp_layer_names")
+    warped = meta.warped_model
+    assert isinstance(warped, WarpedSequential) and warped is meta.learner.model and warped is not plain
+    x = torch.randn(5, 1)
+    torch.testing.assert_close(warped(x), plain(x))  # identity warps: the same function before meta-training
+    meta.meta_train_step(sinusoid_episodes(2))
+    for name, p in plain.named_parameters():  # meta-training changes the warped copy only
+        torch.testing.assert_close(p, before[name], rtol=0, atol=0)
+    assert not torch.equal(dict(warped.named_parameters())["0.weight"], before["0.weight"])
+    meta.save(tmp_path / "warp.pt")
+    restored = MetaOptimizer.load(tmp_path / "warp.pt", plain_mlp())
+    torch.testing.assert_close(restored.warped_model(x), warped(x))
+    already = warped_mlp()
+    assert MetaOptimizer(already, config).warped_model is already
+    assert MetaOptimizer(plain, MetaOptimizerConfig(method="meta_sgd")).warped_model is None
 
 
 # -- checkpoints ------------------------------------------------------------------------------

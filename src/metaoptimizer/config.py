@@ -13,13 +13,15 @@ from typing import Any
 
 from metaoptimizer._validation import check_choice as _check_choice
 from metaoptimizer._validation import check_positive
-from metaoptimizer.rules import SGD, HierarchicalRule, LSTMRule, MetaSGDRule, MLPRule, UpdateRule
+from metaoptimizer.rules import SGD, HierarchicalRule, HypergradientRule, LSTMRule, MLPRule, UpdateRule
 from metaoptimizer.rules.lstm import PREPROCESSING, budget_aware_lstm
 from metaoptimizer.rules.state import OptimizerState
 
-METHODS = ("lstm", "meta_sgd", "warp_grad", "l2o")
+METHODS = ("lstm", "meta_sgd", "warp_grad", "l2o", "hypergradient")
 META_OBJECTIVES = ("train_loss", "valid_loss", "log_train_loss", "log_valid_loss")
 L2O_ARCHITECTURES = {"mlp": MLPRule, "hierarchical": HierarchicalRule}
+#: ``rule_options`` of method 'meta_sgd': the online rule's rate options, then the episode learner's.
+META_SGD_OPTIONS = (("base_lr", "alpha_lr", "clamp"), ("inner_steps", "inner_lr", "lr_mode"))
 
 __all__ = ["METHODS", "META_OBJECTIVES", "MetaOptTrainResult", "MetaOptimizerConfig", "OptimizerState",
            "build_rule", "check_positive"]
@@ -108,8 +110,12 @@ def build_rule(config: MetaOptimizerConfig) -> UpdateRule:
     """The update rule that ``config.method`` names, built from the config's fields.
 
     ``config.rule_options`` adds method-specific constructor arguments: for ``'l2o'`` the rule's
-    own arguments plus ``architecture='mlp'|'hierarchical'``; for ``'meta_sgd'`` the online rule's
-    ``base_lr``/``alpha_lr`` (other keys configure the episode learner, see the facade); for
+    own arguments plus ``architecture='mlp'|'hierarchical'``; for ``'hypergradient'`` the arguments
+    of :class:`~metaoptimizer.rules.rates.HypergradientRule` (``inner_steps`` included). Method
+    ``'meta_sgd'`` builds two objects: the episodic Meta-SGD learner that ``meta_train_step`` runs
+    (``inner_steps``, ``inner_lr``, ``lr_mode``, see the facade) and, for ``compute_update`` and
+    ``torch_optimizer``, the same online ``HypergradientRule`` as ``'hypergradient'`` (its
+    ``base_lr``, ``alpha_lr``, ``clamp``; its window is set only through ``'hypergradient'``); for
     ``'lstm'`` the LSTM's arguments, where ``num_steps=N`` (with ``schedule_knots`` and
     ``warmup_fraction``) builds the budget-aware LSTM with a learned schedule over N steps
     (:func:`~metaoptimizer.rules.lstm.budget_aware_lstm`). ``'warp_grad'`` preconditions through
@@ -120,8 +126,14 @@ def build_rule(config: MetaOptimizerConfig) -> UpdateRule:
         architecture = options.pop("architecture", "mlp")
         _check_choice("architecture", architecture, tuple(L2O_ARCHITECTURES))
         return L2O_ARCHITECTURES[architecture](**options)
+    if config.method == "hypergradient":
+        return HypergradientRule(**options)
     if config.method == "meta_sgd":
-        return MetaSGDRule(**{k: options[k] for k in ("base_lr", "alpha_lr") if k in options})
+        rate_keys, learner_keys = META_SGD_OPTIONS
+        unknown = sorted(set(options) - set(rate_keys) - set(learner_keys))
+        if unknown:
+            raise ValueError(f"unknown rule_options {unknown} for method='meta_sgd'; accepted: {rate_keys + learner_keys}")
+        return HypergradientRule(**{k: options[k] for k in rate_keys if k in options})
     if config.method == "warp_grad":
         return SGD(lr=options.get("inner_lr", 0.1))
     if "horizon" in options:

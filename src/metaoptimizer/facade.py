@@ -73,7 +73,9 @@ class MetaOptimizer:
 
         ``rule_options`` keys ``inner_steps``, ``inner_lr`` and ``lr_mode`` ('per_parameter' is
         Meta-SGD, 'scalar' MAML with a learned scalar rate) configure it; ``second_order=False``
-        makes it first-order.
+        makes it first-order. For 'meta_sgd', ``compute_update`` and ``torch_optimizer`` use
+        ``self.rule`` instead, the online per-coordinate ``HypergradientRule`` (as
+        ``method='hypergradient'``), which does not read the learner's meta-trained rates.
         """
         if self.config.method not in ("meta_sgd", "warp_grad") or self.base_model is None:
             return None
@@ -89,15 +91,40 @@ class MetaOptimizer:
         )
 
     def _warp_grad_learner(self) -> Any:
-        """Warp-Grad over the base model (see ``WarpGradLearner.from_config``); a plain
-        ``nn.Sequential`` gets warp layers interleaved and the warped model becomes ``self.base_model``."""
+        """Warp-Grad over the base model (see ``WarpGradLearner.from_config``); it meta-trains
+        :attr:`warped_model`, and ``base_model`` is left as the user passed it."""
         from metaoptimizer.meta.warp_grad import WarpGradLearner
 
-        learner = WarpGradLearner.from_config(self.base_model, self.config)
-        if learner.model is not self.base_model:
-            self.base_model = learner.model
-            self.state = self.rule.init(self._model_params())
-        return learner
+        return WarpGradLearner.from_config(self.base_model, self.config)
+
+    # -- few-shot (episode learners: meta_sgd, warp_grad) ---------------------------------------
+    @property
+    def warped_model(self) -> nn.Module | None:
+        """The model that ``method='warp_grad'`` meta-trains and adapts: ``base_model`` itself when
+        it already has warp layers (or with ``preconditioning=False``), else a copy of it with
+        identity-initialised warp layers interleaved (``base_model`` is never modified or
+        replaced). Its task layers hold the meta-learned initialisation. None for other methods."""
+        return self.learner.model if self.config.method == "warp_grad" and self.learner is not None else None
+
+    def evaluate_fewshot(
+        self, sampler: Any, episodes: int = 600, *, seed: int = 0, inner_steps: int | None = None
+    ) -> Any:
+        """Meta-test score on ``episodes`` episodes of ``sampler`` (a ``TaskDistributionSampler``,
+        e.g. ``metaoptimizer.tasks.episodes.omniglot_sampler(root, 'test', n_way=5, k_shot=1)``),
+        each adapted with ``inner_steps`` inner steps (default: the learner's): a ``FewShotScore``
+        with ``metric`` ('accuracy' or 'mse'), ``mean``, ``ci95`` (95% interval half-width) and the
+        per-episode ``values`` (pair two scores with ``paired_difference``)."""
+        from metaoptimizer.evaluate.fewshot import fewshot_score
+        from metaoptimizer.tasks.episodes import TaskDistributionSampler
+
+        if self.learner is None:
+            raise ValueError(
+                f"evaluate_fewshot needs an episode learner: method='meta_sgd' or 'warp_grad' with a base_model, "
+                f"got method={self.config.method!r}{'' if self.base_model is not None else ' without a base_model'}"
+            )
+        if not isinstance(sampler, TaskDistributionSampler):
+            raise TypeError(f"sampler must be a TaskDistributionSampler, got {type(sampler).__name__}")
+        return fewshot_score(self.learner, sampler, episodes=episodes, seed=seed, steps=inner_steps)
 
     # -- helpers -----------------------------------------------------------------------------
     def _meta_parameters(self) -> list[Tensor]:
@@ -173,6 +200,11 @@ class MetaOptimizer:
             if base_model is not None and base_model is not self.base_model:
                 raise ValueError(f"method={self.config.method!r} meta-trains the base_model it was built with")
             return self.learner.meta_train_step(list(episodes))
+        if self.config.method == "hypergradient":
+            raise ValueError(
+                "method='hypergradient' adapts its rates online while the model trains: it has nothing to "
+                "meta-train (method='meta_sgd' meta-trains per-parameter rates over episodes)"
+            )
         if self.meta_optimizer is None:
             raise ValueError(
                 f"method={self.config.method!r} needs a base_model to meta-train (its episode learner adapts it)"

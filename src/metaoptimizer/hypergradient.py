@@ -10,6 +10,14 @@ these optimizers take exactly the steps of ``torch.optim.SGD`` / ``torch.optim.A
 Each group records the last hypergradient in ``group['hypergradient']`` (``None`` before the
 second step); the learning rate lives in ``group['lr']``, so ``state_dict`` round trips resume
 the same trajectory.
+
+Why these are ``torch.optim`` classes and not :class:`~metaoptimizer.rules.rates.HypergradientRule`
+through :class:`~metaoptimizer.optim.LearnedOptimizer`: they adapt *one* rate per param group,
+summing the hypergradient over the group, and keep it in ``group['lr']`` where LR schedulers,
+loggers and ``state_dict`` see it; and they adapt it for SGD, momentum and Adam directions. The
+rule adapts a rate per coordinate for plain SGD directions, and the rule contract does not carry
+param groups (the adapter calls a rule once per cohort of parameters, not per group), so a
+group-level rate cannot be expressed as a rule without changing the contract.
 """
 
 from __future__ import annotations

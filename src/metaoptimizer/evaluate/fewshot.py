@@ -1,9 +1,12 @@
-"""Few-shot evaluation of gradient meta-learners (MAML, MAML with a learned scalar rate, Meta-SGD).
+"""Few-shot evaluation of episodic meta-learners (MAML, MAML with learned scalar or per-layer
+rates, Meta-SGD, Warp-Grad).
 
 A run meta-trains each method from the same initial model on meta-train episodes, then adapts to
 held-out meta-test episodes (disjoint classes, or fresh sinusoids) and reports the query accuracy
-(classification) or MSE (regression) with a 95% confidence interval over episodes. Reports are
-markdown + JSON + a PNG; ``metaopt fewshot`` (:mod:`metaoptimizer.cli.fewshot`) runs it.
+(classification) or MSE (regression) with a 95% confidence interval over episodes
+(:func:`fewshot_score`, a :class:`FewShotScore`; ``MetaOptimizer.evaluate_fewshot`` is the same for
+facade users). Reports are markdown + JSON + a PNG; ``metaopt fewshot``
+(:mod:`metaoptimizer.cli.fewshot`) runs it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from metaoptimizer.config import MetaOptTrainResult, check_positive
-from metaoptimizer.meta.gradient_learner import GradientMetaLearner
+from metaoptimizer.meta.gradient_learner import EpisodicLearner, GradientMetaLearner
 from metaoptimizer.meta.warp_grad import WarpGradLearner
 from metaoptimizer.tasks.episodes import SinusoidSampler, TaskDistributionSampler, digits_sampler, omniglot_sampler
 from metaoptimizer.tasks.warp_models import interleave_warps
@@ -28,7 +31,10 @@ from metaoptimizer.tasks.warp_models import interleave_warps
 #: Method name -> ``GradientMetaLearner`` lr_mode.
 #: Method -> the learning-rate mode of its GradientMetaLearner; ``warp_grad`` is a WarpGradLearner
 #: on the same model with warp layers interleaved (its preconditioning is learned, not a rate).
-METHODS = {"meta_sgd": "per_parameter", "maml_scalar_lr": "scalar", "maml": "fixed", "warp_grad": None}
+METHODS = {
+    "meta_sgd": "per_parameter", "maml_layer_lr": "per_tensor", "maml_scalar_lr": "scalar", "maml": "fixed",
+    "warp_grad": None,
+}
 DATASETS = ("sinusoid", "digits", "omniglot")
 #: Image side and number of conv blocks of the image learners (each block halves the side).
 IMAGE_LEARNERS = {"digits": (8, 2), "omniglot": (28, 4)}
@@ -142,7 +148,7 @@ def meta_train(
 
 
 def evaluate_fewshot(
-    learner: GradientMetaLearner,
+    learner: EpisodicLearner,
     sampler: TaskDistributionSampler,
     *,
     episodes: int = 600,
@@ -161,6 +167,45 @@ def evaluate_fewshot(
         metric = "accuracy" if batch[0].is_classification else "mse"
         values += learner.evaluate(batch, steps)[metric]
     return metric, values
+
+
+@dataclass(frozen=True)
+class FewShotScore:
+    """Meta-test score of an episodic learner: ``metric`` ('accuracy' or 'mse') on each episode
+    (``values``), their ``mean`` and the half-width ``ci95`` of its 95% confidence interval."""
+
+    metric: str
+    mean: float
+    ci95: float
+    values: list[float]
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The 95% confidence interval ``(mean - ci95, mean + ci95)``."""
+        return self.mean - self.ci95, self.mean + self.ci95
+
+    def paired_difference(self, other: FewShotScore) -> tuple[float, float]:
+        """Mean and 95% CI half-width of ``self - other`` episode by episode (the same episodes)."""
+        if other.metric != self.metric or len(other.values) != len(self.values):
+            raise ValueError(
+                f"paired differences need the same metric and episodes: {self.metric} on {len(self.values)} "
+                f"vs {other.metric} on {len(other.values)}"
+            )
+        return mean_confidence_interval([a - b for a, b in zip(self.values, other.values)])
+
+
+def fewshot_score(
+    learner: EpisodicLearner,
+    sampler: TaskDistributionSampler,
+    *,
+    episodes: int = 600,
+    seed: int = 0,
+    steps: int | None = None,
+) -> FewShotScore:
+    """:func:`evaluate_fewshot` summarised with its 95% confidence interval."""
+    metric, values = evaluate_fewshot(learner, sampler, episodes=episodes, seed=seed, steps=steps)
+    mean, ci95 = mean_confidence_interval(values)
+    return FewShotScore(metric, mean, ci95, values)
 
 
 def run_method(
@@ -192,7 +237,7 @@ def run_method(
         "loss": "mse" if dataset == "sinusoid" else "cross_entropy", "gradient_clipping": gradient_clipping,
     }
     if method == "warp_grad":
-        learner = WarpGradLearner(interleave_warps(model, seed=seed), seed=seed, **common)
+        learner = WarpGradLearner(interleave_warps(model), seed=seed, **common)
     else:
         learner = GradientMetaLearner(model, lr_mode=METHODS[method], **common)
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Gradient-based meta-learning over episodes: MAML, MAML with a learned scalar rate, Meta-SGD.
+"""Gradient-based meta-learning over episodes: MAML, MAML with learned scalar or per-layer rates, Meta-SGD.
 
 All three adapt a model to an episode's support set with a few steps of
 ``theta <- theta - alpha * grad`` and meta-learn on the query loss after adaptation:
@@ -6,6 +6,8 @@ All three adapt a model to an episode's support set with a few steps of
 * ``lr_mode="fixed"``: MAML (Finn et al. 2017); alpha is the constant ``inner_lr``, only the
   initialisation theta is learned.
 * ``lr_mode="scalar"``: MAML with one learned scalar alpha shared by every parameter.
+* ``lr_mode="per_tensor"``: one learned scalar alpha per parameter tensor (a per-layer rate,
+  as in Antoniou et al.'s MAML++ without its per-step rates).
 * ``lr_mode="per_parameter"``: Meta-SGD (Li et al. 2017); alpha is a tensor of the same shape as
   each parameter, sign free (it learns update directions as well as rates), initialised to
   ``inner_lr`` and learned jointly with theta.
@@ -30,7 +32,7 @@ from metaoptimizer.config import MetaOptTrainResult, check_positive
 from metaoptimizer.tasks.base import Batch, LossFn, Params, loss_fn
 from metaoptimizer.tasks.episodes import Episode
 
-LR_MODES = ("per_parameter", "scalar", "fixed")
+LR_MODES = ("per_parameter", "per_tensor", "scalar", "fixed")
 Forward = Callable[[Mapping[str, Tensor], Tensor], Tensor]
 
 
@@ -149,6 +151,8 @@ class GradientMetaLearner(EpisodicLearner):
         params = self.params()
         if self.lr_mode == "per_parameter":
             return [nn.Parameter(torch.full_like(params[n], self.inner_lr)) for n in self.names]
+        if self.lr_mode == "per_tensor":
+            return [nn.Parameter(params[n].new_tensor(self.inner_lr)) for n in self.names]
         if self.lr_mode == "scalar":
             reference = params[self.names[0]]
             return [nn.Parameter(torch.tensor(self.inner_lr, dtype=reference.dtype, device=reference.device))]
@@ -165,9 +169,9 @@ class GradientMetaLearner(EpisodicLearner):
         return list(self.params().values()) + list(self.learned_rates)
 
     def step_sizes(self) -> dict[str, Tensor | float]:
-        """Inner step size of every parameter: a tensor (per_parameter), a 0-d tensor (scalar) or
-        the constant ``inner_lr`` (fixed); differentiable when learned."""
-        if self.lr_mode == "per_parameter":
+        """Inner step size of every parameter: a tensor (per_parameter), a 0-d tensor (per_tensor:
+        its own; scalar: shared) or the constant ``inner_lr`` (fixed); differentiable when learned."""
+        if self.lr_mode in ("per_parameter", "per_tensor"):
             return dict(zip(self.names, self.learned_rates))
         if self.lr_mode == "scalar":
             return dict.fromkeys(self.names, self.learned_rates[0])

@@ -4,16 +4,21 @@ The learner is a network whose layers are split in two: *task layers* (parameter
 to each episode's support set by an inner rule (SGD by default), and *warp layers* (parameters
 phi, see :mod:`metaoptimizer.tasks.warp_models`), held fixed while a task adapts. Because the task
 gradient is backpropagated through the warp layers, their Jacobians precondition it: phi shapes
-the geometry that gradient descent on theta sees.
+the geometry that gradient descent on theta sees. Warp layers start as the identity, so an
+untrained warped learner is its plain learner.
 
-Meta-objective (the paper's trajectory objective). Points theta_k are sampled along each inner
-trajectory and treated as constants (detached); at each sampled point the inner rule takes one
-step with the current phi and the query loss is measured after it::
+Meta-objective (the paper's trajectory objective). Each meta-step adapts the task layers to a
+batch of episodes and keeps points theta_k of the inner trajectories in a buffer (detached: they
+are constants; ``trajectory_samples`` points drawn per trajectory, or all of them). At each
+buffered point the inner rule takes one step with the current phi and the query loss is measured
+after it::
 
-    J(phi) = mean over episodes and sampled k of  L_query( theta_k + u(grad L_support(theta_k; phi)); phi )
+    J(phi) = mean over buffered (episode, k) of  L_query( theta_k + u(grad L_support(theta_k; phi)); phi )
 
-so the meta-gradient never backpropagates through the inner loop: its memory is that of one
-inner step whatever ``inner_steps`` is, and points are processed one at a time. The default
+The buffer is shuffled and split into meta-updates of ``points_per_update`` points (the paper's
+Algorithm 2 takes several meta-updates per batch of tasks), or used whole in one update. The
+meta-gradient never backpropagates through the inner loop: its autograd memory is that of one
+inner step whatever ``inner_steps`` is, and points are differentiated one at a time. The default
 (second-order) variant differentiates through that one step (a Hessian-vector product through
 the warp layers); ``first_order=True`` treats the step as a constant and differentiates only
 ``L_query(theta_{k+1}; phi)`` (the paper's Hessian-free approximation).
@@ -47,6 +52,7 @@ from metaoptimizer.meta.gradient_learner import EpisodicLearner
 from metaoptimizer.meta.step import apply_meta_gradient
 from metaoptimizer.rules.base import Params, UpdateRule, apply_updates
 from metaoptimizer.rules.hand import HAND_RULES, make_hand_rule
+from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.tasks.base import LossFn, loss_fn
 from metaoptimizer.tasks.episodes import Episode
 from metaoptimizer.tasks.warp_models import interleave_warps
@@ -57,8 +63,8 @@ DEFAULT_INNER_LR = 0.1
 DEFAULT_INNER_STEPS = 5
 #: ``MetaOptimizerConfig.rule_options`` keys that :meth:`WarpGradLearner.from_config` accepts.
 RULE_OPTIONS = (
-    "inner_steps", "inner_lr", "inner_rule", "trajectory_samples", "learn_init",
-    "warp_kernel_size", "warp_activation", "warp_residual",
+    "inner_steps", "inner_lr", "inner_rule", "trajectory_samples", "points_per_update", "learn_init",
+    "warp_kernel_size", "warp_activation", "warp_residual", "warp_init",
 )
 
 Forward = Callable[[Mapping[str, Tensor], Tensor], Tensor]
@@ -99,6 +105,78 @@ def sample_trajectory_points(steps: int, count: int | None, generator: torch.Gen
     return sorted(torch.randperm(steps, generator=generator)[:count].tolist())
 
 
+@dataclass(frozen=True)
+class TrajectoryPoint:
+    """One entry of the trajectory buffer: ``params`` (detached task parameters) and ``state``
+    (the inner rule's state) before inner step ``step`` (0-based) of ``episode``."""
+
+    episode: Episode
+    step: int
+    params: Params
+    state: OptimizerState
+
+
+def _inner_step(
+    forward: Forward, rule: UpdateRule, point: Params, state: OptimizerState, batch: tuple[Tensor, Tensor],
+    loss: LossFn, *, create_graph: bool,
+) -> tuple[Params, OptimizerState]:
+    """One step of ``rule`` on ``batch`` from ``point`` (differentiable when ``create_graph``);
+    the rule sees the support loss too, for rules that read it."""
+    support_loss = loss(forward(point, batch[0]), batch[1])
+    grads = torch.autograd.grad(support_loss, list(point.values()), create_graph=create_graph, materialize_grads=True)
+    updates, state = rule.update(dict(zip(point, grads)), state, point, loss=support_loss.detach())
+    return apply_updates(point, updates), state
+
+
+def collect_trajectory(
+    forward: Forward, init: Mapping[str, Tensor], rule: UpdateRule, episode: Episode, loss: LossFn, steps: int,
+    points: Sequence[int] = (),
+) -> tuple[list[TrajectoryPoint], Params]:
+    """Run ``steps`` inner steps of ``rule`` on the support set from ``init`` (warps fixed, no
+    meta-graph); return the buffer entries of the inner steps listed in ``points`` and the adapted
+    task parameters (detached)."""
+    points = set(points)
+    params = {n: p.detach() for n, p in init.items()}
+    state = rule.init(params, num_steps=steps)
+    buffer: list[TrajectoryPoint] = []
+    with torch.enable_grad():
+        for k in range(steps):
+            if k in points:
+                buffer.append(TrajectoryPoint(episode, k, params, state))
+            following, state = _inner_step(forward, rule, _leaf(params), state, episode.support, loss, create_graph=False)
+            params = {n: p.detach() for n, p in following.items()}
+            state = state.detach()
+    return buffer, params
+
+
+def point_meta_gradient(
+    forward: Forward,
+    warp_params: Sequence[Tensor],
+    point: TrajectoryPoint,
+    rule: UpdateRule,
+    loss: LossFn,
+    *,
+    first_order: bool,
+    init_grads: bool,
+) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
+    """The meta-objective at one buffered point: the query loss after one inner step from it (see
+    the module docstring), with its gradient for each warp tensor and, when ``init_grads``, for
+    the task parameters (at the point; at the next point in the first-order variant)."""
+    xq, yq = point.episode.query
+    with torch.enable_grad():
+        start = _leaf(point.params)
+        following, _ = _inner_step(
+            forward, rule, start, point.state, point.episode.support, loss, create_graph=not first_order
+        )
+        evaluated = _leaf(following) if first_order else following
+        leaves = evaluated if first_order else start
+        query_loss = loss(forward(evaluated, xq), yq)
+        wrt = list(warp_params) + (list(leaves.values()) if init_grads else [])
+        grads = torch.autograd.grad(query_loss, wrt, allow_unused=True, materialize_grads=True)
+    init = dict(zip(leaves, grads[len(warp_params) :])) if init_grads else {}
+    return query_loss.detach(), list(grads[: len(warp_params)]), init
+
+
 def trajectory_meta_gradient(
     forward: Forward,
     warp_params: Sequence[Tensor],
@@ -113,49 +191,32 @@ def trajectory_meta_gradient(
     init_grads: bool,
 ) -> TrajectoryMetaGradient:
     """Run ``steps`` inner steps of ``rule`` on the support set from ``init`` (warps fixed) and
-    take the meta-objective at the inner steps listed in ``points`` (see the module docstring).
+    take the meta-objective at the inner steps listed in ``points`` (see the module docstring),
+    averaged over the points.
 
     ``forward(task_params, x)`` must read the warp parameters ``warp_params`` itself. Each sampled
-    loss is differentiated as soon as it is computed, so at most one inner step's graph is alive.
+    loss is differentiated on its own, so at most one inner step's graph is alive.
     """
-    xs, ys = episode.support
-    xq, yq = episode.query
-    points = set(points)
-    params = {n: p.detach() for n, p in init.items()}
-    state = rule.init(params)
+    buffer, adapted = collect_trajectory(forward, init, rule, episode, loss, steps, points)
     warp_total = [torch.zeros_like(p) for p in warp_params]
-    init_total = {n: torch.zeros_like(p) for n, p in params.items()} if init_grads else {}
+    init_total = {n: torch.zeros_like(p) for n, p in init.items()} if init_grads else {}
     losses: list[Tensor] = []
-    with torch.enable_grad():
-        for k in range(steps):
-            point = _leaf(params)
-            meta_here = k in points
-            support_loss = loss(forward(point, xs), ys)
-            grads = torch.autograd.grad(
-                support_loss, list(point.values()), create_graph=meta_here and not first_order, materialize_grads=True
-            )
-            updates, state = rule.update(dict(zip(point, grads)), state, point)
-            following = apply_updates(point, updates)
-            if meta_here:
-                evaluated = _leaf(following) if first_order else following
-                leaves = evaluated if first_order else point
-                query_loss = loss(forward(evaluated, xq), yq)
-                wrt = list(warp_params) + (list(leaves.values()) if init_grads else [])
-                meta_grads = torch.autograd.grad(query_loss, wrt, allow_unused=True, materialize_grads=True)
-                for total, g in zip(warp_total, meta_grads[: len(warp_params)]):
-                    total.add_(g)
-                for name, g in zip(init_total, meta_grads[len(warp_params) :]):
-                    init_total[name].add_(g)
-                losses.append(query_loss.detach())
-            params = {n: p.detach() for n, p in following.items()}
-            state = state.detach()
+    for point in buffer:
+        query_loss, warp_grads, point_init = point_meta_gradient(
+            forward, warp_params, point, rule, loss, first_order=first_order, init_grads=init_grads
+        )
+        for total, g in zip(warp_total, warp_grads):
+            total.add_(g)
+        for name, g in point_init.items():
+            init_total[name].add_(g)
+        losses.append(query_loss)
     count = max(len(losses), 1)
     mean_loss = float(torch.stack(losses).mean()) if losses else math.nan
     return TrajectoryMetaGradient(
         meta_loss=mean_loss,
         warp_grads=[g / count for g in warp_total],
         init_grads={n: g / count for n, g in init_total.items()},
-        adapted=params,
+        adapted=adapted,
         finite=not losses or math.isfinite(mean_loss),
     )
 
@@ -169,8 +230,11 @@ class WarpGradLearner(EpisodicLearner):
     with ``lr=inner_lr``, default :data:`DEFAULT_INNER_LR`) or an :class:`UpdateRule` instance
     (then ``inner_lr`` must be None); its own parameters, if any, are not meta-learned.
     ``trajectory_samples`` points per episode are drawn from a generator seeded with ``seed``
-    (None: every inner step). Meta-parameters are stepped by Adam(``meta_lr``) after global-norm
-    clipping to ``gradient_clipping``; non-finite steps are skipped and counted.
+    (None: every inner step) into the trajectory buffer of a meta-step; ``points_per_update``
+    splits the shuffled buffer into meta-updates of that many points (the paper's Algorithm 2,
+    several meta-updates per meta-batch of tasks; None: one update on the whole buffer).
+    Meta-parameters are stepped by Adam(``meta_lr``) after global-norm clipping to
+    ``gradient_clipping``; non-finite updates are skipped and counted.
     """
 
     def __init__(
@@ -184,6 +248,7 @@ class WarpGradLearner(EpisodicLearner):
         meta_lr: float = 1e-3,
         first_order: bool = False,
         trajectory_samples: int | None = None,
+        points_per_update: int | None = None,
         learn_init: bool = True,
         loss: str = "cross_entropy",
         gradient_clipping: float | None = None,
@@ -200,6 +265,8 @@ class WarpGradLearner(EpisodicLearner):
                     f"trajectory_samples={trajectory_samples} exceeds inner_steps={inner_steps}; "
                     "a trajectory has one point per inner step (use None for all of them)"
                 )
+        if points_per_update is not None:
+            check_positive("points_per_update", points_per_update, integer=True)
         for flag, value in (("first_order", first_order), ("learn_init", learn_init)):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag} must be True or False, got {value!r}")
@@ -222,7 +289,8 @@ class WarpGradLearner(EpisodicLearner):
             )
         self.inner_rule, self.inner_rule_name, self.inner_lr = self._resolve_rule(inner_rule, inner_lr)
         self.inner_steps, self.meta_lr, self.first_order = inner_steps, meta_lr, first_order
-        self.trajectory_samples, self.learn_init = trajectory_samples, learn_init
+        self.trajectory_samples, self.points_per_update = trajectory_samples, points_per_update
+        self.learn_init = learn_init
         self.gradient_clipping, self.seed = gradient_clipping, seed
         self.loss_name, self.loss = loss, loss_fn(loss)
         self.meta_optimizer = torch.optim.Adam(self.meta_parameters(), lr=meta_lr)
@@ -266,13 +334,15 @@ class WarpGradLearner(EpisodicLearner):
         """The learner for ``method='warp_grad'`` (the facade's conventions).
 
         ``preconditioning=True``: a warped model is used as it is, a plain ``nn.Sequential`` gets
-        warp layers interleaved (``rule_options`` ``warp_kernel_size`` / ``warp_activation`` /
-        ``warp_residual``, seeded by ``config.seed``); ``preconditioning=False``: no layer is a warp
-        (every layer is adapted), the MAML-like baseline. ``second_order=False`` selects the
-        first-order objective. ``rule_options`` may also set ``inner_steps`` (default
-        :data:`DEFAULT_INNER_STEPS`), ``inner_lr``, ``inner_rule``, ``trajectory_samples`` and
-        ``learn_init``; see :data:`RULE_OPTIONS`. The returned learner's ``model`` is the
-        (possibly new) warped model.
+        identity-initialised warp layers interleaved in a copy (``rule_options``
+        ``warp_kernel_size`` / ``warp_activation`` / ``warp_residual`` / ``warp_init``; random warps
+        are seeded by ``config.seed``); ``preconditioning=False``: no layer is a warp (every layer
+        is adapted), the MAML-like baseline. ``second_order=False`` selects the first-order
+        objective. ``rule_options`` may also set ``inner_steps`` (default
+        :data:`DEFAULT_INNER_STEPS`), ``inner_lr``, ``inner_rule``, ``trajectory_samples``,
+        ``points_per_update`` and ``learn_init``; see :data:`RULE_OPTIONS`. The returned learner's
+        ``model`` is the warped model: ``model`` itself when it already has warp layers (or
+        without preconditioning), else the new copy; ``model`` is never modified.
         """
         if not isinstance(config, MetaOptimizerConfig):
             raise TypeError(f"config must be a MetaOptimizerConfig, got {type(config).__name__}")
@@ -284,7 +354,7 @@ class WarpGradLearner(EpisodicLearner):
         options = dict(config.rule_options)
         warp_options = {
             key: options.pop(f"warp_{key}")
-            for key in ("kernel_size", "activation", "residual")
+            for key in ("kernel_size", "activation", "residual", "init")
             if f"warp_{key}" in options
         }
         warp_layers: list[str] | None = None
@@ -293,7 +363,8 @@ class WarpGradLearner(EpisodicLearner):
                 raise ValueError(f"rule_options {sorted('warp_' + k for k in warp_options)} need preconditioning=True")
             warp_layers = []
         elif not getattr(model, "warp_layer_names", ()):
-            model = interleave_warps(model, seed=config.seed, **warp_options)
+            seed = config.seed if warp_options.get("init") == "random" else None
+            model = interleave_warps(model, seed=seed, **warp_options)
         elif warp_options:
             raise ValueError(
                 f"rule_options {sorted('warp_' + k for k in warp_options)} shape new warp layers, "
@@ -351,50 +422,67 @@ class WarpGradLearner(EpisodicLearner):
     def _device(self) -> torch.device:
         return self.params()[self._task_names[0]].device
 
-    def _trajectory(
-        self, episode: Episode, steps: int, points: Sequence[int], *, init_grads: bool
-    ) -> TrajectoryMetaGradient:
-        return trajectory_meta_gradient(
-            self._forward, list(self.warp_params().values()), self.params(), self.inner_rule, episode, self.loss,
-            steps, points, first_order=self.first_order, init_grads=init_grads,
-        )
+    def collect(self, episodes: Sequence[Episode]) -> list[TrajectoryPoint]:
+        """The trajectory buffer of ``episodes``: each episode adapted from the current
+        initialisation, its ``trajectory_samples`` points (drawn from the learner's generator)
+        kept, in episode order."""
+        buffer: list[TrajectoryPoint] = []
+        for episode in self._check_episodes(episodes):
+            points = sample_trajectory_points(self.inner_steps, self.trajectory_samples, self.generator)
+            buffer += collect_trajectory(
+                self._forward, self.params(), self.inner_rule, episode, self.loss, self.inner_steps, points
+            )[0]
+        return buffer
+
+    def points_gradient(self, points: Sequence[TrajectoryPoint]) -> tuple[float, dict[str, Tensor], bool]:
+        """Mean meta-objective over buffered ``points``, its gradient for every meta-parameter (by
+        name: warp parameters, and task parameters when ``learn_init``), and whether it is finite."""
+        warp_names = self._warp_names
+        warps = list(self.warp_params().values())
+        grads = {n: torch.zeros_like(p) for n, p in self._named(self.meta_parameter_names()).items()}
+        losses = []
+        for point in points:
+            query_loss, warp_grads, init_grads = point_meta_gradient(
+                self._forward, warps, point, self.inner_rule, self.loss,
+                first_order=self.first_order, init_grads=self.learn_init,
+            )
+            for name, g in [*zip(warp_names, warp_grads), *init_grads.items()]:
+                grads[name].add_(g, alpha=1 / len(points))
+            losses.append(float(query_loss))
+        meta_loss = sum(losses) / len(losses)
+        return meta_loss, grads, math.isfinite(meta_loss)
 
     def meta_gradient(self, episodes: Sequence[Episode]) -> tuple[float, dict[str, Tensor], bool]:
-        """Mean trajectory meta-loss over ``episodes``, its gradient for every meta-parameter (by
-        name: warp parameters, and task parameters when ``learn_init``), and whether it is finite.
-        Draws the sampled points from the learner's generator."""
-        episodes = self._check_episodes(episodes)
-        warp_names = self._warp_names
-        grads = {n: torch.zeros_like(p) for n, p in self._named(self.meta_parameter_names()).items()}
-        losses, finite = [], True
-        for episode in episodes:
-            points = sample_trajectory_points(self.inner_steps, self.trajectory_samples, self.generator)
-            result = self._trajectory(episode, self.inner_steps, points, init_grads=self.learn_init)
-            for name, g in zip(warp_names, result.warp_grads):
-                grads[name].add_(g, alpha=1 / len(episodes))
-            for name, g in result.init_grads.items():
-                grads[name].add_(g, alpha=1 / len(episodes))
-            losses.append(result.meta_loss)
-            finite = finite and result.finite
-        return sum(losses) / len(losses), grads, finite
+        """:meth:`points_gradient` over the whole buffer of ``episodes`` (see :meth:`collect`)."""
+        return self.points_gradient(self.collect(episodes))
 
     def meta_train_step(self, episodes: Sequence[Episode]) -> MetaOptTrainResult:
-        """One meta-update on a batch of episodes; non-finite steps are skipped and counted."""
+        """Fill the trajectory buffer from a batch of episodes, then meta-update on it: once, or
+        once per ``points_per_update`` shuffled points. Non-finite updates are skipped and counted;
+        the result reports the mean meta-loss and meta-gradient norm over the updates, ``skipped``
+        if any update was, and ``steps`` counts applied meta-updates."""
         episodes = list(episodes)
-        meta_loss, grads, finite = self.meta_gradient(episodes)
+        buffer = self.collect(episodes)
+        if self.points_per_update is not None:
+            order = torch.randperm(len(buffer), generator=self.generator).tolist()
+            buffer = [buffer[i] for i in order]
+        size = self.points_per_update or len(buffer)
         names = self.meta_parameter_names()
-        norm, skipped = apply_meta_gradient(
-            self.meta_optimizer, self.meta_parameters(), [grads[n] for n in names], self.gradient_clipping,
-            finite and math.isfinite(meta_loss),
-        )
-        if skipped:
-            self.skipped += 1
-        else:
-            self.steps += 1
+        losses, norms, any_skipped = [], [], False
+        for start in range(0, len(buffer), size):
+            meta_loss, grads, finite = self.points_gradient(buffer[start : start + size])
+            norm, skipped = apply_meta_gradient(
+                self.meta_optimizer, self.meta_parameters(), [grads[n] for n in names], self.gradient_clipping, finite
+            )
+            self.skipped += skipped
+            self.steps += not skipped
+            any_skipped = any_skipped or skipped
+            losses.append(meta_loss)
+            norms.append(norm)
         return MetaOptTrainResult(
-            meta_loss=meta_loss,
-            meta_grad_norm=norm,
-            skipped=skipped,
+            meta_loss=sum(losses) / len(losses),
+            meta_grad_norm=sum(norms) / len(norms),
+            skipped=any_skipped,
             steps=self.steps,
             skipped_total=self.skipped,
             inner_steps=self.inner_steps * len(episodes),
@@ -406,7 +494,7 @@ class WarpGradLearner(EpisodicLearner):
         steps = self.inner_steps if steps is None else steps
         check_positive("steps", steps, integer=True)
         (episode,) = self._check_episodes([episode])
-        return self._trajectory(episode, steps, (), init_grads=False).adapted
+        return collect_trajectory(self._forward, self.params(), self.inner_rule, episode, self.loss, steps)[1]
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -414,7 +502,8 @@ class WarpGradLearner(EpisodicLearner):
         return {
             "warp_layers": list(self.warp_layers), "inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
             "inner_rule": self.inner_rule_name, "meta_lr": self.meta_lr, "first_order": self.first_order,
-            "trajectory_samples": self.trajectory_samples, "learn_init": self.learn_init, "loss": self.loss_name,
+            "trajectory_samples": self.trajectory_samples, "points_per_update": self.points_per_update,
+            "learn_init": self.learn_init, "loss": self.loss_name,
             "gradient_clipping": self.gradient_clipping, "seed": self.seed,
         }
 

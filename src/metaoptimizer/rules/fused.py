@@ -32,18 +32,18 @@ def _weighted_sum(start: Tensor, inputs: Sequence[Tensor], weight: Tensor, unit:
     return total
 
 
-def mlp_pointwise(features: Sequence[Tensor], layers: Layers, skip: Tensor) -> tuple[Tensor, Tensor]:
+def mlp_pointwise(features: Sequence[Tensor], layers: Layers, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Direction and log-magnitude of the per-coordinate MLP, unrolled over its hidden units.
 
     ``features`` are equally shaped tensors, ``layers`` the (weight ``(in, out)``, bias ``(out,)``)
-    pairs with ReLU between them and two outputs last, ``skip`` a linear map from the features to
-    the direction.
+    pairs with ReLU between them and two outputs last, ``skip`` (optional) a linear map from the
+    features to the direction.
     """
     units = features
     for index, (weight, bias) in enumerate(layers):
         inputs = [torch.relu(u) for u in units] if index else units
         units = [_weighted_sum(bias[j], inputs, weight, j) for j in range(weight.shape[1])]
-    direction = _weighted_sum(units[0], features, skip[:, None], 0)
+    direction = units[0] if skip is None else _weighted_sum(units[0], features, skip[:, None], 0)
     return direction, units[1]
 
 

@@ -2,15 +2,18 @@
 
 A task learner is an ``nn.Sequential`` of task layers (``nn.Linear`` / ``nn.Conv2d``, with
 normalisation, activations and pooling between them). :func:`interleave_warps` inserts one
-:class:`WarpLayer` between every two consecutive task layers: a ``Linear(d, d)`` after a linear
-layer of width ``d``, a ``Conv2d(c, c, k)`` followed by batch norm after a convolution with ``c``
-channels (placed before a trailing ``nn.Flatten``, so it still sees feature maps). Warp layers
-keep the shape of their input, so the task layers are unchanged and keep their names; warp layers
-are named ``warp1``, ``warp2``, ... and listed in :attr:`WarpedSequential.warp_layer_names`.
+:class:`WarpLayer` after every task layer's block but the last, i.e. between every two
+consecutive task layers, as in the paper's warped conv nets (Flennerhag et al. 2020, and its
+Omniglot model): a ``Linear(d, d)`` after a linear layer of width ``d``, a ``Conv2d(c, c, k)``
+after a conv block with ``c`` channels (placed before a trailing ``nn.Flatten``, so it still sees
+feature maps; the last conv block is thus followed by a warp too). Warp layers keep the shape of
+their input, so the task layers are unchanged and keep their names; warp layers are named
+``warp1``, ``warp2``, ... and listed in :attr:`WarpedSequential.warp_layer_names`. They start as
+the identity, so the warped learner computes its plain learner's function until meta-trained.
 
 Warp-Grad adapts only the task layers to a task; the warp layers stay fixed during adaptation, so
 the backward pass through them (their Jacobians) preconditions the task gradients, and they are
-meta-learned across tasks (Flennerhag et al. 2020).
+meta-learned across tasks.
 """
 
 from __future__ import annotations
@@ -28,22 +31,39 @@ TASK_LAYERS = (nn.Linear, nn.Conv2d)
 
 
 class WarpLayer(nn.Module):
-    """A shape-preserving, meta-learned layer.
+    """A shape-preserving, meta-learned layer: a ``Linear(features, features)`` (``kind='linear'``)
+    or a ``Conv2d(features, features, kernel_size, padding=kernel_size // 2)`` (``kind='conv'``).
 
-    ``kind='linear'``: ``Linear(features, features)``; ``kind='conv'``: ``Conv2d(features, features,
-    kernel_size, padding=kernel_size // 2)`` then ``BatchNorm2d`` over the current batch (no running
-    statistics, so the parameters are the only state). ``activation`` adds a ReLU (a non-linear
-    warp, whose preconditioning depends on the input); ``residual`` returns ``x + warp(x)``.
+    This is the paper's default warp (a linear map, no normalisation). ``activation`` adds a ReLU
+    after the map (a non-linear warp, whose preconditioning depends on the input); ``residual``
+    returns ``x + map(x)``.
+
+    ``init='identity'`` (the default) starts the warp as the identity, so a warped learner starts
+    as its plain learner (same function, same task gradients) and meta-training only adds
+    preconditioning: the map's weight is the identity matrix / Dirac kernel (zero with
+    ``residual``) and its bias zero. With ``activation`` the warp is then the identity on
+    non-negative inputs, which is what interleaved warps see after ReLU blocks. ``init='random'``
+    keeps PyTorch's default initialisation (the first version of this module; an ablation).
     """
 
     KINDS = ("linear", "conv")
+    INITS = ("identity", "random")
 
     def __init__(
-        self, kind: str, features: int, *, kernel_size: int = 3, activation: bool = True, residual: bool = False
+        self,
+        kind: str,
+        features: int,
+        *,
+        kernel_size: int = 3,
+        activation: bool = False,
+        residual: bool = False,
+        init: str = "identity",
     ) -> None:
         super().__init__()
         if kind not in self.KINDS:
             raise ValueError(f"kind={kind!r} is not supported; accepted values: {self.KINDS}")
+        if init not in self.INITS:
+            raise ValueError(f"init={init!r} is not supported; accepted values: {self.INITS}")
         check_positive("features", features, integer=True)
         check_positive("kernel_size", kernel_size, integer=True)
         if kernel_size % 2 == 0:
@@ -55,10 +75,9 @@ class WarpLayer(nn.Module):
         if kind == "linear":
             layers: list[nn.Module] = [nn.Linear(features, features)]
         else:
-            layers = [
-                nn.Conv2d(features, features, kernel_size, padding=kernel_size // 2),
-                nn.BatchNorm2d(features, track_running_stats=False),
-            ]
+            layers = [nn.Conv2d(features, features, kernel_size, padding=kernel_size // 2)]
+        if init == "identity":
+            _identity_init(layers[0], zero=residual)
         if activation:
             layers.append(nn.ReLU())
         self.transform = nn.Sequential(*layers)
@@ -66,6 +85,18 @@ class WarpLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.transform(x)
         return x + out if self.residual else out
+
+
+def _identity_init(layer: nn.Linear | nn.Conv2d, *, zero: bool) -> None:
+    """Set ``layer`` to the identity map (``zero``: to the zero map), bias zero."""
+    with torch.no_grad():
+        layer.bias.zero_()
+        if zero:
+            layer.weight.zero_()
+        elif isinstance(layer, nn.Linear):
+            layer.weight.copy_(torch.eye(layer.out_features))
+        else:
+            nn.init.dirac_(layer.weight)
 
 
 class WarpedSequential(nn.Sequential):
@@ -89,14 +120,17 @@ def interleave_warps(
     model: nn.Sequential,
     *,
     kernel_size: int = 3,
-    activation: bool = True,
+    activation: bool = False,
     residual: bool = False,
+    init: str = "identity",
     seed: int | None = None,
 ) -> WarpedSequential:
     """A copy of ``model`` with a :class:`WarpLayer` between every two consecutive task layers.
 
-    ``model`` is left unchanged (its modules are deep-copied). The warp layers are initialised
-    from ``seed`` when given (the caller's RNG is not advanced), else from the global RNG.
+    ``model`` is left unchanged (its modules are deep-copied). ``kernel_size``, ``activation``,
+    ``residual`` and ``init`` shape the warp layers (see :class:`WarpLayer`). ``seed`` seeds
+    ``init='random'`` warps (the caller's RNG is not advanced; None: the global RNG); identity
+    warps draw nothing, so a seed is rejected with them.
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"model must be a torch.nn.Sequential of task layers, got {type(model).__name__}")
@@ -104,12 +138,14 @@ def interleave_warps(
         raise ValueError(f"model already has warp layers {list(model.warp_layer_names)}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    if seed is not None and init != "random":
+        raise ValueError(f"seed applies to init='random' warps only; init={init!r} draws no random numbers")
     if sum(isinstance(m, TASK_LAYERS) for m in model) < 2:
         raise ValueError(
             "interleaving warps needs at least two task layers (nn.Linear or nn.Conv2d) in the model, "
             f"found {sum(isinstance(m, TASK_LAYERS) for m in model)}"
         )
-    options = {"kernel_size": kernel_size, "activation": activation, "residual": residual}
+    options = {"kernel_size": kernel_size, "activation": activation, "residual": residual, "init": init}
     children: list[tuple[str, nn.Module]] = []
     warp_names: list[str] = []
     previous: nn.Module | None = None

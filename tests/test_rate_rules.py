@@ -1,4 +1,5 @@
-"""Online Meta-SGD rule: SGD reference, meta-gradient of alpha against autograd, clamping, reset."""
+"""Online per-coordinate rates: the hypergradient rule (SGD reference, rate gradient against
+autograd, clamping, reset) and the seed's documented rule (against a hand computation)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from metaoptimizer.config import OptimizerState
 from metaoptimizer.optim import LearnedOptimizer
 from metaoptimizer.rules.base import apply_updates
-from metaoptimizer.rules.meta_sgd import MetaSGDRule
+from metaoptimizer.rules.rates import HypergradientRule, ShrinkingRatesRule
+from metaoptimizer.rules.state import OptimizerState
 
 
 def quartic_loss(params):
@@ -47,7 +48,7 @@ def run(rule, params, steps, state=None):
 
 def test_init_shapes_and_values():
     params = start_params()
-    state = MetaSGDRule(base_lr=0.02).init(params)
+    state = HypergradientRule(base_lr=0.02).init(params)
     assert state.step_count == 0
     for name, p in params.items():
         assert torch.equal(state.per_param_lr[name], torch.full_like(p, 0.02))
@@ -60,7 +61,7 @@ def test_zero_alpha_lr_is_torch_sgd():
     reference = nn.Linear(4, 3)
     reference.load_state_dict(model.state_dict())
     x, y = torch.randn(16, 4), torch.randn(16, 3)
-    ours = LearnedOptimizer(model.parameters(), MetaSGDRule(base_lr=0.05, alpha_lr=0.0))
+    ours = LearnedOptimizer(model.parameters(), HypergradientRule(base_lr=0.05, alpha_lr=0.0))
     torch_sgd = torch.optim.SGD(reference.parameters(), lr=0.05)
     for _ in range(100):
         for net, optimizer in ((model, ours), (reference, torch_sgd)):
@@ -73,7 +74,7 @@ def test_zero_alpha_lr_is_torch_sgd():
 
 def test_one_step_meta_gradient_matches_autograd():
     """alpha_3 = alpha_2 - alpha_lr * d L(theta_2) / d alpha_2 with theta_2 = theta_1 - alpha_2 * g_2."""
-    rule = MetaSGDRule(base_lr=0.01, alpha_lr=1e-5, clamp=(1e-8, 10.0))
+    rule = HypergradientRule(base_lr=0.01, alpha_lr=1e-5, clamp=(1e-8, 10.0))
     _, _, history = run(rule, start_params(), 3)
     theta_1, _, _ = run(rule, start_params(), 1)
     (grads_2, state_2), (_, state_3) = history[1], history[2]
@@ -90,7 +91,7 @@ def test_one_step_meta_gradient_matches_autograd():
 def test_windowed_meta_gradient_matches_autograd_with_constant_gradients(window):
     """Over a window, alpha moves by -alpha_lr * d(sum of the window's losses)/d alpha, with the
     applied gradients held constant (first order)."""
-    rule = MetaSGDRule(base_lr=0.01, alpha_lr=1e-5, inner_steps=window)
+    rule = HypergradientRule(base_lr=0.01, alpha_lr=1e-5, inner_steps=window)
     params = start_params()
     _, state, history = run(rule, params, 2 * window)
     # Second window: alpha_1 (set at step `window`) is applied at steps window .. 2*window-1
@@ -112,7 +113,7 @@ def test_windowed_meta_gradient_matches_autograd_with_constant_gradients(window)
 
 
 def test_alpha_is_clamped():
-    rule = MetaSGDRule(base_lr=0.5, alpha_lr=1e6, clamp=(1e-3, 2.0))
+    rule = HypergradientRule(base_lr=0.5, alpha_lr=1e6, clamp=(1e-3, 2.0))
     params = {"p": torch.tensor([1.0, -1.0])}
     state = rule.init(params)
     aligned = {"p": torch.tensor([1.0, 1.0])}
@@ -127,7 +128,7 @@ def test_alpha_is_clamped():
 
 
 def test_reset_per_param_lr_keeps_the_step_count():
-    rule = MetaSGDRule(base_lr=0.01, alpha_lr=1.0, inner_steps=2)
+    rule = HypergradientRule(base_lr=0.01, alpha_lr=1.0, inner_steps=2)
     _, state, _ = run(rule, start_params(), 3)
     assert not torch.allclose(state.per_param_lr["w"], torch.full_like(state.per_param_lr["w"], 0.01))
     reset = rule.reset_per_param_lr(state)
@@ -138,12 +139,12 @@ def test_reset_per_param_lr_keeps_the_step_count():
         for slot in ("update_sum", "alpha_grad"):
             assert torch.equal(reset.slots[slot][name], fresh.slots[slot][name])
     assert state.per_param_lr["w"] is not reset.per_param_lr["w"]  # pure: the input is unchanged
-    with pytest.raises(ValueError, match="no 'update_sum' slot"):
+    with pytest.raises(ValueError, match="no 'alpha' slot"):
         rule.reset_per_param_lr(OptimizerState())
 
 
 def test_rule_is_differentiable_in_its_inputs():
-    rule = MetaSGDRule(base_lr=0.1, alpha_lr=0.5)
+    rule = HypergradientRule(base_lr=0.1, alpha_lr=0.5)
     params = {"p": torch.tensor([0.5, -0.25], requires_grad=True)}
     state = rule.init(params)
     grads = {"p": 2 * params["p"]}
@@ -166,14 +167,14 @@ def test_learned_optimizer_state_dict_round_trip():
 
     model = nn.Linear(3, 1)
     clone = nn.Linear(3, 1)
-    rule = MetaSGDRule(base_lr=0.05, alpha_lr=0.1, inner_steps=2)
+    rule = HypergradientRule(base_lr=0.05, alpha_lr=0.1, inner_steps=2)
     optimizer = LearnedOptimizer(model.parameters(), rule)
     train(model, optimizer, 5)
     clone.load_state_dict(model.state_dict())
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
     buffer.seek(0)
-    resumed = LearnedOptimizer(clone.parameters(), MetaSGDRule(base_lr=0.05, alpha_lr=0.1, inner_steps=2))
+    resumed = LearnedOptimizer(clone.parameters(), HypergradientRule(base_lr=0.05, alpha_lr=0.1, inner_steps=2))
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     train(model, optimizer, 5)
     train(clone, resumed, 5)
@@ -184,9 +185,9 @@ def test_learned_optimizer_state_dict_round_trip():
 
 
 def test_hyperparameters_rebuild_the_rule():
-    rule = MetaSGDRule(base_lr=0.02, alpha_lr=0.3, clamp=(1e-6, 1.0), inner_steps=4)
+    rule = HypergradientRule(base_lr=0.02, alpha_lr=0.3, clamp=(1e-6, 1.0), inner_steps=4)
     assert rule.hyperparameters() == {"base_lr": 0.02, "alpha_lr": 0.3, "clamp": (1e-6, 1.0), "inner_steps": 4}
-    assert MetaSGDRule(**rule.hyperparameters()).hyperparameters() == rule.hyperparameters()
+    assert HypergradientRule(**rule.hyperparameters()).hyperparameters() == rule.hyperparameters()
     assert list(rule.parameters()) == []
 
 
@@ -194,8 +195,7 @@ def test_hyperparameters_rebuild_the_rule():
 @given(
     clamp=st.one_of(
         st.tuples(st.floats(-1, 0), st.floats(1, 2)),
-        st.tuples(st.floats(0.5, 1), st.floats(2, 3)),  # low above base_lr
-        st.tuples(st.floats(1e-9, 1e-3), st.floats(1e-6, 1e-3)),  # high below base_lr
+        st.tuples(st.floats(2, 3), st.floats(0.5, 1)),  # low above high
         st.tuples(st.just(1e-8), st.just(math.inf)),
         st.just((1e-8,)),
         st.just("1e-8,10"),
@@ -203,7 +203,13 @@ def test_hyperparameters_rebuild_the_rule():
 )
 def test_bad_clamp_is_rejected(clamp):
     with pytest.raises(ValueError, match="clamp must be"):
-        MetaSGDRule(base_lr=0.01, clamp=clamp)
+        HypergradientRule(base_lr=0.01, clamp=clamp)
+
+
+@pytest.mark.parametrize("clamp", [(0.5, 1.0), (1e-8, 1e-3)])
+def test_base_lr_outside_the_clamp_is_rejected(clamp):
+    with pytest.raises(ValueError, match="base_lr must lie within clamp"):
+        HypergradientRule(base_lr=0.01, clamp=clamp)
 
 
 @pytest.mark.parametrize(
@@ -218,11 +224,11 @@ def test_bad_clamp_is_rejected(clamp):
 )
 def test_bad_hyperparameters_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        MetaSGDRule(**kwargs)
+        HypergradientRule(**kwargs)
 
 
 def test_bad_updates_are_rejected():
-    rule = MetaSGDRule()
+    rule = HypergradientRule()
     params = {"p": torch.zeros(2)}
     state = rule.init(params)
     with pytest.raises(ValueError, match="unknown parameter 'q'"):
@@ -230,5 +236,61 @@ def test_bad_updates_are_rejected():
     with pytest.raises(ValueError, match="has shape \\(3,\\)"):
         rule.update({"p": torch.zeros(3)}, state, params)
     advanced = state.replace(step_count=1)
-    with pytest.raises(ValueError, match=r"no \['alpha'\] entry for 'p'; build the state with MetaSGDRule.init"):
+    with pytest.raises(ValueError, match=r"no \['alpha'\] entry for 'p'; build the state with HypergradientRule.init"):
         rule.update({"p": torch.zeros(2)}, advanced.replace(slots={**state.slots, "alpha": {}}), params)
+
+
+# --- the seed's documented rule ----------------------------------------------------------------
+
+def test_shrinking_rates_rule_has_the_documented_defaults_and_accessors():
+    rule = ShrinkingRatesRule()
+    assert (rule.alpha_lr, rule.inner_steps, rule.clamp) == (1e-3, 5, (1e-8, 10.0))
+    assert rule.get_learning_rate() == rule.base_lr == HypergradientRule().base_lr
+    params = start_params()
+    _, state, _ = run(rule, params, 7)
+    assert state.step_count == 7 and set(rule.get_per_param_lr(state)) == set(params)
+    rule.set_learning_rate(0.2)
+    assert rule.get_learning_rate() == 0.2
+    assert all(torch.all(a == 0.2) for a in rule.get_per_param_lr(rule.reset_per_param_lr(state)).values())
+    with pytest.raises(ValueError, match="base_lr must lie within clamp"):
+        rule.set_learning_rate(20.0)
+
+
+@pytest.mark.parametrize("inner_steps", [1, 3])
+def test_shrinking_rates_rule_against_a_hand_computation(inner_steps):
+    """delta = alpha * g; theta -= delta; alpha -= alpha_lr * g * delta (summed over a window of
+    ``inner_steps`` updates, applied at its end), clamped to [1e-8, 10]."""
+    alpha_lr, base_lr = 0.5, 0.1
+    rule = ShrinkingRatesRule(base_lr=base_lr, alpha_lr=alpha_lr, inner_steps=inner_steps)
+    params = start_params()
+    got, state, _ = run(rule, params, 7)
+    theta = {n: p.clone() for n, p in params.items()}
+    alpha = {n: torch.full_like(p, base_lr) for n, p in params.items()}
+    window = {n: torch.zeros_like(p) for n, p in params.items()}
+    for step in range(1, 8):
+        grads = gradients(theta)
+        for name, g in grads.items():
+            delta = alpha[name] * g
+            theta[name] = theta[name] - delta
+            window[name] = window[name] + g * delta
+            if step % inner_steps == 0:
+                alpha[name] = (alpha[name] - alpha_lr * window[name]).clamp(1e-8, 10.0)
+                window[name] = torch.zeros_like(g)
+    for name in params:
+        torch.testing.assert_close(got[name], theta[name], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(state.per_param_lr[name], alpha[name], rtol=1e-12, atol=1e-12)
+        assert (state.per_param_lr[name] <= base_lr).all()  # the documented rule only ever shrinks alpha
+    assert (state.per_param_lr["w"] < base_lr).any()
+
+
+def test_only_the_hypergradient_rule_raises_rates():
+    """Consecutive gradients that agree raise the hypergradient rule's rates; the documented rule
+    shrinks them whatever the gradients do."""
+    params = {"p": torch.zeros(2, dtype=torch.float64)}
+    grads = {"p": torch.tensor([1.0, -1.0], dtype=torch.float64)}
+    for rule, rises in ((HypergradientRule(base_lr=0.1, alpha_lr=0.01), True),
+                        (ShrinkingRatesRule(base_lr=0.1, alpha_lr=0.01, inner_steps=1), False)):
+        state = rule.init(params)
+        for _ in range(3):
+            _, state = rule.update(grads, state, params)
+        assert bool((state.per_param_lr["p"] > 0.1).all()) == rises
