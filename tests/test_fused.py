@@ -69,3 +69,22 @@ def test_backend_selection():
     assert fused.statistics is compiled(tensor_statistics) and fused.factored is compiled(factored_pass)
     # Under autograd the compiled backend falls back to the differentiable matrix form.
     assert TensorPasses.select("compiled", autograd=True) == eager
+
+
+def test_a_compiled_step_falls_back_to_eager_once_with_a_warning(monkeypatch):
+    from metaoptimizer.rules import fused
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    step = fused.CompiledStep(mlp_pointwise)
+    monkeypatch.setattr(step, "compiled", broken)
+    features = [torch.randn(5, dtype=torch.float64) for _ in range(3)]
+    weights, skip = _network(3, 2, 1)
+    with pytest.warns(RuntimeWarning, match="running the eager step from now on"):
+        got = step(features, weights, skip)
+    for a, b in zip(got, mlp_pointwise(features, weights, skip), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert step.failed is not None
+    with pytest.raises(TypeError):  # an error in the inputs still raises, from the eager function
+        step([*features[:-1], "not a tensor"], weights, skip)

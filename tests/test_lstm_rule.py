@@ -236,3 +236,73 @@ def test_shipped_rule_as_a_named_chain_reproduces_the_monolithic_rule():
             params = {k: params[k] + updates[k] for k in params}
             rows.append(torch.cat([updates["w"].flatten(), updates["b"].flatten()]))
         torch.testing.assert_close(torch.stack(rows), reference[str(dtype)], rtol=tolerance, atol=tolerance * 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("options", [{}, {"momentum_decay": 0.9, "init_lr": 0.01, "chunk_size": 7}])
+def test_update_in_place_equals_update_then_add(dtype, options):
+    tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6}
+    rule = LSTMRule(**options).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    expected = {"w": torch.randn(9, 4, generator=g, dtype=dtype), "b": torch.randn(4, generator=g, dtype=dtype)}
+    params = {name: p.clone() for name, p in expected.items()}
+    reference, state = rule.init(expected), rule.init(params)
+    kept = {slot: dict(values) for slot, values in state.slots.items()}
+    with torch.no_grad():
+        for t in range(5):
+            grads = {k: torch.randn(v.shape, generator=g, dtype=dtype) for k, v in params.items()}
+            updates, reference = rule.update(grads, reference, expected)
+            expected = {name: p + 0.3 * updates[name] for name, p in expected.items()}
+            state = rule.update_in_place(grads, state, params, lr=0.3)
+    torch.testing.assert_close(params, expected, **tolerance)
+    for slot, values in kept.items():
+        for name, tensor in values.items():
+            assert state.slots[slot][name] is tensor
+            torch.testing.assert_close(tensor, reference.slots[slot][name], **tolerance)
+
+
+def test_default_step_equals_the_plain_cell_formula():
+    """The stacked [x, h] product, reordered gates and chunks give the textbook cell's numbers."""
+    rule = LSTMRule(hidden_size=6, chunk_size=5).double()
+    g = torch.Generator().manual_seed(8)
+    params = {"w": torch.randn(4, 7, generator=g, dtype=torch.float64)}
+    grads = {"w": torch.randn(4, 7, generator=g, dtype=torch.float64)}
+    state = rule.init(params)
+    with torch.no_grad():
+        _, state = rule.update(grads, state, params)
+        updates, new_state = rule.update(grads, state, params)
+    flat = grads["w"].reshape(-1)
+    rms = state.slots["rms"]["w"].reshape(-1) * rule.rms_decay + (1 - rule.rms_decay) * flat**2
+    x = torch.cat([log_sign_preprocess(flat, rule.preprocess_p),
+                   (flat * torch.rsqrt(rms / (1 - rule.rms_decay**2) + 1e-8))[:, None]], dim=-1)
+    directions, hidden = x, []
+    for layer in range(rule.num_layers):
+        gates = x @ rule.input_weights[layer] + state.slots["hidden"]["w"][layer] @ rule.hidden_weights[layer]
+        i, f, c_in, o = (gates + rule.biases[layer]).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * state.slots["cell"]["w"][layer] + torch.sigmoid(i) * torch.tanh(c_in)
+        x = torch.sigmoid(o) * torch.tanh(c)
+        hidden.append(x)
+    expected = rule.output_scale * (rule.head(x).squeeze(-1) + directions @ rule.skip)
+    torch.testing.assert_close(updates["w"].reshape(-1), expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new_state.slots["hidden"]["w"], torch.stack(hidden).detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_compiled_cells_match_the_eager_ones():
+    """``backend='auto'`` compiles the cells of a large tensor without autograd; float32 to 1e-6."""
+    auto, eager = LSTMRule(momentum_decay=0.9, init_lr=0.01), LSTMRule(momentum_decay=0.9, init_lr=0.01, backend="eager")
+    eager.load_state_dict(auto.state_dict())
+    g = torch.Generator().manual_seed(5)
+    params = {"w": torch.randn(300, 250, generator=g)}
+    results = []
+    for rule in (auto, eager):
+        state, p, rows = rule.init(params), dict(params), []
+        with torch.no_grad():
+            for t in range(3):
+                grads = {"w": torch.randn(300, 250, generator=torch.Generator().manual_seed(t))}
+                updates, state = rule.update(grads, state, p)
+                p = {"w": p["w"] + updates["w"]}
+                rows.append(updates["w"])
+        results.append(rows)
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)

@@ -101,7 +101,7 @@ class HierarchicalRule(FeatureRule):
         param_relative: bool = True,
         param_scale_floor: float = 1e-3,
         output_init: float = 1e-2,
-        backend: str = "matmul",
+        backend: str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(hidden_size, num_layers, features, StepScale(step_mult, magnitude_scale, param_relative,
@@ -154,9 +154,10 @@ class HierarchicalRule(FeatureRule):
         grads, params = in_compute_dtype(grads), in_compute_dtype({name: params[name] for name in names})
         dtype = self.head_bias.dtype
         global_feats = global_features(step, state, config, device=grads[names[0]].device, dtype=dtype)
-        passes = TensorPasses.select(self.backend, autograd_needed(self, grads, params))
+        autograd = autograd_needed(self, grads, params)
+        passes = {name: TensorPasses.select(self.backend, autograd, grads[name].numel()) for name in names}
         reduced = {
-            name: passes.reduce(
+            name: passes[name].reduce(
                 grads[name], params[name], tensor_accumulators(state.slots, name, config), config, with_means=True
             )
             for name in names
@@ -179,7 +180,7 @@ class HierarchicalRule(FeatureRule):
         for index, name in enumerate(names):
             tensor_layers = [(w[index], b[index]) for w, b in layers]
             step_size = self.scale.step_size(reduced[name].param_mean_square) * multipliers[index]
-            updates[name] = passes.apply(
+            updates[name] = passes[name].apply(
                 grads[name], params[name], reduced[name], tensor_layers, skip[index], step_size,
                 self.scale.magnitude_scale, config,
             )

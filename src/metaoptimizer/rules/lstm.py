@@ -20,12 +20,23 @@ from torch import Tensor, nn
 from metaoptimizer._validation import check_choice, check_flag, check_positive, check_unit_interval
 from metaoptimizer.rules.base import Params, UpdateRule, check_slots, compute_dtype
 from metaoptimizer.rules.combine import NamedChain, named_chain
+from metaoptimizer.rules.fused import compiled
+from metaoptimizer.rules.mlp import COMPILE_MIN_NUMEL, autograd_needed
 from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.rules.transforms import scale_by_schedule
 from metaoptimizer.schedules import CosineDecay, LearnedSchedule, warmup_cosine
 
 PREPROCESSING = ("log_sign", "none")
+#: ``'auto'``: the cells of large tensors (at least :data:`~metaoptimizer.rules.mlp.COMPILE_MIN_NUMEL`
+#: coordinates) through ``torch.compile`` when no autograd graph is recorded, eager otherwise;
+#: ``'eager'``: always eager.
+BACKENDS = ("auto", "eager")
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+#: Coordinates per chunk when ``chunk_size`` is None, on the CPU and on accelerators: temporaries
+#: stay near ``chunk * (6 * hidden_size + inputs)`` floats (8 MB on the CPU, where chunks should
+#: fit the caches; 130 MB on a GPU, where fewer, larger chunks save kernel launches) at any size.
+DEFAULT_CHUNK_SIZE = 1 << 14
+ACCELERATOR_CHUNK_SIZE = 1 << 18
 
 
 
@@ -61,10 +72,13 @@ class LSTMRule(UpdateRule):
     run done, ``state.schedule_step() / state.num_steps`` (capped at 1). :func:`budget_aware_lstm`
     pairs such an LSTM with a learned schedule.
 
-    ``chunk_size`` processes a tensor's coordinates in chunks of that many, bounding the size of
-    temporaries on large models. ``state_dtype`` stores hidden/cell state in a narrower type
-    (``'bfloat16'`` halves state memory). Arithmetic runs in float32 (float64 for float64
-    parameters, see :func:`compute_dtype`); updates come back in the parameters' dtype.
+    ``chunk_size`` processes a tensor's coordinates in chunks of that many (None:
+    :data:`DEFAULT_CHUNK_SIZE`, :data:`ACCELERATOR_CHUNK_SIZE` off the CPU), bounding the size of
+    temporaries at any model size.
+    ``state_dtype`` stores hidden/cell state in a narrower type (``'bfloat16'`` halves state
+    memory). Arithmetic runs in float32 (float64 for float64 parameters, see
+    :func:`compute_dtype`); updates come back in the parameters' dtype. ``backend``
+    (:data:`BACKENDS`) picks eager or compiled cells; both give the same numbers up to rounding.
     """
 
     name = "lstm"
@@ -84,6 +98,7 @@ class LSTMRule(UpdateRule):
         init_lr: float = 0.0,
         momentum_decay: float = 0.0,
         training_fraction: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         check_positive("hidden_size", hidden_size, integer=True)
@@ -92,6 +107,7 @@ class LSTMRule(UpdateRule):
         check_positive("output_scale", output_scale)
         check_unit_interval("rms_decay", rms_decay, closed_low=False)
         check_choice("preprocessing", preprocessing, PREPROCESSING)
+        check_choice("backend", backend, BACKENDS)
         check_flag("preconditioning", preconditioning)
         check_flag("training_fraction", training_fraction)
         if chunk_size is not None:
@@ -116,6 +132,7 @@ class LSTMRule(UpdateRule):
         self.momentum_decay = float(momentum_decay)
         self.training_fraction = training_fraction
         self.budget_aware = training_fraction
+        self.backend = backend
 
         # Direction features feed the cells and the skip path; the training fraction only the cells.
         direction_size = (2 if preprocessing == "log_sign" else 1) + int(preconditioning) + int(momentum_decay > 0)
@@ -162,28 +179,31 @@ class LSTMRule(UpdateRule):
         return ("rms",) * self.preconditioning + ("momentum",) * (self.momentum_decay > 0)
 
     def _features(self, grad: Tensor, rms: Tensor | None, momentum: Tensor | None, step: int) -> Tensor:
-        """Per-coordinate direction inputs, shape (numel, direction features)."""
-        flat = grad.reshape(-1)
-        if self.preprocessing == "log_sign":
-            parts = [log_sign_preprocess(flat, self.preprocess_p)]
-        else:
-            parts = [flat.unsqueeze(-1)]
+        """Per-coordinate direction inputs of flat tensors, shape (coordinates, direction features)."""
+        parts = [log_sign_preprocess(grad, self.preprocess_p) if self.preprocessing == "log_sign" else grad[:, None]]
         if rms is not None:
-            scale = torch.rsqrt(rms.reshape(-1) / (1.0 - self.rms_decay**step) + 1e-8)
-            parts.append((flat * scale).unsqueeze(-1))
+            scale = torch.rsqrt(rms / (1.0 - self.rms_decay**step) + 1e-8)
+            parts.append((grad * scale)[:, None])
             if momentum is not None:
-                corrected = momentum.reshape(-1) / (1.0 - self.momentum_decay**step)
-                parts.append((corrected * scale).unsqueeze(-1))
+                parts.append((momentum / (1.0 - self.momentum_decay**step) * scale)[:, None])
         return torch.cat(parts, dim=-1)
 
     def _weights(self, dtype: torch.dtype) -> dict[str, Any]:
-        """The meta-parameters in the compute dtype (cast once per update; differentiable)."""
+        """The meta-parameters in the compute dtype, cast once per update (differentiable).
+
+        Each layer's input and hidden weights are stacked into one ``(inputs + H, 4H)`` matrix, so
+        a layer is one matrix product over ``[x, h]``, with the gate columns reordered to
+        (input, forget, output | cell): the three sigmoid gates are one contiguous block.
+        """
+        H = self.hidden_size
+        order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
         cast = lambda t: t.to(dtype)  # noqa: E731
         return {
-            "input": [cast(w) for w in self.input_weights],
-            "hidden": [cast(w) for w in self.hidden_weights],
-            "bias": [cast(b) for b in self.biases],
-            "head_weight": cast(self.head.weight),
+            "layers": [
+                (cast(torch.cat([w_x, w_h])[:, order]), cast(b[order]))
+                for w_x, w_h, b in zip(self.input_weights, self.hidden_weights, self.biases, strict=True)
+            ],
+            "head_weight": cast(self.head.weight.reshape(-1)),
             "head_bias": cast(self.head.bias),
             "skip": cast(self.skip),
         }
@@ -191,49 +211,64 @@ class LSTMRule(UpdateRule):
     def _cells(
         self, directions: Tensor, hidden: Tensor, cell: Tensor, progress: float | None, weights: dict[str, Any]
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Run the stacked cells on a batch of coordinates; returns (output, new hidden, new cell)."""
+        """The stacked cells on a batch of coordinates, out of place: (output, new hidden, new cell),
+        the states of shape (layers, batch, H) in the compute dtype. One ``addmm`` per layer over
+        ``[x, h]`` and the stacked weights, one sigmoid over the three sigmoid gates."""
+        H, dtype = self.hidden_size, directions.dtype
         x = directions
         if progress is not None:
             x = torch.cat([directions, directions.new_full((directions.shape[0], 1), progress)], dim=-1)
         new_h, new_c = [], []
-        for layer in range(self.num_layers):
-            gates = x @ weights["input"][layer] + hidden[layer] @ weights["hidden"][layer] + weights["bias"][layer]
-            i, f, g, o = gates.chunk(4, dim=-1)
-            c = torch.sigmoid(f) * cell[layer] + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            new_h.append(h)
+        for layer, (weight, bias) in enumerate(weights["layers"]):
+            gates = torch.addmm(bias, torch.cat([x, hidden[layer].to(dtype)], dim=-1), weight)
+            sigmoids, candidate = gates[:, : 3 * H].sigmoid(), gates[:, 3 * H :].tanh()  # see _weights
+            c = torch.addcmul(sigmoids[:, H : 2 * H] * cell[layer].to(dtype), sigmoids[:, :H], candidate)
+            x = sigmoids[:, 2 * H :] * torch.tanh(c)
+            new_h.append(x)
             new_c.append(c)
-            x = h
-        out = F.linear(x, weights["head_weight"], weights["head_bias"]).squeeze(-1) + directions @ weights["skip"]
+        out = torch.addmv(weights["head_bias"], x, weights["head_weight"]) + directions @ weights["skip"]
         return out, torch.stack(new_h), torch.stack(new_c)
 
-    def _run_chunks(
-        self, features: Tensor, hidden: Tensor, cell: Tensor, progress: float | None, weights: dict[str, Any]
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The cells over all coordinates of one tensor, ``chunk_size`` at a time; returns (new
-        hidden, new cell, output). Chunks are cast to the compute dtype one at a time and written
-        into preallocated results in the stored dtype, so temporaries stay chunk-sized."""
-        size = self.chunk_size or features.shape[0]
-        if size >= features.shape[0]:
-            out, h, c = self._cells(features, hidden.to(features.dtype), cell.to(features.dtype), progress, weights)
-            return h.to(hidden.dtype), c.to(cell.dtype), out
-        new_hidden, new_cell = torch.empty_like(hidden), torch.empty_like(cell)
-        out = features.new_empty(features.shape[0])
-        for start in range(0, features.shape[0], size):
-            end = start + size
-            chunk_out, h, c = self._cells(
-                features[start:end], hidden[:, start:end].to(features.dtype), cell[:, start:end].to(features.dtype),
-                progress, weights,
-            )
-            new_hidden[:, start:end] = h
-            new_cell[:, start:end] = c
-            out[start:end] = chunk_out
-        return new_hidden, new_cell, out
+    def _cells_into(
+        self, directions: Tensor, hidden: Tensor, cell: Tensor, new_hidden: Tensor, new_cell: Tensor,
+        progress: float | None, weights: dict[str, Any],
+    ) -> Tensor:
+        """:meth:`_cells` writing the new state into ``new_hidden`` / ``new_cell`` (any dtype; they
+        may be ``hidden`` / ``cell`` themselves: every read comes first); returns the output."""
+        out, h, c = self._cells(directions, hidden, cell, progress, weights)
+        new_hidden.copy_(h)
+        new_cell.copy_(c)
+        return out
+
+    def _chunk_size(self, numel: int, device: torch.device = torch.device("cpu")) -> int:
+        default = DEFAULT_CHUNK_SIZE if device.type == "cpu" else ACCELERATOR_CHUNK_SIZE
+        return min(numel, self.chunk_size or default)
 
     def update(
         self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
         loss: Tensor | float | None = None,
     ) -> tuple[Params, OptimizerState]:
+        return self._step(grads, state, params, loss, lr=None)
+
+    def update_in_place(
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
+        lr: float = 1.0, loss: Tensor | float | None = None,
+    ) -> OptimizerState:
+        """``update`` for deployment, writing in place: adds ``lr`` times the update to ``params``
+        and writes the new hidden/cell state and accumulators into ``state``'s tensors (the
+        returned state shares them; the caller gives up the old one). No full-size temporary:
+        every chunk's state is overwritten where it lies. The same numbers as ``update`` then
+        ``params + lr * updates`` (tests pin it)."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in [*self.parameters(), *params.values()]):
+            raise ValueError("update_in_place is for deployment: call it under torch.no_grad(), or use update()")
+        _, state = self._step(grads, state, params, loss, lr=lr)
+        return state
+
+    def _step(
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor],
+        loss: Tensor | float | None, lr: float | None,
+    ) -> tuple[Params, OptimizerState]:
+        """``update`` (``lr`` None: new state tensors) or ``update_in_place`` (``lr`` its factor)."""
         step, state = self.begin_update(grads, state, params, loss)
         check_slots(self, state, grads, ("hidden", "cell", *self._slot_names()))
         slots = {slot: dict(state.slots[slot]) for slot in ("hidden", "cell", *self._slot_names())}
@@ -248,19 +283,54 @@ class LSTMRule(UpdateRule):
             dtype = compute_dtype(grad.dtype)
             if dtype not in weights:
                 weights[dtype] = self._weights(dtype)
-            g = grad.to(dtype)
-            rms = momentum = None
+            g = grad.reshape(-1).to(dtype)
+            accumulators = {}
             if self.preconditioning:
-                rms = self.rms_decay * slots["rms"][name].to(dtype) + (1.0 - self.rms_decay) * g * g
-                slots["rms"][name] = rms.to(grad.dtype)
+                old = slots["rms"][name].reshape(-1).to(dtype)
+                accumulators["rms"] = self.rms_decay * old + (1.0 - self.rms_decay) * g * g
             if self.momentum_decay > 0:
-                momentum = self.momentum_decay * slots["momentum"][name].to(dtype) + (1.0 - self.momentum_decay) * g
-                slots["momentum"][name] = momentum.to(grad.dtype)
-            features = self._features(g, rms, momentum, step)
-            slots["hidden"][name], slots["cell"][name], out = self._run_chunks(
-                features, state.slots["hidden"][name], state.slots["cell"][name], progress, weights[dtype]
+                old = slots["momentum"][name].reshape(-1).to(dtype)
+                accumulators["momentum"] = self.momentum_decay * old + (1.0 - self.momentum_decay) * g
+            rms, momentum = accumulators.get("rms"), accumulators.get("momentum")
+            hidden, cell = state.slots["hidden"][name], state.slots["cell"][name]
+            size = self._chunk_size(g.shape[0], g.device)
+            chunks = (  # a generator: one chunk's features at a time
+                (start, start + size, self._features(
+                    g[start : start + size], None if rms is None else rms[start : start + size],
+                    None if momentum is None else momentum[start : start + size], step,
+                ))
+                for start in range(0, g.shape[0], size)
             )
-            updates[name] = (self.output_scale * out).reshape(grad.shape).to(grad.dtype)
+            fast = self.backend == "auto" and g.shape[0] >= COMPILE_MIN_NUMEL and not autograd_needed(self, grads, params)
+            if lr is None and not fast:  # out of place, what autograd and vmap need
+                results = [
+                    self._cells(x, hidden[:, a:b], cell[:, a:b], progress, weights[dtype]) for a, b, x in chunks
+                ]
+                out, new_hidden, new_cell = (
+                    parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
+                    for parts, axis in zip(zip(*results), (0, 1, 1), strict=True)
+                )
+                new_hidden, new_cell = new_hidden.to(hidden.dtype), new_cell.to(cell.dtype)
+            else:  # chunks written where they lie: in place, or into one new tensor per slot
+                cells = compiled(type(self)._cells_into) if fast else type(self)._cells_into
+                new_hidden, new_cell = (hidden, cell) if lr is not None else (torch.empty_like(hidden), torch.empty_like(cell))
+                out = g.new_empty(g.shape[0])
+                for a, b, x in chunks:
+                    out[a:b] = cells(
+                        self, x, hidden[:, a:b], cell[:, a:b], new_hidden[:, a:b], new_cell[:, a:b], progress, weights[dtype]
+                    )
+            slots["hidden"][name], slots["cell"][name] = new_hidden, new_cell
+            update = (self.output_scale * out).reshape(grad.shape).to(grad.dtype)
+            for slot, value in accumulators.items():
+                stored = state.slots[slot][name]
+                if lr is not None:
+                    stored.copy_(value.reshape(stored.shape))
+                else:
+                    slots[slot][name] = value.reshape(stored.shape).to(stored.dtype)
+            if lr is not None:
+                params[name].add_(update, alpha=lr)
+            else:
+                updates[name] = update
         return updates, state.replace(slots={**state.slots, **slots}, step_count=step)
 
 

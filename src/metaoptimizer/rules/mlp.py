@@ -14,13 +14,29 @@ normalised ``m / sqrt(v)`` feature (or ``g / sqrt(v)``, or the gradient: the fir
 to the direction with weight -1, and the MLP's output layer starts small, so the first updates
 are Adam-like steps of relative size ``step_mult``.
 
-The step runs tensor by tensor in up to three passes over the coordinates (:class:`TensorPasses`):
-factored statistics (only with factored features), accumulators and feature statistics, and
-the pointwise update. ``backend`` picks how they run: ``'matmul'`` (eager, the MLP as matrix
-products: the reference, and what meta-training differentiates), ``'pointwise'`` (eager, the
-MLP unrolled into pointwise arithmetic, :mod:`metaoptimizer.rules.fused`) or ``'compiled'`` (the
-pointwise form through ``torch.compile``, for large models; used only when no autograd graph is
-recorded, the matmul path otherwise). All three give the same numbers up to rounding.
+Per-tensor statistics (each feature's mean square, for the normalisation, and the parameter's
+mean square, for the step size) come with ``statistics='previous'`` (the default) from the
+tensor's previous update, so every update after a tensor's first is **one pass** over its
+coordinates that advances the accumulators, computes the features once, evaluates the MLP with
+last update's normalisation and sums this update's statistics for the next one. The semantic
+change against ``statistics='current'`` (the reference mode: statistics of this very update,
+two passes) is a one-step lag in a per-tensor scale; a tensor's first update computes its own
+statistics first, so step 1 is the same in both modes. The lagged statistics live in the slots
+``feature_mean_square`` (one float per feature) and ``param_mean_square`` (one float) per tensor.
+With factored features a factored pass (row and column reductions) comes first in both modes.
+
+``backend`` picks how the passes run: ``'matmul'`` (eager, the MLP as matrix products: the
+reference, and what meta-training differentiates), ``'pointwise'`` (eager, the MLP unrolled into
+pointwise arithmetic, :mod:`metaoptimizer.rules.fused`), ``'compiled'`` (the pointwise form
+through ``torch.compile``; used only when no autograd graph is recorded, the matmul path
+otherwise) or ``'auto'`` (the default): compiled kernels for tensors of at least
+:data:`COMPILE_MIN_NUMEL` coordinates when no autograd graph is recorded, the eager matmul form
+otherwise (small tensors cost per-call overhead either way, and tests never wait for a compiler).
+A compiler failure falls back to the eager form with one warning. All backends give the same
+numbers up to rounding.
+
+:meth:`MLPRule.update_in_place` is the deployment form (no autograd): the one pass writes the
+accumulators and ``param + lr * update`` where they lie, so a step allocates no full-size tensor.
 """
 
 from __future__ import annotations
@@ -40,7 +56,9 @@ from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.rules.features import (
     Accumulators,
     FeatureConfig,
+    advance_per_coordinate,
     as_matrix,
+    feature_moments,
     check_update_inputs,
     factored_pass,
     global_features,
@@ -52,7 +70,13 @@ from metaoptimizer.rules.features import (
 )
 from metaoptimizer.rules.fused import Layers, compiled, mlp_pointwise
 
-BACKENDS = ("matmul", "pointwise", "compiled")
+BACKENDS = ("auto", "matmul", "pointwise", "compiled")
+#: Where each rule's per-tensor statistics come from (see the module docstring).
+STATISTICS = ("previous", "current")
+#: Smallest tensor that ``backend='auto'`` runs through compiled kernels.
+COMPILE_MIN_NUMEL = 1 << 16
+#: Slots of the lagged per-tensor statistics (``statistics='previous'``).
+LAGGED_SLOTS = ("feature_mean_square", "param_mean_square")
 #: Bound on ``magnitude_scale * s`` before the exponential, so an untrained or diverging rule
 #: cannot overflow to ``inf`` (e^10 is a 22026-fold step).
 MAX_LOG_MAGNITUDE = 10.0
@@ -98,6 +122,14 @@ class StepScale:
         return self.step_mult * torch.sqrt(param_mean_square + self.param_scale_floor**2)
 
 
+def check_statistics(statistics: str) -> str:
+    if statistics not in STATISTICS:
+        raise ValueError(
+            f"statistics={statistics!r} is not supported; accepted values: {', '.join(map(repr, STATISTICS))}"
+        )
+    return statistics
+
+
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; accepted values: {', '.join(map(repr, BACKENDS))}")
@@ -109,7 +141,7 @@ def updated_slots(state: OptimizerState, accumulators: Mapping[str, Accumulators
     slots = {slot: dict(values) for slot, values in state.slots.items()}
     for name, acc in accumulators.items():
         for slot, value in acc.items():
-            slots[slot][name] = value
+            slots.setdefault(slot, {})[name] = value
     return slots
 
 
@@ -195,6 +227,15 @@ def mlp_matmul(features: list[Tensor], layers: Layers, skip: Tensor) -> tuple[Te
     return h[..., 0] + x @ skip, h[..., 1]
 
 
+def scaled_update(
+    features: list[Tensor], layers: Layers, skip: Tensor, step_size: Tensor, magnitude_scale: float, pointwise: bool
+) -> Tensor:
+    """The MLP's direction times its bounded magnitude times the step size, for flat features."""
+    direction, magnitude = (mlp_pointwise if pointwise else mlp_matmul)(features, layers, skip)
+    log_size = torch.clamp(magnitude * magnitude_scale, -MAX_LOG_MAGNITUDE, MAX_LOG_MAGNITUDE)
+    return direction * torch.exp(log_size) * step_size
+
+
 def tensor_update(
     grad: Tensor, param: Tensor, acc: Accumulators, inv_roots: list[Tensor], layers: Layers, skip: Tensor,
     step_size: Tensor, magnitude_scale: float, config: FeatureConfig, pointwise: bool,
@@ -205,9 +246,39 @@ def tensor_update(
     (:func:`normalised_network`).
     """
     features = tensor_features(grad, param, acc, inv_roots, config)
-    direction, magnitude = (mlp_pointwise if pointwise else mlp_matmul)(features, layers, skip)
-    log_size = torch.clamp(magnitude * magnitude_scale, -MAX_LOG_MAGNITUDE, MAX_LOG_MAGNITUDE)
-    return direction * torch.exp(log_size) * step_size
+    return scaled_update(features, layers, skip, step_size, magnitude_scale, pointwise)
+
+
+def fused_tensor_step(
+    grad: Tensor, param: Tensor, acc: Accumulators, inv_roots: list[Tensor], layers: Layers, skip: Tensor,
+    step_size: Tensor, magnitude_scale: float, config: FeatureConfig, pointwise: bool,
+) -> tuple[Accumulators, Tensor, Tensor, Tensor]:
+    """One tensor's whole step in one pass over flat tensors (``statistics='previous'``).
+
+    Advances the per-coordinate accumulators, computes the features once, applies the MLP
+    (``layers``/``skip`` normalised with the previous update's statistics) and sums this update's
+    statistics. Returns (new accumulators, update, features' mean squares, ``mean(param^2)``).
+    """
+    new_acc = advance_per_coordinate(grad, acc, config)
+    features = tensor_features(grad, param, new_acc, inv_roots, config)
+    _, mean_square = feature_moments(features, with_means=False)
+    update = scaled_update(features, layers, skip, step_size, magnitude_scale, pointwise)
+    return new_acc, update, mean_square, param.square().mean()
+
+
+def fused_tensor_step_(
+    grad: Tensor, param: Tensor, acc: Accumulators, inv_roots: list[Tensor], layers: Layers, skip: Tensor,
+    step_size: Tensor, magnitude_scale: float, config: FeatureConfig, pointwise: bool, lr: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`fused_tensor_step` writing in place: the accumulators into ``acc``'s tensors and
+    ``param + lr * update`` into ``param`` (flat views). Returns this update's statistics."""
+    new_acc, update, mean_square, param_mean_square = fused_tensor_step(
+        grad, param, acc, inv_roots, layers, skip, step_size, magnitude_scale, config, pointwise
+    )
+    for slot, value in new_acc.items():
+        acc[slot].copy_(value)
+    param.add_(update * lr)
+    return mean_square, param_mean_square
 
 
 class Reduction(NamedTuple):
@@ -233,14 +304,25 @@ class TensorPasses:
     factored: Callable
     statistics: Callable
     update: Callable
+    fused: Callable
+    fused_: Callable
     pointwise: bool
 
     @classmethod
-    def select(cls, backend: str, autograd: bool) -> TensorPasses:
-        """The passes for ``backend``; compiled ones only when no autograd graph is recorded."""
+    def select(cls, backend: str, autograd: bool, numel: int | None = None) -> TensorPasses:
+        """The passes for ``backend`` and a tensor of ``numel`` coordinates (None: any size);
+        compiled ones only when no autograd graph is recorded."""
+        if backend == "auto":
+            backend = "compiled" if numel is not None and numel >= COMPILE_MIN_NUMEL else "matmul"
         if backend == "compiled" and not autograd:
-            return cls(compiled(factored_pass), compiled(tensor_statistics), compiled(tensor_update), True)
-        return cls(factored_pass, tensor_statistics, tensor_update, backend == "pointwise")
+            return cls(
+                compiled(factored_pass), compiled(tensor_statistics), compiled(tensor_update),
+                compiled(fused_tensor_step), compiled(fused_tensor_step_), True,
+            )
+        return cls(
+            factored_pass, tensor_statistics, tensor_update, fused_tensor_step, fused_tensor_step_,
+            backend == "pointwise",
+        )
 
     def reduce(
         self, grad: Tensor, param: Tensor, acc: Accumulators, config: FeatureConfig, with_means: bool = False
@@ -264,6 +346,29 @@ class TensorPasses:
             step_size.to(grad.dtype), magnitude_scale, config, self.pointwise,
         )
         return update.reshape(grad.shape)
+
+    def fused_step(
+        self, grad: Tensor, param: Tensor, acc: Accumulators, previous: tuple[Tensor, Tensor], layers: Layers,
+        skip: Tensor, scale: StepScale, config: FeatureConfig, lr: Tensor | None = None,
+    ) -> tuple[Accumulators, Tensor | None, tuple[Tensor, Tensor]]:
+        """One tensor's step from the previous update's (feature mean squares, parameter mean
+        square); returns the new accumulators, the update in the tensor's shape and this update's
+        statistics (:func:`fused_tensor_step`). With ``lr`` the step is written in place
+        (:func:`fused_tensor_step_`: ``acc``'s tensors and ``param`` change) and the update is None."""
+        factored, inv_roots = self.factored(as_matrix(grad), acc, config)
+        feature_ms, param_ms = previous
+        scales = normalisation_scales(feature_ms.to(grad.dtype), config.eps)
+        layers, skip = normalised_network(layers, skip, scales, grad.dtype)
+        step_size = scale.step_size(param_ms.to(grad.dtype))
+        args = (grad.reshape(-1), param.view(-1), acc, inv_roots, layers, skip, step_size, scale.magnitude_scale, config,
+                self.pointwise)
+        if lr is not None:
+            statistics = self.fused_(*args, lr)
+            for slot, value in factored.items():
+                acc[slot].copy_(value)
+            return acc, None, statistics
+        per_coordinate, update, feature_ms, param_ms = self.fused(*args)
+        return {**acc, **factored, **per_coordinate}, update.reshape(grad.shape), (feature_ms, param_ms)
 
 
 class FeatureRule(UpdateRule):
@@ -320,15 +425,20 @@ class MLPRule(FeatureRule):
         param_relative: bool = True,
         param_scale_floor: float = 1e-3,
         output_init: float = 1e-2,
-        backend: str = "matmul",
+        backend: str = "auto",
+        statistics: str = "previous",
         seed: int = 0,
     ) -> None:
         super().__init__(hidden_size, num_layers, features, StepScale(step_mult, magnitude_scale, param_relative,
                          param_scale_floor), output_init, backend, seed)
+        self.statistics = check_statistics(statistics)
         self.mlp = PerCoordinateMLP(
             self.features.num_features, self.features.num_global, hidden_size, num_layers,
             prior_index(self.features), output_init=output_init, seed=seed,
         )
+
+    def hyperparameters(self) -> dict[str, object]:
+        return {**super().hyperparameters(), "statistics": self.statistics}
 
     def init(self, params: Mapping[str, Tensor], *, num_steps: int | None = None) -> OptimizerState:
         return OptimizerState(num_steps=self.resolve_num_steps(num_steps), slots=init_slots(params, self.features))
@@ -337,6 +447,28 @@ class MLPRule(FeatureRule):
         self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
         loss: Tensor | float | None = None,
     ) -> tuple[Params, OptimizerState]:
+        return self._step(grads, state, params, loss, lr=None)
+
+    def update_in_place(
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
+        lr: float = 1.0, loss: Tensor | float | None = None,
+    ) -> OptimizerState:
+        """``update`` for deployment, writing in place: adds ``lr`` times the update to ``params``
+        and writes the new accumulators into ``state``'s tensors (the returned state shares them;
+        the caller gives up the old one). One pass per tensor reads gradient, parameter and
+        accumulators once and writes parameter and accumulators once, with no new full-size
+        tensor. The same numbers as ``update`` then ``params + lr * updates`` (tests pin it).
+        """
+        if torch.is_grad_enabled() and autograd_needed(self, grads, params):
+            raise ValueError("update_in_place is for deployment: call it under torch.no_grad(), or use update()")
+        _, state = self._step(grads, state, params, loss, lr=lr)
+        return state
+
+    def _step(
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor],
+        loss: Tensor | float | None, lr: float | None,
+    ) -> tuple[Params, OptimizerState]:
+        """``update`` (``lr`` None) or ``update_in_place`` (``lr`` its factor)."""
         step, state = self.begin_update(grads, state, params, loss)
         config = self.features
         check_update_inputs(grads, params, state.slots, config)
@@ -345,17 +477,43 @@ class MLPRule(FeatureRule):
         device = next(iter(grads.values())).device
         shared = global_features(step, state, config, device=device, dtype=self.mlp.skip.dtype)
         layers, skip = self.mlp.layers(shared)
+        originals = params
         dtypes = {name: g.dtype for name, g in grads.items()}
         grads, params = in_compute_dtype(grads), in_compute_dtype({name: params[name] for name in grads})
-        passes = TensorPasses.select(self.backend, autograd_needed(self, grads, params))
+        autograd = autograd_needed(self, grads, params)
+        lagged = [state.slots.get(slot, {}) for slot in LAGGED_SLOTS]
         updates: Params = {}
-        accumulators: dict[str, Accumulators] = {}
+        new_slots: dict[str, Accumulators] = {}
         for name, grad in grads.items():
-            reduced = passes.reduce(grad, params[name], tensor_accumulators(state.slots, name, config), config)
-            step_size = self.scale.step_size(reduced.param_mean_square)
-            updates[name] = passes.apply(
-                grad, params[name], reduced, layers, skip, step_size, self.scale.magnitude_scale, config
-            )
-            accumulators[name] = reduced.acc
+            passes = TensorPasses.select(self.backend, autograd, grad.numel())
+            acc = tensor_accumulators(state.slots, name, config)
+            param = params[name]
+            in_place = lr is not None and param is originals[name] and param.is_contiguous()
+            if self.statistics == "previous" and all(name in values for values in lagged):
+                lr_tensor = torch.tensor(lr, dtype=param.dtype, device=param.device) if in_place else None
+                acc, updates[name], statistics = passes.fused_step(
+                    grad, param, acc, (lagged[0][name], lagged[1][name]), layers, skip, self.scale, config, lr_tensor
+                )
+            else:  # reference mode, and a tensor's first update in the lagged mode
+                reduced = passes.reduce(grad, param, acc, config)
+                updates[name] = passes.apply(
+                    grad, param, reduced, layers, skip, self.scale.step_size(reduced.param_mean_square),
+                    self.scale.magnitude_scale, config,
+                )
+                acc, statistics = reduced.acc, (reduced.mean_square, reduced.param_mean_square)
+            if self.statistics == "previous":
+                acc = {**acc, **dict(zip(LAGGED_SLOTS, statistics, strict=True))}
+            new_slots[name] = acc
+        if lr is not None:  # the rest of update_in_place: what the fused step did not write
+            for name, update in updates.items():
+                if update is not None:
+                    originals[name].add_(update.to(dtypes[name]), alpha=lr)
+            for name, acc in new_slots.items():
+                for slot, value in acc.items():
+                    old = state.slots.get(slot, {}).get(name)
+                    if old is not None and old is not value:
+                        old.copy_(value)
+                        acc[slot] = old
+            return {}, state.replace(step_count=step, slots=updated_slots(state, new_slots))
         updates = {name: u.to(dtypes[name]) for name, u in updates.items()}
-        return updates, state.replace(step_count=step, slots=updated_slots(state, accumulators))
+        return updates, state.replace(step_count=step, slots=updated_slots(state, new_slots))

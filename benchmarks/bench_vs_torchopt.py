@@ -1,0 +1,204 @@
+"""Meta-training throughput against torchopt, in one process (issue 17, item 4).
+
+    pip install -c constraints.txt -e ".[bench]"      # torchopt is an optional benchmark dependency
+    python benchmarks/bench_vs_torchopt.py [--meta-steps 10] [--rounds 3] [--profile]
+
+The comparison torchopt's ``MetaAdam`` is made for: Adam's learning rate (log-parametrised) is the
+meta-parameter, the inner model a digits MLP 64-32-10 (ReLU, cross-entropy, batch 128 of
+scikit-learn's digits), K=20 inner steps per truncation, second order (gradients of the inner
+gradients), the meta-loss the mean training loss after each inner update, an outer
+``torch.optim.Adam(1e-2)`` on the log learning rate, truncations chained (parameters and Adam
+state carried over, the graph cut). Both sides read the same batches from the same initial weights.
+
+* torchopt: ``MetaAdam(net, lr=schedule reading the meta-parameter, eps_root=1e-8)`` stepping the
+  module in place, ``stop_gradient`` at truncation boundaries. Its default ``eps_root=0`` takes the
+  square root of a zero second moment (a ReLU unit that never fired) and its meta-gradient is NaN:
+  ``--nan-steps`` truncations are run with the default and the non-finite meta-gradients counted.
+* metaoptimizer: ``LearnedHyperparameters('adam', learn=('lr',))`` through
+  :func:`metaoptimizer.meta.unroll.unroll` on a ``ModuleTask`` (``functional_call`` of the module).
+
+Prints each side's seconds per truncation and inner steps per second, the ratio (target: at least
+1.5x torchopt), the first truncation's meta-gradient on both sides (they compute the same thing)
+and, with ``--profile``, the torch profiler's top operators of one truncation of each side
+(``--cprofile``: the metaoptimizer side by Python function).
+Without torchopt installed it says so and times metaoptimizer alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metaoptimizer.meta.hyperparams import LearnedHyperparameters
+from metaoptimizer.meta.unroll import detach_params, unroll
+from metaoptimizer.tasks.base import ModuleTask
+from metaoptimizer.tasks.digits import load_digits_tensors
+
+K = 20
+BATCH = 128
+LR = 0.01
+META_LR = 0.01
+
+
+def net() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = load_digits_tensors()
+    return images.reshape(len(images), -1) / 16.0, labels
+
+
+def batch_stream(x: torch.Tensor, y: torch.Tensor, count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        index = torch.randint(len(x), (BATCH,), generator=generator)
+        out.append((x[index], y[index]))
+    return out
+
+
+class TorchoptSide:
+    """torchopt's MetaAdam with a learned (log) learning rate, module stepped in place."""
+
+    def __init__(self, batches, eps_root: float) -> None:
+        import torchopt
+
+        self.torchopt = torchopt
+        torch.manual_seed(0)
+        self.net = net()
+        self.log_lr = torch.tensor(math.log(LR), requires_grad=True)
+        self.inner = torchopt.MetaAdam(self.net, lr=lambda count: self.log_lr.exp(), eps_root=eps_root)
+        self.outer = torch.optim.Adam([self.log_lr], lr=META_LR)
+        self.batches, self.position = batches, 0
+
+    def _next(self):
+        batch = self.batches[self.position % len(self.batches)]
+        self.position += 1
+        return batch
+
+    def truncation(self) -> float:
+        x, y = self._next()
+        loss = F.cross_entropy(self.net(x), y)
+        terms = []
+        for _ in range(K):
+            self.inner.step(loss)
+            x, y = self._next()
+            loss = F.cross_entropy(self.net(x), y)
+            terms.append(loss)
+        meta_loss = torch.stack(terms).mean()
+        self.outer.zero_grad()
+        meta_loss.backward()
+        grad = float(self.log_lr.grad)
+        self.outer.step()
+        self.torchopt.stop_gradient(self.net)
+        self.torchopt.stop_gradient(self.inner)
+        return grad
+
+
+class MetaoptimizerSide:
+    """``LearnedHyperparameters('adam')`` through the library's unroll."""
+
+    def __init__(self, batches, device: str = "cpu") -> None:
+        x, y = digits()
+        self.task = ModuleTask("digits_mlp_64_32_10", net, (x, y), (x, y), batch_size=BATCH)
+        torch.manual_seed(0)
+        self.params = detach_params({n: p.detach().to(device) for n, p in net().named_parameters()})
+        self.rule = LearnedHyperparameters("adam", lr=LR, learn=("lr",), device=device)
+        self.state = self.rule.init(self.params)
+        self.outer = torch.optim.Adam(self.rule.parameters(), lr=META_LR)
+        self.batches, self.position = batches, 0
+
+    def _stream(self):
+        while True:
+            yield self.batches[self.position % len(self.batches)]
+            self.position += 1
+
+    def truncation(self) -> float:
+        result = unroll(self.rule, self.task, self.params, self.state, self._stream(), K, second_order=True)
+        self.position += 1  # the stream's generator stops one batch short of the last it read
+        self.outer.zero_grad()
+        result.meta_loss.backward()
+        grad = float(next(iter(self.rule.parameters())).grad)
+        self.outer.step()
+        self.params, self.state = detach_params(result.params), result.state.detach()
+        return grad
+
+
+def best_seconds(sides: dict, meta_steps: int, rounds: int) -> dict[str, float]:
+    best = dict.fromkeys(sides, float("inf"))
+    for _ in range(rounds):
+        for name, side in sides.items():
+            start = time.perf_counter()
+            for _ in range(meta_steps):
+                side.truncation()
+            best[name] = min(best[name], (time.perf_counter() - start) / meta_steps)
+    return best
+
+
+def profile(side, label: str) -> None:
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile() as prof:
+        side.truncation()
+    print(f"\nprofile of one truncation, {label} (self CPU time, top 12)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def cprofile(side, truncations: int = 10) -> None:
+    """Python-level profile of the metaoptimizer side: where a truncation's time goes by function."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: [side.truncation() for _ in range(truncations)])
+    print(f"\ncProfile of {truncations} metaoptimizer truncations (cumulative, top 25)")
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--meta-steps", type=int, default=10, help="truncations per timed block")
+    parser.add_argument("--rounds", type=int, default=3, help="timed blocks per side (best kept)")
+    parser.add_argument("--nan-steps", type=int, default=10, help="truncations run with torchopt's default eps_root")
+    parser.add_argument("--profile", action="store_true", help="torch profiler: top operators of each side")
+    parser.add_argument("--cprofile", action="store_true", help="cProfile of the metaoptimizer side")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    x, y = digits()
+    batches = batch_stream(x, y, 4096)
+    sides = {"metaoptimizer": MetaoptimizerSide(batches)}
+    try:
+        import torchopt
+    except ImportError:
+        print("torchopt is not installed (pip install -e '.[bench]'): timing metaoptimizer alone")
+    else:
+        print(f"torchopt {torchopt.__version__}, torch {torch.__version__}, threads={torch.get_num_threads()}")
+        sides["torchopt (eps_root=1e-8)"] = TorchoptSide(batches, eps_root=1e-8)
+        first = {name: side.truncation() for name, side in sides.items()}
+        print("first truncation's meta-gradient d(meta-loss)/d(log lr): "
+              + ", ".join(f"{name} {g:.6g}" for name, g in first.items()))
+        default = TorchoptSide(batches, eps_root=0.0)
+        nans = sum(not math.isfinite(default.truncation()) for _ in range(args.nan_steps))
+        print(f"torchopt default eps_root=0: {nans} of {args.nan_steps} truncations gave a non-finite meta-gradient")
+    seconds = best_seconds(sides, args.meta_steps, args.rounds)
+    for name, s in seconds.items():
+        print(f"{name:28s} {s * 1e3:8.2f} ms per truncation  {K / s:8.1f} inner steps/s")
+    if len(seconds) == 2:
+        ours, theirs = seconds.values()
+        print(f"metaoptimizer / torchopt throughput: {theirs / ours:.2f}x (target >= 1.5x)")
+    if args.profile:
+        for name, side in sides.items():
+            profile(side, name)
+    if args.cprofile:
+        cprofile(sides["metaoptimizer"])
+
+
+if __name__ == "__main__":
+    main()
