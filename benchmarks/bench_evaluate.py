@@ -67,7 +67,7 @@ def suite_costs(name: str, out: str, overrides: dict) -> None:
     files = write_report(result, out, extra={"command": "benchmarks/bench_evaluate.py", "optimizers": "baselines only"})
     runs = sum(len(t.entry.seeds) * sum(len(b.lrs) for b in t.baselines.values()) for t in result.tasks)
     print(f"suite {name}: {len(result.tasks)} tasks, {runs} runs, {result.seconds:.0f} s wall ({files.markdown})")
-    for label in result.labels():
+    for label in result.groups():
         for compared, figures in result.summary(label).items():
             s = figures["speedup"]
             print(f"  {label}: tuned {compared} vs tuned adam: speedup median {s.median:.3f}, IQM {s.iqm:.3f} "

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from metaoptimizer import pretrained
+from metaoptimizer.evaluate.baselines import ScaleByWarmupCosine
 from metaoptimizer.meta.hyperparams import LearnedHyperparameters
 from metaoptimizer.rules import (
     SGD,
@@ -85,4 +86,5 @@ RULE_DB: list[RuleInfo] = [
     RuleInfo("celo_adam", lambda: CeloAdamRule.pretrained(), budget_aware=True, reads_loss=True, meta_parameters=True),
     RuleInfo("learned_schedule", lambda: named_chain(sgd=SGD(lr=0.1), schedule=scale_by_schedule(
         LearnedSchedule(20, 4).initialise_as(CosineDecay(20)))), budget_aware=True, meta_parameters=True),
+    RuleInfo("adamw_warmup_cosine", lambda: chain(AdamW(lr=0.01), ScaleByWarmupCosine()), budget_aware=True),
 ]

@@ -47,16 +47,44 @@ def test_eval_command_runs_an_injected_rule_and_writes_the_report(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["--suite", "imagenet"], "unknown suite"), (["--suite", "heldout", "--data-dir", "/data"], "does not take"),
-     (["--name", "adam"], "baseline's name"), (["--optimizer", "nonsense"], "not a pretrained name")],
+     (["--name", "adam"], "baseline's name"), (["--optimizer", "nonsense"], "not a pretrained name"),
+     (["--suite", "general", "--name", "prodigy"], "baseline's name"),
+     (["--suite", "general", "--horizons", "300,long"], "comma-separated list"),
+     (["--suite", "general", "--tasks", "resnet50"], "not general tasks"),
+     (["--suite", "general", "--num-tasks", "2"], "does not take"),
+     (["--name", "a", "--name", "b"], "one --name per --optimizer")],
 )
 def test_eval_command_reports_bad_options_cleanly(args, message, tmp_path):
     base = {"--optimizer": "adam:lr=0.01", "--out": str(tmp_path)}
-    for flag, value in zip(args[::2], args[1::2], strict=True):
-        base[flag] = value
-    argv = ["eval", *[item for pair in base.items() for item in pair], "--no-progress"]
+    argv = ["eval", *[item for pair in base.items() for item in pair], *args, "--no-progress"]
     outcome = CliRunner().invoke(app_with(load_optimizer), argv)
     assert outcome.exit_code == 2
     assert message in " ".join(outcome.output.replace("│", " ").split())
+
+
+def test_eval_general_suite_compares_several_optimizers_and_reuses_cached_baselines(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.delenv("METAOPT_DATA_DIR", raising=False)
+    args = ["eval", "--optimizer", "adam:lr=0.01", "--optimizer", "sgd:lr=0.1", "--suite", "general",
+            "--horizons", "12,16", "--tasks", "regression", "--seeds", "1", "--baseline-cache", str(tmp_path / "cache"),
+            "--no-progress"]
+    first = CliRunner().invoke(app_with(load_optimizer), [*args, "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    data = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert [t["group"] for t in data["tasks"]] == ["12 steps", "16 steps"]
+    compared = set(data["tasks"][0]["comparisons"])
+    assert compared == {"adam:lr=0.01", "sgd:lr=0.1", "adam-default", "adamw-warmup-cosine", "prodigy",
+                        "schedule-free-adamw"}
+    assert set(data["summary"]["groups"]) == {"12 steps", "16 steps"}
+    assert data["beat_fractions"]["all"]["valid"]["sgd:lr=0.1"].keys() >= {"adam", "prodigy"}
+    assert len(list((tmp_path / "cache").iterdir())) == 2 * 5  # 5 baselines x 2 horizons
+    second = CliRunner().invoke(app_with(load_optimizer), [*args, "--out", str(tmp_path / "b")])
+    assert second.exit_code == 0, second.output
+    again = json.loads((tmp_path / "b" / "results.json").read_text())
+    for old, new in zip(data["tasks"], again["tasks"], strict=True):
+        assert old["baselines"] == new["baselines"]  # read back from the cache, not rerun
+    for plot in ("speedup_table.png", "profile.png", "curves_12_steps.png", "curves_16_steps.png"):
+        assert (tmp_path / "b" / plot).exists()
 
 
 def test_parse_hand_spec():

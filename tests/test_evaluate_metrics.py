@@ -191,6 +191,25 @@ def test_interquartile_mean_rejects_empty_and_nan():
 
 def test_summarize_leaves_nan_out_and_counts_it():
     summary = summarize([1.0, 2.0, math.nan, 3.0, 10.0])
-    assert summary == metrics.Summary(median=2.5, iqm=2.5, count=4, excluded=1)
+    assert (summary.median, summary.iqm, summary.count, summary.excluded) == (2.5, 2.5, 4, 1)
+    assert 1.0 <= summary.iqm_low <= summary.iqm <= summary.iqm_high <= 10.0
     empty = summarize([math.nan])
     assert math.isnan(empty.median) and math.isnan(empty.iqm) and (empty.count, empty.excluded) == (0, 1)
+
+
+def test_bootstrap_iqm_interval_is_seeded_and_brackets_the_iqm():
+    values = [0.8, 1.0, 1.1, 1.3, 1.5, 2.0, 3.0, 0.5]
+    low, high = metrics.bootstrap_iqm_interval(values)
+    assert (low, high) == metrics.bootstrap_iqm_interval(values)  # seeded: reports are reproducible
+    assert min(values) <= low <= interquartile_mean(values) <= high <= max(values)
+    narrow = metrics.bootstrap_iqm_interval(values, level=0.5)
+    assert low <= narrow[0] <= narrow[1] <= high
+    assert metrics.bootstrap_iqm_interval([2.0]) == (2.0, 2.0)
+
+
+@pytest.mark.parametrize(("values", "options", "message"), [
+    ([], {}, "at least one value"), ([1.0, math.nan], {}, "no NaN"), ([1.0], {"level": 1.0}, "level"),
+    ([1.0], {"resamples": 0}, "resamples")])
+def test_bootstrap_iqm_interval_rejects_bad_input(values, options, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.bootstrap_iqm_interval(values, **options)

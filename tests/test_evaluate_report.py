@@ -37,19 +37,23 @@ def files(result, tmp_path_factory):
 
 def test_report_writes_markdown_json_and_plots(files):
     assert files.markdown.name == "report.md" and files.json.name == "results.json"
-    assert sorted(p.name for p in files.plots) == ["curves_relu_a.png", "curves_relu_b.png", "speedup.png"]
+    assert sorted(p.name for p in files.plots) == [
+        "curves_relu_a.png", "curves_relu_b.png", "profile.png", "speedup.png", "speedup_table.png"]
     for plot in files.plots:
         assert plot.read_bytes().startswith(PNG_SIGNATURE) and plot.stat().st_size > 5000
 
 
 def test_markdown_has_protocol_summaries_per_entry_and_every_task(files, result):
     text = files.markdown.read_text()
-    for heading in ("## Protocol", "## Summary over tasks", "### relu_a", "### relu_b", "### all entries",
+    for heading in ("## Protocol", "## Summary over tasks", "### relu_a", "### relu_b", "### all tasks",
                     "## Per-task results", "## Tuned learning rates"):
         assert heading in text
     assert "- optimizer: hand rules" in text
     assert "- training:\n  - steps: 3\n  - seed: 0\n" in text  # nested extras one per line
-    assert "![speedups](speedup.png)" in text and "(curves_relu_a.png)" in text
+    for plot in ("speedup.png", "speedup_table.png", "profile.png", "curves_relu_a.png"):
+        assert f"]({plot})" in text
+    assert "IQM 95% CI" in text and "time/step vs adam (median)" in text
+    assert "final train loss below ..." in text and "final valid loss below ..." in text
     for task in result.tasks:
         assert f"`{task.task_name}`" in text
     huge = [line for line in text.splitlines() if "| sgd_huge |" in line and "`digits_mlp:" in line]
@@ -75,7 +79,30 @@ def test_json_holds_every_number_and_encodes_divergence_as_strings(files, result
     summary = data["summary"]["all"]["adam_fixed"]["speedup"]
     assert summary["median"] == pytest.approx(float(np.median(speedups)))
     assert summary["iqm"] == pytest.approx(metrics.interquartile_mean(speedups))
-    assert data["summary"]["entries"]["relu_b"]["adam_fixed"]["speedup"]["count"] == 1
+    assert data["summary"]["groups"]["relu_b"]["adam_fixed"]["speedup"]["count"] == 1
+    assert summary["iqm_low"] <= summary["iqm"] <= summary["iqm_high"]
+
+
+def test_beat_fractions_count_tasks_with_a_strictly_lower_final_loss(result, files):
+    table = result.beat_fractions("train")
+    assert set(table) == {"adam_fixed", "sgd_huge", "adam", "momentum", "rmsprop"}
+    assert set(table["adam_fixed"]) == {"adam", "momentum", "rmsprop"}
+    assert table["sgd_huge"]["adam"] == 0.0  # diverged: +inf never beats
+    assert math.isnan(table["adam"]["adam"])
+    expected = np.mean([t.final_loss("adam_fixed", "valid") < t.final_loss("rmsprop", "valid") for t in result.tasks])
+    assert result.beat_fractions("valid")["adam_fixed"]["rmsprop"] == expected
+    data = json.loads(files.json.read_text())
+    assert data["beat_fractions"]["all"]["train"]["sgd_huge"]["adam"] == 0.0
+    with pytest.raises(ValueError, match="accepted values"):
+        result.beat_fractions("test")
+
+
+def test_time_ratio_is_seconds_per_step_over_the_reference(result):
+    task = result.tasks[0]
+    adam_runs = [c for lr in task.baselines["adam"].lrs for c in task.baselines["adam"].runs[lr]]
+    expected = np.mean([c.seconds for c in task.optimizers["adam_fixed"]]) / np.mean([c.seconds for c in adam_runs])
+    assert task.time_ratio("adam_fixed", "adam") == pytest.approx(expected)
+    assert result.summary()["adam_fixed"]["time_ratio"].count == 2
 
 
 def test_diverged_optimizer_scores_zero_accuracy_and_infinite_loss(result):

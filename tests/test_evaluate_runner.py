@@ -157,7 +157,7 @@ def test_a_rule_identical_to_the_tuned_reference_has_speedup_one():
     assert headline == {"median": 1.0, "iqm": 1.0, "per_task": [1.0], "reached": 1, "tasks": 1,
                         "final_train_loss_ratio_median": 1.0}
     assert result.headline_line("same").startswith("same: speedup median 1.000")
-    assert result.labels() == ["digits_mlp_tiny"]
+    assert result.groups() == ["digits_mlp_tiny"]
 
 
 def test_run_suite_with_an_injected_family_and_optuna_tuner():

@@ -8,6 +8,7 @@ from metaoptimizer.evaluate.runner import run_rule
 from metaoptimizer.evaluate.suites import SUITES, Suite, SuiteEntry, make_suite
 from metaoptimizer.rules.hand import Adam
 from metaoptimizer.tasks import HELDOUT, make_family
+from metaoptimizer.tasks.general import GENERAL_TASKS
 
 
 def test_heldout_suite_is_ten_heldout_tasks_of_the_meta_training_family_with_three_seeds():
@@ -46,7 +47,34 @@ def test_suites_are_plain_data():
     suite = make_suite("smoke")
     data = suite.to_dict()
     assert data["name"] == "smoke" and data["entries"][0]["task_indices"] == [0, 1]
-    assert set(SUITES) == {"heldout", "architectures", "long_horizon", "smoke"}
+    assert set(SUITES) == {"heldout", "architectures", "long_horizon", "smoke", "general"}
+    assert data["baselines"] == "default" and data["entries"][0]["group"] == "digits_mlp_tiny"
+
+
+def test_general_suite_is_every_general_task_at_three_horizons_grouped_by_horizon(monkeypatch):
+    monkeypatch.delenv("METAOPT_DATA_DIR", raising=False)
+    suite = make_suite("general")
+    assert suite.baselines == "general" and len(suite.entries) == 3 * len(GENERAL_TASKS) >= 36
+    assert suite.groups() == ["300 steps", "1000 steps", "3000 steps"]
+    first = suite.entries[0]
+    assert (first.family, first.steps, first.seeds, first.kwargs) == ("general", 300, (0, 1, 2), {"task": "mlp_gelu_4x32"})
+    assert "fallback data" in suite.description
+    small = make_suite("general", horizons=(20,), tasks=("cnn_mnist", "regression"), seeds=(0,), data_dir="/")
+    assert [e.label for e in small.entries] == ["cnn_mnist@20", "regression@20"]
+    assert small.entries[0].kwargs == {"task": "cnn_mnist", "root": "/"}
+
+
+def test_general_suite_rejects_bad_tasks_horizons_and_folders(tmp_path):
+    with pytest.raises(ValueError, match="not general tasks; accepted: mlp_gelu_4x32"):
+        make_suite("general", tasks=("resnet50",))
+    with pytest.raises(ValueError, match="horizons"):
+        make_suite("general", horizons=())
+    with pytest.raises(ValueError, match="steps"):
+        make_suite("general", horizons=(0,))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_suite("general", data_dir=tmp_path / "missing")
+    with pytest.raises(ValueError, match="baseline set"):
+        Suite("x", "y", make_suite("smoke").entries, baselines="users")
 
 
 def test_make_suite_rejects_unknown_names_and_overrides():

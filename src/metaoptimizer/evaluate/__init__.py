@@ -8,10 +8,21 @@ by a string (pretrained names, checkpoint files, ``adam:lr=0.001``) are loaded b
 
 from __future__ import annotations
 
-from metaoptimizer.evaluate.baselines import Baseline, TuningResult, default_baselines, log_grid, tune_lr
+from metaoptimizer.evaluate.baselines import (
+    BASELINE_SETS,
+    Baseline,
+    TuningResult,
+    ScaleByWarmupCosine,
+    default_baselines,
+    general_baselines,
+    log_grid,
+    make_baselines,
+    tune_lr,
+)
 from metaoptimizer.evaluate.metrics import (
     Speedup,
     Summary,
+    bootstrap_iqm_interval,
     interquartile_mean,
     lower_envelope,
     ratio,
@@ -34,8 +45,10 @@ from metaoptimizer.evaluate.runner import (
     run_suite,
 )
 from metaoptimizer.evaluate.suites import SUITES, Suite, SuiteEntry, make_suite
+from metaoptimizer.evaluate.torch_rule import TorchOptimizerRule
 
 __all__ = [
+    "BASELINE_SETS",
     "SUITES",
     "Baseline",
     "Comparison",
@@ -47,12 +60,17 @@ __all__ = [
     "SuiteResult",
     "Summary",
     "TaskResult",
+    "TorchOptimizerRule",
     "TuningResult",
+    "ScaleByWarmupCosine",
+    "bootstrap_iqm_interval",
     "compare",
     "default_baselines",
+    "general_baselines",
     "interquartile_mean",
     "log_grid",
     "lower_envelope",
+    "make_baselines",
     "make_suite",
     "ratio",
     "run_rule",

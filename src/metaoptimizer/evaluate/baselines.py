@@ -6,6 +6,10 @@ of the runs: the best learning rate is the one whose seed-mean smoothed training
 lowest value within the budget, and the lower envelope over all of them is the tuned baseline
 that sets steps-to-target targets (see :mod:`metaoptimizer.evaluate.metrics`).
 
+The ``general`` suite compares against what users run instead (:func:`general_baselines`):
+Adam at its default learning rate, tuned Adam, AdamW with warmup-cosine tuned, Prodigy and
+schedule-free AdamW at their defaults. An untuned optimizer is a baseline with a one-point grid.
+
 Where to tune: :func:`metaoptimizer.evaluate.runner.run_suite` tunes on each evaluated task
 itself, with the same seeds that are evaluated. This is the protocol of learned_optimization
 (learning rate tuned per task for Adam) and it favours the baseline: a learned optimizer gets no
@@ -15,16 +19,21 @@ per-task tuning.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from metaoptimizer.config import check_positive
+from torch import Tensor
+
+from metaoptimizer._validation import check_positive
 from metaoptimizer.evaluate import metrics
-from metaoptimizer.rules.base import UpdateRule
-from metaoptimizer.rules.hand import Adam, Momentum, RMSProp
+from metaoptimizer.rules.base import Params, UpdateRule
+from metaoptimizer.rules.combine import chain
+from metaoptimizer.rules.hand import Adam, AdamW, Momentum, RMSProp
+from metaoptimizer.rules.state import OptimizerState
+from metaoptimizer.schedules import warmup_cosine
 
 if TYPE_CHECKING:
     from metaoptimizer.evaluate.runner import Curve
@@ -70,6 +79,73 @@ def default_baselines() -> list[Baseline]:
         Baseline("momentum", lambda lr: Momentum(lr=lr, momentum=0.9), log_grid(1e-3, 10**0.5)),
         Baseline("rmsprop", lambda lr: RMSProp(lr=lr), adaptive),
     ]
+
+
+class ScaleByWarmupCosine(UpdateRule):
+    """Chain member: updates times a linear warmup over ``warmup_fraction`` of the run's budget
+    (``state.num_steps``) then a cosine decay to 0 at its end
+    (:func:`metaoptimizer.schedules.warmup_cosine`), the schedule a user sets knowing the number of
+    steps: ``chain(AdamW(lr), ScaleByWarmupCosine())`` is AdamW with that schedule on its lr."""
+
+    name = "scale_by_warmup_cosine"
+    budget_aware = True
+
+    def __init__(self, warmup_fraction: float = 0.05) -> None:
+        super().__init__()
+        if not 0.0 < warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must lie in (0, 1), got {warmup_fraction!r}")
+        self.warmup_fraction = warmup_fraction
+
+    def init(self, params: Mapping[str, Tensor], *, num_steps: int | None = None) -> OptimizerState:
+        num_steps = self.resolve_num_steps(num_steps)
+        if num_steps < 2:
+            raise ValueError(f"a warmup-cosine schedule needs a budget of at least 2 steps, got num_steps={num_steps}")
+        return OptimizerState(num_steps=num_steps)
+
+    def update(
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
+        loss: Tensor | float | None = None,
+    ) -> tuple[Params, OptimizerState]:
+        step, state = self.begin_update(grads, state, params, loss)
+        total = state.num_steps
+        factor = warmup_cosine(max(1, round(self.warmup_fraction * total)), total)(state.schedule_step())
+        return {name: u * factor for name, u in grads.items()}, state.replace(step_count=step)
+
+
+def general_baselines() -> list[Baseline]:
+    """What users run instead of a learned optimizer: ``adam`` (tuned, the reference),
+    ``adam-default`` (lr 1e-3, the untuned user), ``adamw-warmup-cosine`` (weight decay 0.01,
+    warmup over 5% of the budget then cosine to 0, lr tuned on Adam's grid), and, at their own
+    defaults, ``prodigy`` (learning-rate-free, ``prodigyopt``) and ``schedule-free-adamw``
+    (``schedulefree``, evaluated at its averaged iterate). The last two need the optional
+    dependency ``metaoptimizer[baselines]``."""
+    try:
+        from prodigyopt import Prodigy
+        from schedulefree import AdamWScheduleFree
+    except ImportError as err:
+        raise ImportError("the general baselines need Prodigy and schedule-free AdamW: "
+                          "pip install 'metaoptimizer[baselines]'") from err
+    from metaoptimizer.evaluate.torch_rule import TorchOptimizerRule
+
+    adaptive = log_grid(1e-4, 10**-0.5)
+    return [
+        Baseline("adam", lambda lr: Adam(lr=lr), adaptive),
+        Baseline("adam-default", lambda lr: Adam(lr=lr), (1e-3,)),
+        Baseline("adamw-warmup-cosine", lambda lr: chain(AdamW(lr=lr), ScaleByWarmupCosine()), adaptive),
+        Baseline("prodigy", lambda lr: TorchOptimizerRule(Prodigy, lr=lr), (1.0,)),
+        Baseline("schedule-free-adamw", lambda lr: TorchOptimizerRule(AdamWScheduleFree, lr=lr), (0.0025,)),
+    ]
+
+
+#: Named baseline sets; a suite names the one it is compared against.
+BASELINE_SETS = {"default": default_baselines, "general": general_baselines}
+
+
+def make_baselines(name: str) -> list[Baseline]:
+    """The baseline set called ``name`` (a key of :data:`BASELINE_SETS`)."""
+    if name not in BASELINE_SETS:
+        raise ValueError(f"unknown baseline set {name!r}; accepted names: {', '.join(map(repr, BASELINE_SETS))}")
+    return BASELINE_SETS[name]()
 
 
 @dataclass

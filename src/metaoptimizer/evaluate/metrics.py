@@ -148,21 +148,46 @@ def interquartile_mean(values: Sequence[float] | np.ndarray) -> float:
     return float(np.sort(array)[cut : array.size - cut].mean())
 
 
+def bootstrap_iqm_interval(
+    values: Sequence[float] | np.ndarray, *, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the IQM: resample the values (tasks) with replacement
+    ``resamples`` times (seeded, so reports are reproducible) and take the central ``level`` of
+    the resampled IQMs."""
+    array = np.asarray(values, dtype=np.float64).ravel()
+    if array.size == 0 or np.isnan(array).any():
+        raise ValueError("bootstrap_iqm_interval needs at least one value and no NaN")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+    check_positive("resamples", resamples, integer=True)
+    n, cut = array.size, array.size // 4
+    samples = np.sort(array[np.random.default_rng(seed).integers(n, size=(resamples, n))], axis=1)
+    with np.errstate(invalid="ignore"):  # inf - inf where infinite values (diverged runs) are averaged
+        iqms = samples[:, cut : n - cut].mean(axis=1)
+        low, high = np.quantile(iqms, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 @dataclass(frozen=True)
 class Summary:
-    """Median and interquartile mean of per-task values; ``excluded`` counts NaN values left out."""
+    """Median, interquartile mean and the IQM's bootstrap 95% interval (``iqm_low``, ``iqm_high``)
+    of per-task values; ``excluded`` counts NaN values left out."""
 
     median: float
     iqm: float
     count: int
     excluded: int
+    iqm_low: float = math.nan
+    iqm_high: float = math.nan
 
 
 def summarize(values: Sequence[float] | np.ndarray) -> Summary:
-    """Median and IQM over the non-NaN ``values`` (both NaN when none is left)."""
+    """Median, IQM and the IQM's bootstrap 95% interval over the non-NaN ``values`` (all NaN
+    when none is left)."""
     array = np.asarray(values, dtype=np.float64).ravel()
     kept = array[~np.isnan(array)]
     excluded = int(array.size - kept.size)
     if kept.size == 0:
         return Summary(math.nan, math.nan, 0, excluded)
-    return Summary(float(np.median(kept)), interquartile_mean(kept), int(kept.size), excluded)
+    low, high = bootstrap_iqm_interval(kept)
+    return Summary(float(np.median(kept)), interquartile_mean(kept), int(kept.size), excluded, low, high)

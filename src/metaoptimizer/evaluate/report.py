@@ -36,8 +36,13 @@ PROTOCOL = (
     "and marked with `*`. Loss ratios are optimizer / tuned reference (lower is better), accuracy "
     "ratios likewise (higher is better), at the end of the budget. A run whose loss becomes NaN/Inf "
     "is diverged: loss +inf (accuracy 0) from then on. Budget-aware rules (a learned schedule over "
-    "the training fraction) are told the step budget before each run, as a cosine schedule would be; "
-    "the baselines use a constant learning rate."
+    "the training fraction, a warmup-cosine schedule) are told the step budget before each run. "
+    "Baselines with a single learning rate are run untuned at that value. The IQM's 95% interval is a "
+    "percentile bootstrap over tasks (2000 resamples). 'Beats' compares final losses (seed means; "
+    "train: smoothed training loss at the last step, valid: validation loss at the last evaluation, "
+    "taken at a schedule-free optimizer's averaged iterate). Time per step is a run's wall time "
+    "(gradients, updates, evaluations) per step over the reference's mean at every learning rate; "
+    "baselines read from the cache keep the times of the process that ran them."
 )
 
 
@@ -93,6 +98,7 @@ def _comparison_to_dict(comparison: Comparison) -> dict[str, Any]:
 def _task_to_dict(task: TaskResult) -> dict[str, Any]:
     return {
         "entry": task.entry.label,
+        "group": task.entry.group,
         "family": task.entry.family,
         "index": task.index,
         "task": task.task_name,
@@ -110,6 +116,9 @@ def _task_to_dict(task: TaskResult) -> dict[str, Any]:
             for name, tuning in task.baselines.items()
         },
         "optimizers": {name: [curve_to_dict(c) for c in curves] for name, curves in task.optimizers.items()},
+        "final_loss": {name: {metric: _number(task.final_loss(name, metric)) for metric in FINAL_METRICS}
+                       for name in task.names()},
+        "seconds_per_step": {name: _number(task.seconds_per_step(name), 4) for name in task.names()},
     }
 
 
@@ -119,6 +128,14 @@ def _summary_to_dict(table: Mapping[str, Mapping[str, metrics.Summary]]) -> dict
                for figure, s in figures.items()}
         for name, figures in table.items()
     }
+
+
+FINAL_METRICS = ("train", "valid")
+
+
+def _fractions_to_dict(result: SuiteResult, group: str | None) -> dict[str, Any]:
+    return {metric: {a: {b: _number(v) for b, v in row.items()} for a, row in
+                     result.beat_fractions(metric, group).items()} for metric in FINAL_METRICS}
 
 
 def protocol_text(result: SuiteResult) -> str:
@@ -140,7 +157,11 @@ def result_to_dict(result: SuiteResult, extra: Mapping[str, Any] | None = None) 
         "extra": dict(extra or {}),
         "summary": {
             "all": _summary_to_dict(result.summary()),
-            "entries": {label: _summary_to_dict(result.summary(label)) for label in result.labels()},
+            "groups": {group: _summary_to_dict(result.summary(group)) for group in result.groups()},
+        },
+        "beat_fractions": {
+            "all": _fractions_to_dict(result, None),
+            "groups": {group: _fractions_to_dict(result, group) for group in result.groups()},
         },
         "tasks": [_task_to_dict(task) for task in result.tasks],
     }
@@ -159,22 +180,32 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _summary_lines(result: SuiteResult, label: str | None) -> list[str]:
-    tasks = [t for t in result.tasks if label is None or t.entry.label == label]
+def _summary_lines(result: SuiteResult, group: str | None) -> list[str]:
+    tasks = result.tasks_of(group)
     rows = []
-    for name, figures in result.summary(label).items():
+    for name, figures in result.summary(group).items():
         compared = [t.comparisons[name] for t in tasks if name in t.comparisons]
         reached = sum(c.speedup.reached for c in compared)
         diverged = sum(c.diverged_seeds for c in compared)
         runs = sum(len(t.entry.seeds) for t in tasks if name in t.comparisons)
+        speedup = figures["speedup"]
         rows.append([
-            name, _fmt(figures["speedup"].median), _fmt(figures["speedup"].iqm), f"{reached}/{len(compared)}",
-            _fmt(figures["train_loss_ratio"].median), _fmt(figures["valid_loss_ratio"].median),
-            _fmt(figures["accuracy_ratio"].median), f"{diverged}/{runs}",
+            name, _fmt(speedup.median), _fmt(speedup.iqm), f"{_fmt(speedup.iqm_low)} - {_fmt(speedup.iqm_high)}",
+            f"{reached}/{len(compared)}", _fmt(figures["train_loss_ratio"].median),
+            _fmt(figures["valid_loss_ratio"].median), _fmt(figures["accuracy_ratio"].median), f"{diverged}/{runs}",
+            _fmt(figures["time_ratio"].median),
         ])
-    header = ["optimizer", "speedup median", "speedup IQM", "reached target", "train loss ratio (median)",
-              "valid loss ratio (median)", "accuracy ratio (median)", "diverged runs"]
+    header = ["optimizer", "speedup median", "speedup IQM", "IQM 95% CI", "reached target",
+              "train loss ratio (median)", "valid loss ratio (median)", "accuracy ratio (median)", "diverged runs",
+              f"time/step vs {result.reference} (median)"]
     return _table(header, rows)
+
+
+def _beat_lines(result: SuiteResult, metric: str, group: str | None) -> list[str]:
+    table = result.beat_fractions(metric, group)
+    baselines = list(next(iter(table.values())))
+    rows = [[name, *("-" if math.isnan(v) else f"{v:.0%}" for v in row.values())] for name, row in table.items()]
+    return _table([f"final {metric} loss below ...", *baselines], rows)
 
 
 def _task_lines(result: SuiteResult) -> list[str]:
@@ -214,10 +245,10 @@ def _positive(curves: Sequence[np.ndarray]) -> bool:
     return values.size > 0 and bool((values > 0).all())
 
 
-def plot_curves(result: SuiteResult, label: str, path: Path) -> Path:
-    """One panel per task of entry ``label``: every optimizer's and baseline's seed-mean smoothed
+def plot_curves(result: SuiteResult, group: str, path: Path) -> Path:
+    """One panel per task of ``group``: every optimizer's and baseline's seed-mean smoothed
     training loss, the tuned reference's envelope and its target."""
-    tasks = [t for t in result.tasks if t.entry.label == label]
+    tasks = result.tasks_of(group)
     columns = min(4, len(tasks))
     rows = math.ceil(len(tasks) / columns)
     figure = Figure(figsize=(4 * columns, 3.2 * rows), layout="constrained")
@@ -240,7 +271,7 @@ def plot_curves(result: SuiteResult, label: str, path: Path) -> Path:
         ax.axhline(float(envelope.min()), color="grey", ls=":", lw=1, label="target")
         if _positive(drawn):
             ax.set_yscale("log")
-        ax.set_title(f"{label} #{task.index}", fontsize=9)
+        ax.set_title(f"{task.entry.label} #{task.index}", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("smoothed train loss")
     for ax in axes[len(tasks):]:
@@ -284,17 +315,87 @@ def plot_speedups(result: SuiteResult, path: Path) -> Path:
     return path
 
 
+def _speedup_matrix(result: SuiteResult) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(compared names, speedups ``(tasks, names)`` with NaN where not compared, reached flags)."""
+    names = result.compared()
+    comparisons = [[t.comparisons.get(name) for name in names] for t in result.tasks]
+    values = np.array([[c.speedup.value if c else np.nan for c in row] for row in comparisons])
+    reached = np.array([[bool(c and c.speedup.reached) for c in row] for row in comparisons])
+    return names, values, reached
+
+
+def plot_speedup_table(result: SuiteResult, path: Path) -> Path:
+    """A heat map of speedups, one row per task and one column per compared optimizer, each cell
+    printed; blue is faster than the tuned reference, red slower (log colour scale, 0.25 to 4),
+    ``*`` marks capped values (target never reached)."""
+    from matplotlib.colors import LogNorm
+
+    names, values, reached = _speedup_matrix(result)
+    tasks = result.tasks
+    figure = Figure(figsize=(2.0 + 1.3 * len(names), 1.2 + 0.28 * len(tasks)), layout="constrained")
+    ax = figure.subplots()
+    image = ax.imshow(np.clip(values, 0.25, 4.0), cmap="RdBu", norm=LogNorm(0.25, 4.0), aspect="auto")
+    for i in range(len(tasks)):
+        for j in range(len(names)):
+            if not math.isnan(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.2f}" + ("" if reached[i, j] else "*"), ha="center", va="center",
+                        fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(tasks)), [t.entry.label for t in tasks], fontsize=7)
+    ax.set_title(f"speedup over tuned {result.reference} (* = target never reached, capped)", fontsize=9)
+    bar = figure.colorbar(image, ax=ax, shrink=0.8, label="speedup")
+    bar.minorticks_off()
+    bar.set_ticks([0.25, 0.5, 1.0, 2.0, 4.0], labels=["<=0.25", "0.5", "1", "2", ">=4"])
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def plot_profile(result: SuiteResult, path: Path) -> Path:
+    """Performance profile: for every compared optimizer, the fraction of tasks whose speedup over
+    the tuned reference is at least ``tau``, against ``tau`` (log axis). A task whose target it never
+    reached counts as a failure at every ``tau`` (its capped value is an upper bound, not a speed).
+    Higher and further right is better; the height at ``tau = 1`` is the fraction of tasks where it
+    reaches the target at least as fast as the reference."""
+    names, values, reached = _speedup_matrix(result)
+    values = np.where(reached | np.isnan(values), values, 0.0)
+    finite = values[np.isfinite(values) & (values > 0)]
+    taus = np.geomspace(min(0.1, finite.min(initial=1.0)), max(10.0, finite.max(initial=1.0)), 400)
+    figure = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = figure.subplots()
+    for k, name in enumerate(names):
+        column = values[:, k][~np.isnan(values[:, k])]
+        ax.step(taus, [(column >= tau).mean() for tau in taus], where="post", lw=1.8, color=f"C{k}", label=name)
+    ax.axvline(1.0, color="black", lw=1, ls=":")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(f"tau: speedup over tuned {result.reference}")
+    ax.set_ylabel("fraction of tasks: target reached, speedup >= tau")
+    ax.set_title(f"performance profile, suite {result.suite.name} ({len(result.tasks)} tasks)", fontsize=9)
+    ax.legend(fontsize=7)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+#: Grouped bars get unreadable beyond this many bars; the heat map shows every suite.
+MAX_BARS = 60
+
+
 def write_report(
     result: SuiteResult, out_dir: str | Path, *, title: str | None = None, extra: Mapping[str, Any] | None = None
 ) -> ReportFiles:
-    """Write ``report.md``, ``results.json``, ``speedup.png`` and one ``curves_<entry>.png`` per
-    suite entry into ``out_dir`` (created if needed). ``extra`` is recorded in both files."""
+    """Write ``report.md``, ``results.json``, ``speedup_table.png`` (heat map), ``profile.png``
+    (performance profile), ``speedup.png`` (bars, for suites of at most :data:`MAX_BARS` bars) and
+    one ``curves_<group>.png`` per entry group into ``out_dir`` (created if needed). ``extra`` is
+    recorded in both files."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "results.json"
     json_path.write_text(json.dumps(result_to_dict(result, extra), indent=1, allow_nan=False))
-    plots = [plot_curves(result, label, out / f"curves_{label}.png") for label in result.labels()]
-    plots.append(plot_speedups(result, out / "speedup.png"))
+    summary_plots = [plot_speedup_table(result, out / "speedup_table.png"), plot_profile(result, out / "profile.png")]
+    if len(result.tasks) * len(result.compared()) <= MAX_BARS:
+        summary_plots.append(plot_speedups(result, out / "speedup.png"))
+    curve_plots = [plot_curves(result, group, out / f"curves_{_file_part(group)}.png") for group in result.groups()]
     lines = [f"# {title or f'Evaluation on suite `{result.suite.name}`'}", "", result.suite.description, ""]
     for key, value in (extra or {}).items():
         if isinstance(value, Mapping):  # one nested item per line, not a dict printed on one line
@@ -313,16 +414,24 @@ def write_report(
         "## Summary over tasks",
         "",
     ]
-    if len(result.labels()) > 1:
-        for label in result.labels():
-            lines += [f"### {label}", "", *_summary_lines(result, label), ""]
-        lines += ["### all entries", ""]
-    lines += [*_summary_lines(result, None), "", "![speedups](speedup.png)", ""]
-    for plot in plots[:-1]:
+    if len(result.groups()) > 1:
+        for group in result.groups():
+            lines += [f"### {group}", "", *_summary_lines(result, group), ""]
+        lines += ["### all tasks", ""]
+    lines += [*_summary_lines(result, None), ""]
+    for metric in FINAL_METRICS:
+        lines += [f"Fraction of tasks on which each optimizer's final {metric} loss is below each baseline's:", "",
+                  *_beat_lines(result, metric, None), ""]
+    for plot in [*summary_plots, *curve_plots]:
         lines += [f"![{plot.stem}]({plot.name})", ""]
     lines += ["## Per-task results", "", "`*`: target never reached; speedup capped.", "", *_task_lines(result), ""]
     lines += ["## Tuned learning rates", "", *_tuning_lines(result), ""]
     lines += ["All numbers, including every run's curve, are in `results.json`.", ""]
     markdown = out / "report.md"
     markdown.write_text("\n".join(lines))
-    return ReportFiles(markdown, json_path, tuple(plots))
+    return ReportFiles(markdown, json_path, tuple(summary_plots + curve_plots))
+
+
+def _file_part(text: str) -> str:
+    """``text`` with every character other than letters, digits, '-' and '_' replaced by '_'."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)

@@ -3,7 +3,8 @@
 A run is the deployment loop: gradients from ``torch.autograd.grad`` on the task's loss, the
 rule's ``update`` under ``torch.no_grad``, additive updates. Every run records the training loss
 at every step and, every ``eval_every`` steps, the task's metrics (loss, accuracy) on a fixed set
-of validation batches. A run that produces a NaN/Inf loss is *diverged*: it stops there, its
+of validation batches, at the rule's evaluation point (its parameters, or the averaged iterate of
+a schedule-free optimizer, see :mod:`metaoptimizer.evaluate.torch_rule`). A run that produces a NaN/Inf loss is *diverged*: it stops there, its
 training loss is ``+inf`` from that step on, and later evaluations score it as useless
 (loss ``+inf``, accuracy 0, other metrics NaN). Nothing in a run raises because of divergence.
 """
@@ -23,7 +24,7 @@ import torch
 
 from metaoptimizer.config import check_positive
 from metaoptimizer.evaluate import metrics
-from metaoptimizer.evaluate.baselines import TUNERS, Baseline, TuningResult, default_baselines, tune_lr
+from metaoptimizer.evaluate.baselines import TUNERS, Baseline, TuningResult, make_baselines, tune_lr
 from metaoptimizer.evaluate.cache import BaselineCache
 from metaoptimizer.evaluate.suites import Suite, SuiteEntry
 from metaoptimizer.meta.unroll import inner_step
@@ -81,6 +82,13 @@ def _evaluate(task: Task, params: Mapping[str, torch.Tensor], batches: Sequence[
     return result if math.isfinite(result["loss"]) else _diverged_metrics(list(result))
 
 
+def _evaluation_point(rule: UpdateRule, params: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """Where to evaluate a rule's model: ``params``, unless the rule evaluates another point than
+    it trains at (schedule-free averaging) and says so with ``evaluation_params(params)``."""
+    evaluation_params = getattr(rule, "evaluation_params", None)
+    return params if evaluation_params is None else evaluation_params(params)
+
+
 def _to_device(batch: Batch, device: torch.device | str | None) -> Batch:
     return batch if device is None else tuple(t.to(device) for t in batch)
 
@@ -120,7 +128,7 @@ def run_rule(
         state = rule.init(params, num_steps=steps)
     for step in range(1, steps + 1):
         if step - 1 in schedule:
-            evaluations[step - 1] = _evaluate(task, params, valid)
+            evaluations[step - 1] = _evaluate(task, _evaluation_point(rule, params), valid)
         leaves = [params[name].requires_grad_(True) for name in names]
         with torch.enable_grad():
             loss = task.loss(params, _to_device(next(batches), device))
@@ -134,7 +142,7 @@ def run_rule(
             detached = {name: p.detach() for name, p in params.items()}
             params, state = inner_step(rule.update, detached, state, dict(zip(names, grads, strict=True)), loss)
     if diverged_at is None:
-        evaluations[steps] = _evaluate(task, params, valid)
+        evaluations[steps] = _evaluate(task, _evaluation_point(rule, params), valid)
     metric_names = list(next(iter(evaluations.values())))
     eval_steps = np.array(sorted(schedule), dtype=np.int64)
     eval_metrics = {
@@ -225,6 +233,37 @@ class TaskResult:
     baselines: dict[str, TuningResult]
     comparisons: dict[str, Comparison]
 
+    def runs(self, name: str) -> list[Curve]:
+        """The per-seed runs of optimizer ``name``, or of baseline ``name`` at its tuned learning rate."""
+        if name in self.optimizers:
+            return self.optimizers[name]
+        tuning = self.baselines[name]
+        return tuning.runs[tuning.best_lr]
+
+    def names(self) -> list[str]:
+        """Every optimizer's and baseline's name."""
+        return [*self.optimizers, *self.baselines]
+
+    def final_loss(self, name: str, metric: str) -> float:
+        """``name``'s final loss: ``'train'`` (seed-mean smoothed training loss at the last step)
+        or ``'valid'`` (seed-mean validation loss at the last evaluation)."""
+        runs = self.runs(name)
+        if metric == "train":
+            return float(metrics.seed_mean([c.train_loss for c in runs], self.window)[-1])
+        if metric == "valid":
+            return _final_eval(runs, "loss")
+        raise ValueError(f"metric={metric!r} is not supported; accepted values: ('train', 'valid')")
+
+    def seconds_per_step(self, name: str) -> float:
+        """Mean wall time of ``name``'s runs per step (gradients, updates and evaluations)."""
+        return float(np.mean([c.seconds for c in self.runs(name)])) / self.entry.steps
+
+    def time_ratio(self, name: str, reference: str) -> float:
+        """``name``'s seconds per step over the mean of ``reference``'s runs at every learning rate."""
+        tuning = self.baselines[reference]
+        seconds = np.mean([c.seconds for lr in tuning.lrs for c in tuning.runs[lr]]) / self.entry.steps
+        return metrics.ratio(self.seconds_per_step(name), seconds)
+
 
 @dataclass
 class SuiteResult:
@@ -244,13 +283,18 @@ class SuiteResult:
             names.update(dict.fromkeys(task.comparisons))
         return list(names)
 
-    def labels(self) -> list[str]:
-        return [entry.label for entry in self.suite.entries]
+    def groups(self) -> list[str]:
+        """The suite's entry groups (each entry is its own group unless the suite groups them)."""
+        return self.suite.groups()
 
-    def summary(self, label: str | None = None) -> dict[str, dict[str, metrics.Summary]]:
-        """Median and IQM over tasks (of entry ``label``, or of the whole suite) of every
-        comparison figure, per compared name."""
-        tasks = [t for t in self.tasks if label is None or t.entry.label == label]
+    def tasks_of(self, group: str | None = None) -> list[TaskResult]:
+        """The tasks of ``group``, or all of them."""
+        return [t for t in self.tasks if group is None or t.entry.group == group]
+
+    def summary(self, group: str | None = None) -> dict[str, dict[str, metrics.Summary]]:
+        """Median and IQM over tasks (of ``group``, or of the whole suite) of every comparison
+        figure per compared name, and of its wall time per step relative to the reference."""
+        tasks = self.tasks_of(group)
         table = {}
         for name in self.compared():
             rows = [task.comparisons[name] for task in tasks if name in task.comparisons]
@@ -259,7 +303,25 @@ class SuiteResult:
                 "train_loss_ratio": metrics.summarize([r.train_loss_ratio for r in rows]),
                 "valid_loss_ratio": metrics.summarize([r.valid_loss_ratio for r in rows]),
                 "accuracy_ratio": metrics.summarize([r.accuracy_ratio for r in rows]),
+                "time_ratio": metrics.summarize(
+                    [t.time_ratio(name, self.reference) for t in tasks if name in t.comparisons]),
             }
+        return table
+
+    def beat_fractions(self, metric: str, group: str | None = None) -> dict[str, dict[str, float]]:
+        """``table[a][b]``: the fraction of tasks (of ``group``, or all) on which ``a``'s final
+        ``metric`` loss (``'train'`` or ``'valid'``, see :meth:`TaskResult.final_loss`) is strictly
+        below ``b``'s, for every optimizer ``a`` and baseline ``b``; a tie (both diverged) is no win."""
+        tasks = self.tasks_of(group)
+        names = list(dict.fromkeys(name for t in tasks for name in t.names()))
+        baselines = list(dict.fromkeys(name for t in tasks for name in t.baselines))
+        table = {}
+        for a in names:
+            table[a] = {}
+            for b in baselines:
+                pairs = [(t.final_loss(a, metric), t.final_loss(b, metric)) for t in tasks
+                         if a in t.names() and b in t.baselines]
+                table[a][b] = sum(x < y for x, y in pairs) / len(pairs) if pairs and a != b else math.nan
         return table
 
     def headline(self, name: str) -> dict[str, Any]:
@@ -322,7 +384,7 @@ def run_suite(
 ) -> SuiteResult:
     """Run ``optimizers`` and the learning-rate-tuned ``baselines`` on every task of ``suite``.
 
-    Baselines are tuned on each evaluated task itself, with the suite's seeds (the protocol of
+    ``baselines`` default to the suite's baseline set. Baselines are tuned on each evaluated task itself, with the suite's seeds (the protocol of
     learned_optimization; it gives the baseline the advantage). ``reference`` names the baseline
     that sets the target (tuned Adam by default); every optimizer and every other baseline (at
     its tuned learning rate) is compared with it. The smoothing window is ``window_fraction`` of
@@ -332,7 +394,7 @@ def run_suite(
     """
     if cache is not None and not isinstance(cache, BaselineCache):
         cache = BaselineCache(cache)
-    baselines = list(default_baselines() if baselines is None else baselines)
+    baselines = list(make_baselines(suite.baselines) if baselines is None else baselines)
     names = [b.name for b in baselines]
     if reference not in names:
         raise ValueError(f"reference={reference!r} is not among the baselines {names}")

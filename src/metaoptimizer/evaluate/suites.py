@@ -7,7 +7,10 @@ defaulting to the digits MLP family and 200 steps (``MetaTrainer``'s default hor
 * ``architectures``: three architectures never seen in meta-training (suite b): a deeper, wider
   ReLU MLP (3 x 128), a CNN, and a GRU character language model;
 * ``long_horizon``: the meta-training family for ``horizon_factor`` (5) times the steps (suite c);
-* ``smoke``: two tiny digits tasks for tests and quick checks.
+* ``smoke``: two tiny digits tasks for tests and quick checks;
+* ``general``: the tasks of :mod:`metaoptimizer.tasks.general` (none meta-trained on by any
+  shipped learned optimizer) at horizons of 300, 1000 and 3000 steps, against the optimizers users
+  pick instead (the ``general`` baseline set).
 
 Held-out tasks use ``split='heldout'`` indices, whose task seeds never occur in meta-training.
 """
@@ -21,7 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metaoptimizer.config import check_positive
+from metaoptimizer.evaluate.baselines import BASELINE_SETS
 from metaoptimizer.tasks.base import HELDOUT, SPLITS
+from metaoptimizer.tasks.general import GENERAL_TASKS, resolve_data_dir
 
 DEFAULT_FAMILY = "digits_mlp"
 DEFAULT_STEPS = 200
@@ -43,8 +48,11 @@ class SuiteEntry:
     split: str = HELDOUT
     eval_every: int | None = None
     eval_batches: int = 8
+    group: str = ""
 
     def __post_init__(self) -> None:
+        if not self.group:  # reports summarise per group; by default each entry is its own group
+            object.__setattr__(self, "group", self.label)
         check_positive("steps", self.steps, integer=True)
         check_positive("eval_batches", self.eval_batches, integer=True)
         if self.split not in SPLITS:
@@ -69,18 +77,23 @@ class SuiteEntry:
             "seeds": list(self.seeds),
             "eval_every": self.eval_every,
             "eval_batches": self.eval_batches,
+            "group": self.group,
         }
 
 
 @dataclass(frozen=True)
 class Suite:
-    """A named list of suite entries."""
+    """A named list of suite entries, compared against the baseline set ``baselines`` (a key of
+    :data:`metaoptimizer.evaluate.baselines.BASELINE_SETS`)."""
 
     name: str
     description: str
     entries: tuple[SuiteEntry, ...]
+    baselines: str = "default"
 
     def __post_init__(self) -> None:
+        if self.baselines not in BASELINE_SETS:
+            raise ValueError(f"baselines={self.baselines!r} is not a baseline set; accepted: {sorted(BASELINE_SETS)}")
         if not self.entries:
             raise ValueError(f"suite {self.name!r} needs at least one entry")
         labels = [e.label for e in self.entries]
@@ -88,7 +101,12 @@ class Suite:
             raise ValueError(f"suite {self.name!r} has repeated entry labels {labels}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "entries": [e.to_dict() for e in self.entries]}
+        return {"name": self.name, "description": self.description, "baselines": self.baselines,
+                "entries": [e.to_dict() for e in self.entries]}
+
+    def groups(self) -> list[str]:
+        """The entries' groups, in order of first appearance."""
+        return list(dict.fromkeys(e.group for e in self.entries))
 
 
 def _indices(num_tasks: int) -> tuple[int, ...]:
@@ -153,11 +171,46 @@ def smoke_suite(*, num_tasks: int = 2, steps: int = 30, seeds: tuple[int, ...] =
     return Suite("smoke", f"tiny digits MLPs, {steps} steps", (entry,))
 
 
+GENERAL_HORIZONS = (300, 1000, 3000)
+
+
+def general_suite(
+    *,
+    horizons: tuple[int, ...] = GENERAL_HORIZONS,
+    seeds: tuple[int, ...] = DEFAULT_SEEDS,
+    tasks: tuple[str, ...] | None = None,
+    data_dir: str | os.PathLike | None = None,
+) -> Suite:
+    """Every task of :data:`metaoptimizer.tasks.general.GENERAL_TASKS` (or those named in
+    ``tasks``) at every horizon, one group per horizon, against the ``general`` baselines.
+
+    ``data_dir`` (or ``$METAOPT_DATA_DIR``) holds MNIST, Omniglot and tiny Shakespeare; without
+    it the tasks fall back to scikit-learn's digits and a synthetic text (see the tasks module).
+    """
+    chosen = tuple(GENERAL_TASKS) if tasks is None else tuple(tasks)
+    unknown = [t for t in chosen if t not in GENERAL_TASKS]
+    if unknown or not chosen:
+        raise ValueError(f"tasks {unknown or chosen!r} are not general tasks; accepted: {', '.join(GENERAL_TASKS)}")
+    if not isinstance(horizons, tuple) or not horizons:
+        raise ValueError(f"horizons must be a non-empty tuple of step budgets, got {horizons!r}")
+    root = resolve_data_dir(data_dir)
+    kwargs = {} if root is None else {"root": str(root)}
+    entries = tuple(
+        SuiteEntry(f"{task}@{steps}", "general", (0,), steps, tuple(seeds), {"task": task, **kwargs},
+                   group=f"{steps} steps")
+        for steps in horizons for task in chosen
+    )
+    data = f"data from {root}" if root is not None else "fallback data (digits, synthetic text)"
+    return Suite("general", f"{len(chosen)} general tasks x horizons {list(horizons)}, {data}", entries,
+                 baselines="general")
+
+
 SUITES: dict[str, Callable[..., Suite]] = {
     "heldout": heldout_suite,
     "architectures": architectures_suite,
     "long_horizon": long_horizon_suite,
     "smoke": smoke_suite,
+    "general": general_suite,
 }
 
 

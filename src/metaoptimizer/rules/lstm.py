@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaoptimizer._validation import check_choice, check_flag, check_positive, check_unit_interval

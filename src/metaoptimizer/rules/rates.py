@@ -104,10 +104,28 @@ class PerCoordinateRates(HandRule):
         slots["alpha"] = {n: torch.full_like(a, self.base_lr) for n, a in alpha.items()}
         return state.replace(slots={**state.slots, **slots})
 
-    def _advance(self, state: OptimizerState, step: int, new: dict[str, Params]) -> OptimizerState:
-        """The state after ``step`` with ``new[slot][name]`` replacing the old entries."""
+    def update(
+        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
+        loss: Tensor | float | None = None,
+    ) -> tuple[Params, OptimizerState]:
+        step, state = self.begin_update(grads, state, params, loss)
+        grads = self._gradients(grads, state, params, 0.0)
+        window_ends = step % self.inner_steps == 0
+        new: dict[str, Params] = {slot: {} for slot in self.slot_names}
+        updates = {}
+        for name, g in grads.items():
+            entries = {slot: state.slots[slot][name] for slot in self.slot_names}
+            updates[name], entries = self._coordinate_step(g, entries, window_ends)
+            for slot, value in entries.items():
+                new[slot][name] = value
         slots = {slot: {**state.slots[slot], **new[slot]} for slot in self.slot_names}
-        return state.replace(step_count=step, slots={**state.slots, **slots})
+        return updates, state.replace(step_count=step, slots={**state.slots, **slots})
+
+    def _coordinate_step(
+        self, g: Tensor, entries: dict[str, Tensor], window_ends: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One tensor's update and its new slot entries, from its gradient and current entries."""
+        raise NotImplementedError
 
 
 class HypergradientRule(PerCoordinateRates):
@@ -122,27 +140,17 @@ class HypergradientRule(PerCoordinateRates):
     ) -> None:
         super().__init__(base_lr, alpha_lr, clamp, inner_steps)
 
-    def update(
-        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
-        loss: Tensor | float | None = None,
-    ) -> tuple[Params, OptimizerState]:
-        step, state = self.begin_update(grads, state, params, loss)
-        grads = self._gradients(grads, state, params, 0.0)
-        window_ends = step % self.inner_steps == 0
-        low, high = self.clamp
-        new: dict[str, Params] = {slot: {} for slot in self.slot_names}
-        updates = {}
-        for name, g in grads.items():
-            alpha, update_sum = state.slots["alpha"][name], state.slots["update_sum"][name]
-            rate_grad = state.slots["alpha_grad"][name] - g * update_sum
-            if window_ends:
-                alpha = (alpha - self.alpha_lr * rate_grad).clamp(low, high)
-                rate_grad, update_sum = torch.zeros_like(g), g
-            else:
-                update_sum = update_sum + g
-            new["alpha"][name], new["update_sum"][name], new["alpha_grad"][name] = alpha, update_sum, rate_grad
-            updates[name] = -alpha * g
-        return updates, self._advance(state, step, new)
+    def _coordinate_step(
+        self, g: Tensor, entries: dict[str, Tensor], window_ends: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        alpha, update_sum = entries["alpha"], entries["update_sum"]
+        rate_grad = entries["alpha_grad"] - g * update_sum
+        if window_ends:
+            alpha = (alpha - self.alpha_lr * rate_grad).clamp(*self.clamp)
+            rate_grad, update_sum = torch.zeros_like(g), g
+        else:
+            update_sum = update_sum + g
+        return -alpha * g, {"alpha": alpha, "update_sum": update_sum, "alpha_grad": rate_grad}
 
 
 class ShrinkingRatesRule(PerCoordinateRates):
@@ -158,25 +166,13 @@ class ShrinkingRatesRule(PerCoordinateRates):
     ) -> None:
         super().__init__(base_lr, alpha_lr, clamp, inner_steps)
 
-    def update(
-        self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
-        loss: Tensor | float | None = None,
-    ) -> tuple[Params, OptimizerState]:
-        step, state = self.begin_update(grads, state, params, loss)
-        grads = self._gradients(grads, state, params, 0.0)
-        window_ends = step % self.inner_steps == 0
-        low, high = self.clamp
-        new: dict[str, Params] = {slot: {} for slot in self.slot_names}
-        updates = {}
-        for name, g in grads.items():
-            alpha = state.slots["alpha"][name]
-            delta = alpha * g
-            rate_grad = state.slots["alpha_grad"][name] + g * delta
-            if window_ends:
-                new["alpha"][name] = (alpha - self.alpha_lr * rate_grad).clamp(low, high)
-                rate_grad = torch.zeros_like(g)
-            else:
-                new["alpha"][name] = alpha
-            new["alpha_grad"][name] = rate_grad
-            updates[name] = -delta
-        return updates, self._advance(state, step, new)
+    def _coordinate_step(
+        self, g: Tensor, entries: dict[str, Tensor], window_ends: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        alpha = entries["alpha"]
+        delta = alpha * g
+        rate_grad = entries["alpha_grad"] + g * delta
+        if window_ends:
+            alpha = (alpha - self.alpha_lr * rate_grad).clamp(*self.clamp)
+            rate_grad = torch.zeros_like(g)
+        return -delta, {"alpha": alpha, "alpha_grad": rate_grad}

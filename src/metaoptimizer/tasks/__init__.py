@@ -6,6 +6,7 @@ from metaoptimizer.tasks.augment import ReparamFamily
 from metaoptimizer.tasks.base import HELDOUT, TRAIN, ModuleTask, Task, TaskFamily, split_seed
 from metaoptimizer.tasks.digits import ClassifierFamily, DigitsCNNFamily, DigitsMLPFamily
 from metaoptimizer.tasks.image8 import Digits8Family, MNIST8Family, Omniglot8Family, Synthetic8Family
+from metaoptimizer.tasks.general import GeneralTaskFamily
 from metaoptimizer.tasks.line import NoisyLineFamily, NoisyLineTask
 from metaoptimizer.tasks.mnist import MNISTMLPFamily
 from metaoptimizer.tasks.quadratic import QuadraticFamily, QuadraticTask
@@ -22,6 +23,7 @@ FAMILIES: dict[str, type[TaskFamily]] = {
     "mnist8_mlp": MNIST8Family,
     "omniglot8_mlp": Omniglot8Family,
     "synthetic8_mlp": Synthetic8Family,
+    "general": GeneralTaskFamily,
 }
 
 
@@ -51,6 +53,7 @@ __all__ = [
     "DigitsCNNFamily",
     "DigitsMLPFamily",
     "MNIST8Family",
+    "GeneralTaskFamily",
     "MNISTMLPFamily",
     "Omniglot8Family",
     "ModuleTask",
