@@ -14,6 +14,7 @@ import torch
 from metaoptimizer.rules.base import apply_updates
 from metaoptimizer.rules.features import FeatureConfig, global_features, tensor_accumulators
 from metaoptimizer.rules.hierarchical import HierarchicalRule
+from metaoptimizer.rules.lstm import LSTMRule
 from metaoptimizer.rules.mlp import LAGGED_SLOTS, MLPRule, TensorPasses
 
 FACTORED = FeatureConfig(
@@ -167,3 +168,43 @@ def test_hierarchical_auto_backend_matches_the_eager_reference():
     _, expected = _run(eager, params, 3)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("make_rule", [lambda: MLPRule(seed=1), lambda: LSTMRule(hidden_size=6, init_lr=0.01)],
+                         ids=["l2o", "lstm"])
+def test_the_torch_optimizer_runs_learned_rules_in_place_by_default(make_rule):
+    """The adapter's default for a rule with ``update_in_place`` is that path; it matches the
+    functional update (``foreach=False``) over groups with their own lr and weight decay, a
+    parameter that joins late, and a state_dict round trip."""
+    from metaoptimizer.optim import LearnedOptimizer
+
+    torch.manual_seed(0)
+    rule = make_rule()
+    base = [torch.randn(5, 4), torch.randn(4), torch.randn(3, 3)]
+
+    def run(foreach, steps=6, resume_at=None):
+        tensors = [t.clone().requires_grad_(True) for t in base]
+        groups = [{"params": tensors[:2]}, {"params": tensors[2:], "lr": 0.5, "weight_decay": 0.01}]
+        make = lambda: LearnedOptimizer(groups[:1], rule, foreach=foreach)  # noqa: E731
+        optimizer = make()
+        for step in range(steps):
+            if step == 2:
+                optimizer.add_param_group(groups[1])
+            if step == resume_at:
+                saved = optimizer.state_dict()
+                optimizer = make()
+                optimizer.add_param_group(groups[1])
+                optimizer.load_state_dict(saved)
+            for i, t in enumerate(tensors):
+                t.grad = torch.sin(t.detach() * (step + i + 1))
+            optimizer.step()
+        return optimizer, [t.detach() for t in tensors]
+
+    fast, got = run(None)
+    reference, want = run(False)
+    assert fast.kernel == "in_place" and reference.kernel is None
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    _, resumed = run(None, resume_at=4)
+    for a, b in zip(resumed, got, strict=True):
+        assert torch.equal(a, b)

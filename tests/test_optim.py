@@ -795,9 +795,16 @@ def test_kernel_requests_that_cannot_be_met_are_errors(rule, kwargs, message):
         LearnedOptimizer(make_model().parameters(), rule(), **kwargs)
 
 
-@pytest.mark.parametrize("rule", [lambda: hand.RMSProp(centered=True), LSTMRule])
+@pytest.mark.parametrize("rule", [lambda: hand.RMSProp(centered=True), lambda: budget_aware_lstm(10)])
 def test_rules_without_a_kernel_run_their_own_update(rule):
-    assert LearnedOptimizer(make_model().parameters(), rule()).kernel is None
+    assert LearnedOptimizer(make_model().parameters(), rule(), total_steps=10).kernel is None
+
+
+def test_learned_rules_with_an_in_place_step_use_it_unless_told_not_to():
+    assert LearnedOptimizer(make_model().parameters(), LSTMRule()).kernel == "in_place"
+    assert LearnedOptimizer(make_model().parameters(), LSTMRule(), foreach=False).kernel is None
+    with pytest.raises(ValueError, match="no torch fused kernel"):
+        LearnedOptimizer(make_model().parameters(), LSTMRule(), fused=True)
 
 
 def test_a_hand_rule_without_a_kernel_says_so():

@@ -137,7 +137,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     groups hold ``lr``, ``weight_decay`` and the rule's own group hyperparameters (see the module
     docstring). ``foreach``/``fused`` choose torch's kernels for hand-designed rules that have
     them (default: foreach; ``foreach=False``: the rule's functional update); asking for them with
-    another rule is an error.
+    another rule is an error. Learned rules with an ``update_in_place`` (the l2o MLP and the LSTM)
+    write parameters and state in place by default, their deployment path; ``foreach=False``
+    runs their functional update instead (the same numbers to rounding).
     ``total_steps`` tells a budget-aware rule (``rule.budget_aware``, e.g. Celo or an LSTM with a
     learned schedule) the length of the run, as ``OneCycleLR`` needs it; without it such a rule
     plans for the length it was meta-trained on (a warning says so) or, when it has none, the
@@ -187,7 +189,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def _choose_kernel(self, foreach: bool | None, fused: bool | None) -> str | None:
-        """"fused", "foreach" or None (the rule's own update), from the arguments and the rule."""
+        """"fused", "foreach", "in_place" (a learned rule's ``update_in_place``, its deployment
+        path) or None (the rule's functional update), from the arguments and the rule."""
         for flag, value in (("foreach", foreach), ("fused", fused)):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{flag} must be True, False or None, got {value!r}")
@@ -201,7 +204,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 "momentum, adam, adamw, uncentered rmsprop; fused: sgd, momentum, and adam/adamw at eps_root=0); "
                 "leave foreach and fused unset to run its own update"
             )
-        return wanted if available and foreach is not False else None
+        if foreach is False:
+            return None
+        if available:
+            return wanted
+        return "in_place" if not fused and hasattr(self.rule, "update_in_place") else None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see ``torch.optim.Optimizer.add_param_group``); a group that fails the
@@ -287,7 +294,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 "or optimizer.step(loss=loss)"
             )
         if active:
-            if not self.kernel:  # kernels take the rule's hyperparameters as numbers
+            if self.kernel in (None, "in_place"):  # torch kernels take the rule's hyperparameters as numbers
                 self._check_rule_device({p.device for _, p, _ in active})
             self._update(active, grads, loss_value)
         self.clock += 1
@@ -326,6 +333,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if cohort is None:
                 cohort = cohorts[key] = (rule, group, [])
             cohort[2].append(name)
+        if self.kernel == "in_place":
+            for (count, _), (_, group, names) in cohorts.items():
+                self._run_in_place(group, count, names, params, grads, states, loss)
+            for name in params:
+                self.state[params[name]] = states[name]
+            return
         if self.kernel:
             for (count, _), (rule, group, names) in cohorts.items():
                 self._run_kernel(rule, group, count, names, params, grads, states)
@@ -353,6 +366,27 @@ class LearnedOptimizer(torch.optim.Optimizer):
             state["step"] = step
             for slot, tensors in new.items():
                 state[slot] = tensors[i]
+
+    def _run_in_place(
+        self, group: dict[str, Any], count: int, names: list[str], params: dict[str, Tensor],
+        grads: dict[str, Tensor], states: dict[str, dict[str, Tensor]], loss: float | None,
+    ) -> None:
+        """One update of ``names`` through the rule's ``update_in_place``: parameters and state
+        written where they lie, no update tensors (the learned rules' deployment path; a rule
+        that fails part-way may leave some of these parameters updated)."""
+        targets = {n: params[n] for n in names}
+        # Decay acts on the parameters the rule saw, as on the functional path: keep them.
+        before = [p.clone() for p in targets.values()] if group["weight_decay"] else None
+        merged = _merge_states(
+            {n: states[n] for n in names}, step_count=count, num_steps=self.total_steps,
+            running_loss=self.running_loss, clock=self.clock,
+        )
+        new_state = self.rule.update_in_place(
+            {n: grads[n] for n in names}, merged, targets, lr=_plain(group["lr"]), loss=loss
+        )
+        if before is not None:
+            torch._foreach_add_(list(targets.values()), before, alpha=-group["lr"] * group["weight_decay"])
+        states.update(_split_state(new_state, names))
 
     def _run_rule(
         self, cohorts: dict[tuple, tuple[UpdateRule, dict[str, Any], list[str]]], grads: dict[str, Tensor],
