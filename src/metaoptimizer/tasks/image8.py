@@ -75,26 +75,29 @@ class Image8Family(TaskFamily):
         )
 
 
-def _subset(x: Tensor, y: Tensor, seed: int, n_examples: int) -> tuple[Tensor, Tensor]:
-    rows = torch.from_numpy(task_rng(seed, DATA_STREAM).permutation(len(x))[:n_examples])
-    return x[rows], y[rows]
+class _SubsetFamily(Image8Family):
+    """A family whose task ``seed`` is a seeded subset of ``n_examples`` of fixed images."""
+
+    def __init__(self, images: tuple[Tensor, Tensor], n_examples: int, source: str, **options) -> None:
+        super().__init__(**options)
+        self.x, self.y = images
+        check_positive("n_examples", n_examples, integer=True)
+        if n_examples > len(self.x):
+            raise ValueError(f"n_examples={n_examples} exceeds the {len(self.x)} {source}")
+        self.n_examples = n_examples
+
+    def examples(self, seed: int) -> tuple[Tensor, Tensor]:
+        rows = torch.from_numpy(task_rng(seed, DATA_STREAM).permutation(len(self.x))[: self.n_examples])
+        return self.x[rows], self.y[rows]
 
 
-class Digits8Family(Image8Family):
+class Digits8Family(_SubsetFamily):
     """scikit-learn's digits; each task a seeded shuffle of ``n_examples`` of the 1,797 images."""
 
     name = "digits8_mlp"
 
     def __init__(self, n_examples: int = 1797, **options) -> None:
-        super().__init__(**options)
-        self.x, self.y = load_digits_tensors()
-        check_positive("n_examples", n_examples, integer=True)
-        if n_examples > len(self.x):
-            raise ValueError(f"n_examples={n_examples} exceeds the {len(self.x)} digits images")
-        self.n_examples = n_examples
-
-    def examples(self, seed: int) -> tuple[Tensor, Tensor]:
-        return _subset(self.x, self.y, seed, self.n_examples)
+        super().__init__(load_digits_tensors(), n_examples, "digits images", **options)
 
 
 @lru_cache(maxsize=2)
@@ -103,21 +106,13 @@ def _mnist8(root: str) -> tuple[Tensor, Tensor]:
     return resize_images(images, IMAGE_SIZE).unsqueeze(1), labels
 
 
-class MNIST8Family(Image8Family):
+class MNIST8Family(_SubsetFamily):
     """MNIST's 60,000 training images at 8x8; each task a seeded subset of ``n_examples``."""
 
     name = "mnist8_mlp"
 
     def __init__(self, root: str | os.PathLike | None = None, n_examples: int = 10000, **options) -> None:
-        super().__init__(**options)
-        self.x, self.y = _mnist8(str(data_dir(root)))
-        check_positive("n_examples", n_examples, integer=True)
-        if n_examples > len(self.x):
-            raise ValueError(f"n_examples={n_examples} exceeds the {len(self.x)} MNIST training images")
-        self.n_examples = n_examples
-
-    def examples(self, seed: int) -> tuple[Tensor, Tensor]:
-        return _subset(self.x, self.y, seed, self.n_examples)
+        super().__init__(_mnist8(str(data_dir(root))), n_examples, "MNIST training images", **options)
 
 
 @lru_cache(maxsize=2)
