@@ -7,6 +7,8 @@ from typer.testing import CliRunner
 
 from metaoptimizer.checkpoint import load_checkpoint
 from metaoptimizer.cli import app
+from metaoptimizer.facade import MetaOptimizer
+from metaoptimizer.meta.loop import TrainingConfig, build_trainer
 
 CONFIG = """
 [optimizer]
@@ -48,6 +50,21 @@ def test_meta_train_runs_and_resumes(tmp_path, config_path):
     assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 3
 
 
+def test_snapshots_are_loadable_rules_of_their_step(tmp_path, config_path):
+    config_path.write_text(CONFIG.replace("checkpoint_every = 2", "checkpoint_every = 2\nsnapshot_every = 2"))
+    out = tmp_path / "run"
+    outcome = runner.invoke(app, ["meta-train", "-c", str(config_path), "-o", str(out), "--no-progress"])
+    assert outcome.exit_code == 0, outcome.output
+    assert sorted(path.name for path in (out / "snapshots").iterdir()) == ["step_000002.pt", "step_000004.pt"]
+    final = build_trainer(TrainingConfig.from_toml(config_path))
+    final.load_state_dict(load_checkpoint(out / "checkpoint.pt")["trainer"])
+    saved = MetaOptimizer.load(out / "snapshots" / "step_000004.pt").rule.state_dict()
+    assert saved.keys() == final.rule.state_dict().keys()
+    assert all(saved[name].equal(weight) for name, weight in final.rule.state_dict().items())
+    early = MetaOptimizer.load(out / "snapshots" / "step_000002.pt").rule.state_dict()
+    assert any(not early[name].equal(weight) for name, weight in saved.items())
+
+
 def test_an_existing_checkpoint_without_resume_is_a_usage_error(tmp_path, config_path):
     out = tmp_path / "run"
     assert runner.invoke(app, ["meta-train", "-c", str(config_path), "-o", str(out), "--steps", "1"]).exit_code == 0
@@ -59,7 +76,8 @@ def test_an_existing_checkpoint_without_resume_is_a_usage_error(tmp_path, config
     ("make_config", "message"),
     [(lambda tmp: tmp / "absent.toml", "does not exist"),
      (lambda tmp: _write(tmp / "bad.toml", "[family\n"), "not valid TOML"),
-     (lambda tmp: _write(tmp / "bad.toml", "[family]\nname='imagenet'\n"), "not known")],
+     (lambda tmp: _write(tmp / "bad.toml", "[family]\nname='imagenet'\n"), "not known"),
+     (lambda tmp: _write(tmp / "bad.toml", CONFIG + "snapshot_every = 0\n"), "snapshot_every")],
 )
 def test_config_mistakes_are_usage_errors(tmp_path, make_config, message):
     outcome = runner.invoke(app, ["meta-train", "--config", str(make_config(tmp_path)), "--out", str(tmp_path / "o")])

@@ -1,5 +1,6 @@
-"""``metaopt meta-train``: meta-train a learned optimizer from a TOML file, with checkpoints and
-``--resume``; under ``torchrun`` (``torchrun --nproc-per-node N -m metaoptimizer.cli meta-train
+"""``metaopt meta-train``: meta-train a learned optimizer from a TOML file, with checkpoints,
+``--resume`` and, with ``[training] snapshot_every``, the rule saved every so many meta-steps as a
+``MetaOptimizer`` file (``snapshots/step_NNNNNN.pt``, for ``metaopt eval --optimizer``); under ``torchrun`` (``torchrun --nproc-per-node N -m metaoptimizer.cli meta-train
 --config FILE``) the meta-batch is split over the processes (``docs/distributed.md``)."""
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import typer
 from metaoptimizer.checkpoint import CheckpointError
 from metaoptimizer.cli._common import out_option, progress_display, usage_errors
 from metaoptimizer.config import MetaOptTrainResult
+from metaoptimizer.facade import MetaOptimizer
 from metaoptimizer.meta.distributed import SingleProcess, communicator_from_environment, shutdown
 from metaoptimizer.meta.loop import CHECKPOINT_NAME, TrainingConfig, build_trainer, run_meta_training
 from metaoptimizer.progress import Progress
 
 __all__ = ["meta_train"]
+
+SNAPSHOT_DIR = "snapshots"
 
 
 def meta_train(
@@ -45,6 +49,8 @@ def meta_train(
         with progress_display(progress and communicator.rank == 0) as report:
 
             def on_step(iteration: int, result: MetaOptTrainResult) -> None:
+                if settings.snapshot_every and iteration % settings.snapshot_every == 0 and communicator.rank == 0:
+                    MetaOptimizer(None, rule=trainer.rule).save(out / SNAPSHOT_DIR / f"step_{iteration:06d}.pt")
                 if report is not None:
                     status = f"meta-loss {result.meta_loss:.4g}  skipped {result.skipped_total}"
                     report(Progress("meta-train", iteration, total, status))

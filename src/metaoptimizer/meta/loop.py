@@ -270,6 +270,7 @@ class TrainingConfig:
     tasks_per_step: int = 1
     meta_lr_scales: dict[str, float] = field(default_factory=dict)
     checkpoint_every: int = 50
+    snapshot_every: int | None = None
     log_csv: bool = True
     tensorboard: bool | str = "auto"
     device: str | None = None
@@ -289,6 +290,8 @@ class TrainingConfig:
         check_positive("initial_offset", self.initial_offset, integer=True, allow_zero=True)
         if self.min_horizon is not None:
             check_positive("min_horizon", self.min_horizon, integer=True)
+        if self.snapshot_every is not None:
+            check_positive("snapshot_every", self.snapshot_every, integer=True)
         if not isinstance(self.meta_lr_scales, dict):
             raise ValueError(f"meta_lr_scales must be a table of name prefix = multiplier, got {self.meta_lr_scales!r}")
         for prefix, scale in self.meta_lr_scales.items():
