@@ -249,7 +249,8 @@ class TrainingConfig:
 
     The recipe's sections: ``[rule]`` gives the rule as a registered name and its constructor
     arguments (``name = "celo"``; :func:`~metaoptimizer.rules.base.from_spec`) instead of
-    ``[optimizer]``'s method fields; ``[[families]]`` lists several families (each table as
+    ``[optimizer]``'s method fields (``pretrained = "celo"`` starts it from a shipped optimizer's
+    weights, one of :func:`metaoptimizer.pretrained.available`); ``[[families]]`` lists several families (each table as
     ``[family]``, plus an optional ``estimator`` table overriding ``[estimator]`` for that family:
     one estimator per family); ``[meta_optimizer]`` names the outer optimizer (``name`` in
     ``adam``, ``adamw``, ``sgd``; other keys are its arguments; the rate is ``meta_lr``);
@@ -315,6 +316,12 @@ class TrainingConfig:
                 raise ValueError(f"[[families]] estimator must be a table of estimator options, got {entry['estimator']!r}")
         if self.rule is not None and (not isinstance(self.rule, dict) or "name" not in self.rule):
             raise ValueError(f"[rule] needs the rule's registered name, e.g. name = \"celo\"; got {self.rule!r}")
+        if self.rule is not None and "pretrained" in self.rule:
+            from metaoptimizer import pretrained  # deferred: the package imports the facade, which imports meta
+
+            if self.rule["pretrained"] not in pretrained.available():
+                raise ValueError(f"[rule] pretrained={self.rule['pretrained']!r} is not a shipped optimizer; "
+                                 f"accepted values: {pretrained.available()}")
         if self.meta_optimizer not in META_OPTIMIZERS:
             raise ValueError(
                 f"meta_optimizer={self.meta_optimizer!r} is not supported; accepted values: {sorted(META_OPTIMIZERS)}"
@@ -407,7 +414,17 @@ def build_config_rule(config: TrainingConfig):
     if config.rule is None:
         return build_rule(config.optimizer)
     hyperparameters = dict(config.rule)
-    return from_spec({"rule": hyperparameters.pop("name"), "hyperparameters": hyperparameters})
+    start = hyperparameters.pop("pretrained", None)
+    rule = from_spec({"rule": hyperparameters.pop("name"), "hyperparameters": hyperparameters})
+    if start is not None:  # [rule] pretrained = "celo": start from a shipped optimizer's weights
+        from metaoptimizer import pretrained
+
+        source = pretrained.load(start).rule
+        if type(source) is not type(rule):
+            raise ValueError(f"[rule] pretrained={start!r} is a {type(source).__name__}, not the {type(rule).__name__} "
+                             f"that [rule] name = {config.rule['name']!r} builds")
+        rule.load_state_dict(source.state_dict())
+    return rule
 
 
 def build_trainer(config: TrainingConfig, communicator: Communicator | None = None) -> MetaTrainer:

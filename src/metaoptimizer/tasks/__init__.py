@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from metaoptimizer.tasks.augment import ReparamFamily
+from metaoptimizer.tasks.broad import BroadImageFamily, CaseFoldedLMFamily
 from metaoptimizer.tasks.base import HELDOUT, TRAIN, ModuleTask, Task, TaskFamily, split_seed
 from metaoptimizer.tasks.digits import ClassifierFamily, DigitsCNNFamily, DigitsMLPFamily
 from metaoptimizer.tasks.image8 import Digits8Family, MNIST8Family, Omniglot8Family, Synthetic8Family
@@ -24,6 +25,8 @@ FAMILIES: dict[str, type[TaskFamily]] = {
     "omniglot8_mlp": Omniglot8Family,
     "synthetic8_mlp": Synthetic8Family,
     "general": GeneralTaskFamily,
+    "broad_image": BroadImageFamily,
+    "shakespeare_lc_lm": CaseFoldedLMFamily,
 }
 
 
@@ -47,6 +50,8 @@ __all__ = [
     "FAMILIES",
     "HELDOUT",
     "TRAIN",
+    "BroadImageFamily",
+    "CaseFoldedLMFamily",
     "CharRNNFamily",
     "ClassifierFamily",
     "Digits8Family",
