@@ -84,7 +84,7 @@ def test_omniglot_evaluation_and_mnist_test_tasks():
     omniglot = BroadImageFamily("omniglot_eval", DATA, depths=1, widths=32, activations="tanh")
     task = omniglot.sample(2)
     assert task.train_data[0].shape[1:] == (1, 16, 16)
-    assert len(task.train_data[0]) + len(task.valid_data[0]) == 200
+    assert len(task.train_data[0]) + len(task.valid_data[0]) == 200 and ",n=200]" in task.name
     assert set(task.train_data[1].tolist()) == set(range(10))
     mnist = BroadImageFamily("mnist_test", DATA, n_examples=600)
     assert mnist.sample(1).train_data[0].shape == (480, 1, 10, 10)

@@ -159,8 +159,9 @@ class BroadImageFamily(TaskFamily):
                 f"{MAX_DRAWS} draws from depths={self.depths}, widths={self.widths}, activations={self.activations} "
                 "gave only general-suite MLPs (GENERAL_SUITE_MLPS); widen the choices"
             )
+        n_examples = self.n_examples if self.source != "omniglot_eval" else NUM_CLASSES * self.images.shape[1]
         while True:
-            spec = ClassifierSpec(self.architecture, tuple(widths), activation, init_scale, self.n_examples)
+            spec = ClassifierSpec(self.architecture, tuple(widths), activation, init_scale, n_examples)
             count = sum(p.numel() for p in build_classifier(spec, input_shape, NUM_CLASSES).parameters())
             if count <= self.max_params or max(widths) == 1:
                 return spec
