@@ -147,10 +147,10 @@ class LearnedHyperparameters(UpdateRule):
         self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
         loss: Tensor | float | None = None,
     ) -> tuple[Params, OptimizerState]:
-        step, state = self.begin_update(grads, state, params, loss)
         values = self.values()
-        if not self.per_tensor:
+        if not self.per_tensor:  # the hand rule checks the call and starts a fresh state itself
             return self._hand_rule(values).update(grads, state, params)
+        step, state = self.begin_update(grads, state, params, loss)
         unknown = sorted(set(grads) - set(self.param_names))
         if unknown:
             raise ValueError(f"no learned hyperparameters for {unknown}; this rule knows {self.param_names}")

@@ -408,20 +408,22 @@ class _AdamStep(torch.autograd.Function):
     def forward(ctx, lr, constants, count, *tensors):
         beta1, beta2, correction1, correction2, eps_root, eps = constants
         grads, exp_avg, exp_avg_sq = tensors[:count], tensors[count : 2 * count], tensors[2 * count :]
-        # Factors as 0-dim tensors: a Python number in a product is converted on every call (twice the cost).
+        # Factors as 0-dim tensors (lists of them broadcast in the sums): torch converts a Python
+        # number in a product or a sum on every call, which doubles the cost of these small kernels.
         factors = torch.tensor(
-            [beta1, beta2, 1 - beta1, 1 / correction2, -0.5 / correction2, 0.0 if isinstance(lr, Tensor) else -lr / correction1],
+            [beta1, beta2, 1 - beta1, 1 / correction2, -0.5 / correction2, eps_root, eps,
+             -1 / correction1 if isinstance(lr, Tensor) else -lr / correction1],
             dtype=grads[0].dtype, device=grads[0].device,
         ).unbind()
-        scale = (lr * (-1 / correction1)).to(grads[0].dtype) if isinstance(lr, Tensor) else factors[5]
+        scale = lr * factors[7] if isinstance(lr, Tensor) else factors[7]
         m = torch._foreach_lerp(exp_avg, grads, 1 - beta1)
         v = torch._foreach_mul(exp_avg_sq, factors[1])
         torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
         root = torch._foreach_mul(v, factors[3])
         if eps_root:
-            torch._foreach_add_(root, eps_root)
+            torch._foreach_add_(root, [factors[5]] * count)
         torch._foreach_sqrt_(root)
-        denominator = torch._foreach_add(root, eps) if eps else root
+        denominator = torch._foreach_add(root, [factors[6]] * count) if eps else root
         ratio = torch._foreach_div(m, denominator)
         ctx.set_materialize_grads(False)
         ctx.count, ctx.constants, ctx.factors, ctx.lr = count, constants, factors, lr
@@ -433,7 +435,7 @@ class _AdamStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *output_grads):
         count, factors = ctx.count, ctx.factors
-        beta2, correction1, correction2, eps = (ctx.constants[i] for i in (1, 2, 3, 5))
+        beta2, correction2, eps = (ctx.constants[i] for i in (1, 3, 5))
         saved = ctx.saved_tensors
         lr, scale, inputs = saved[0], saved[1], saved[2 : 2 + 3 * count]
         if torch.is_grad_enabled():
@@ -445,7 +447,7 @@ class _AdamStep(torch.autograd.Function):
         d_lr = None
         if d_update is not None:
             if ctx.needs_input_grad[0]:
-                d_lr = sum(torch.dot(u.reshape(-1), r.reshape(-1)) for u, r in zip(d_update, ratio)) * (-1 / correction1)
+                d_lr = sum(torch.dot(u.reshape(-1), r.reshape(-1)) for u, r in zip(d_update, ratio)) * factors[7]
             # update = scale * m / (sqrt(v / c2 + eps_root) + eps): its derivatives in m and in v
             from_update = torch._foreach_mul(d_update, scale)
             torch._foreach_div_(from_update, denominator)
