@@ -24,8 +24,9 @@ Where no meta-gradient is needed, :meth:`HandRule.torch_step` applies the same u
 with torch's multi-tensor (``torch._foreach_*``) kernels, as ``torch.optim``'s foreach
 implementations do, or with ``torch.optim``'s fused kernels (the torch adapter does so by
 default): SGD and momentum call ``torch.optim``'s own functional kernels; Adam and RMSProp run
-``torch.optim``'s foreach passes, plus one that adds ``eps_root`` under the square root (at
-``eps_root=0`` their results are bitwise those of ``torch.optim``). Fused Adam has no
+``torch.optim``'s foreach passes (at ``eps_root=0`` their results are bitwise those of
+``torch.optim``); with ``eps_root`` Adam takes as many passes (the division by
+``sqrt(1 - beta2^t)`` moves into the step size), RMSProp one more. Fused Adam has no
 ``eps_root``, so it is available at ``eps_root=0`` only. Centered RMSProp keeps the functional
 form. The kernels agree with the functional form to rounding (tests: 1e-6 in float32, 1e-12 in
 float64).
@@ -337,27 +338,32 @@ class RMSProp(HandRule):
         square_avg = slots["square_avg"]
         torch._foreach_mul_(square_avg, _value(self.alpha))
         torch._foreach_addcmul_(square_avg, grads, grads, value=1 - _value(self.alpha))
-        denominator = _foreach_root(square_avg, 1.0, _value(self.eps_root), _value(self.eps))
+        denominator, factor = _foreach_root(square_avg, 1.0, _value(self.eps_root), _value(self.eps))
         if "momentum_buffer" in slots:
             torch._foreach_mul_(slots["momentum_buffer"], momentum)
-            torch._foreach_addcdiv_(slots["momentum_buffer"], grads, denominator)
+            torch._foreach_addcdiv_(slots["momentum_buffer"], grads, denominator, value=factor)
             torch._foreach_add_(params, slots["momentum_buffer"], alpha=-lr)
         else:
-            torch._foreach_addcdiv_(params, grads, denominator, value=-lr)
+            torch._foreach_addcdiv_(params, grads, denominator, value=-lr * factor)
         return slots
 
 
-def _foreach_root(second: list[Tensor], correction: float, eps_root: float, eps: float) -> list[Tensor]:
-    """``sqrt(second / correction + eps_root) + eps`` for a list of tensors (new tensors), computed
-    as ``sqrt(second + eps_root * correction) / sqrt(correction) + eps``: at ``eps_root=0`` the
-    passes of ``torch.optim``'s foreach Adam and RMSprop, one more otherwise."""
-    root = torch._foreach_add(second, eps_root * correction) if eps_root else torch._foreach_sqrt(second)
-    if eps_root:
-        torch._foreach_sqrt_(root)
-    if correction != 1:
-        torch._foreach_div_(root, correction**0.5)
-    torch._foreach_add_(root, eps)
-    return root
+def _foreach_root(second: list[Tensor], correction: float, eps_root: float, eps: float) -> tuple[list[Tensor], float]:
+    """Denominators ``d`` (new tensors) and a factor ``f`` with ``f / d = 1 / (sqrt(second /
+    correction + eps_root) + eps)``, in three passes as ``torch.optim``'s foreach Adam takes: at
+    ``eps_root=0`` its own (``sqrt(second) / sqrt(correction) + eps``, ``f = 1``), otherwise
+    ``sqrt(second + eps_root * correction) + eps * sqrt(correction)`` with ``f = sqrt(correction)``
+    (the division moved into the caller's scalar)."""
+    if not eps_root:
+        root = torch._foreach_sqrt(second)
+        if correction != 1:
+            torch._foreach_div_(root, correction**0.5)
+        torch._foreach_add_(root, eps)
+        return root, 1.0
+    root = torch._foreach_add(second, eps_root * correction)
+    torch._foreach_sqrt_(root)
+    torch._foreach_add_(root, eps * correction**0.5)
+    return root, correction**0.5
 
 
 def _adam_direction(
@@ -588,8 +594,8 @@ class Adam(HandRule):
         if self.amsgrad:
             torch._foreach_maximum_(slots["max_exp_avg_sq"], second)
             second = slots["max_exp_avg_sq"]
-        denominator = _foreach_root(second, 1 - beta2**step, _value(self.eps_root), _value(self.eps))
-        torch._foreach_addcdiv_(params, exp_avg, denominator, value=-lr / (1 - beta1**step))
+        denominator, factor = _foreach_root(second, 1 - beta2**step, _value(self.eps_root), _value(self.eps))
+        torch._foreach_addcdiv_(params, exp_avg, denominator, value=-lr * factor / (1 - beta1**step))
         return slots
 
 
