@@ -23,7 +23,7 @@ process's CPU time instead of the wall clock (one thread: the same work, without
 process waits for a core on a loaded machine). Prints each side's seconds per truncation and inner steps per second, the ratio (target: at least
 1.5x torchopt), the first truncation's meta-gradient on both sides (they compute the same thing)
 and, with ``--profile``, the torch profiler's top operators of one truncation of each side
-(``--cprofile``: the metaoptimizer side by Python function).
+(``--cprofile``: the metaoptimizer side by Python function; ``--breakdown``: its CPU time by piece).
 Without torchopt installed it says so and times metaoptimizer alone.
 """
 
@@ -39,6 +39,7 @@ from torch import nn
 
 from metaoptimizer.meta.hyperparams import LearnedHyperparameters
 from metaoptimizer.meta.unroll import detach_params, unroll
+from metaoptimizer.rules import hand
 from metaoptimizer.tasks.base import ModuleTask
 from metaoptimizer.tasks.digits import load_digits_tensors
 
@@ -167,6 +168,55 @@ def cprofile(side, truncations: int = 10) -> None:
     pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
 
 
+def breakdown(side: MetaoptimizerSide, truncations: int = 20) -> None:
+    """CPU time per truncation of the metaoptimizer side, by piece: timing wrappers around the
+    task's loss, the inner gradients, the rule's update and the one-node Adam's forward and
+    backward (inside the update and the outer backward), removed afterwards."""
+    import importlib
+    import inspect
+
+    unroll_module = importlib.import_module("metaoptimizer.meta.unroll")
+    pieces = {
+        "task loss (21 forwards)": (ModuleTask, "loss"),
+        "inner gradients (20 create_graph backwards)": (unroll_module, "inner_gradients"),
+        "rule update (20 LearnedHyperparameters.update)": (LearnedHyperparameters, "update"),
+        "  of which the Adam node's forward": (hand._AdamStep, "forward"),
+        "  Adam node's backward (in the outer backward)": (hand._AdamStep, "backward"),
+    }
+    spent = dict.fromkeys(pieces, 0.0)
+    originals = {}
+
+    def timed(label, function):
+        def wrapper(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[label] += time.process_time() - start
+        return wrapper
+
+    for label, (owner, name) in pieces.items():
+        static = inspect.getattr_static(owner, name)
+        originals[label] = static
+        wrapped = timed(label, getattr(owner, name))
+        setattr(owner, name, staticmethod(wrapped) if isinstance(static, staticmethod) else wrapped)
+    try:
+        start = time.process_time()
+        for _ in range(truncations):
+            side.truncation()
+        total = time.process_time() - start
+    finally:
+        for label, (owner, name) in pieces.items():
+            setattr(owner, name, originals[label])
+    top = [label for label in pieces if not label.startswith(" ")]
+    print(f"\nwhere a metaoptimizer truncation goes (CPU ms per truncation, mean of {truncations})")
+    print(f"{'total':52s} {total / truncations * 1e3:7.2f}")
+    for label in pieces:
+        print(f"{label:52s} {spent[label] / truncations * 1e3:7.2f}")
+    rest = total - sum(spent[label] for label in top)
+    print(f"{'outer backward and bookkeeping (the rest)':52s} {rest / truncations * 1e3:7.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--meta-steps", type=int, default=10, help="truncations per timed block")
@@ -174,6 +224,7 @@ def main() -> None:
     parser.add_argument("--nan-steps", type=int, default=10, help="truncations run with torchopt's default eps_root")
     parser.add_argument("--profile", action="store_true", help="torch profiler: top operators of each side")
     parser.add_argument("--cprofile", action="store_true", help="cProfile of the metaoptimizer side")
+    parser.add_argument("--breakdown", action="store_true", help="CPU time of the metaoptimizer side by piece")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--sgd-floor", action="store_true",
@@ -212,6 +263,8 @@ def main() -> None:
             profile(side, name)
     if args.cprofile:
         cprofile(sides["metaoptimizer"])
+    if args.breakdown:
+        breakdown(sides["metaoptimizer"])
 
 
 if __name__ == "__main__":
