@@ -13,6 +13,7 @@ from metaoptimizer.meta.hyperparams import LearnedHyperparameters
 from metaoptimizer.rules import hand
 from metaoptimizer.rules.base import apply_updates
 from metaoptimizer.rules.hand import Adam, AdamW, RMSProp
+from metaoptimizer.tasks import base
 from metaoptimizer.tasks.base import ModuleTask
 
 SHAPES = {"w": (4, 3), "b": (4,), "v": (2, 4)}
@@ -210,5 +211,22 @@ def test_other_models_and_partial_params_use_functional_call():
     partial = {"2.weight": torch.zeros(2, 3), "2.bias": torch.ones(2)}  # the rest from the module, as functional_call does
     assert torch.equal(task.forward(partial, x), torch.ones(6, 2))
     hooked = ModuleTask("hooked", lambda: nn.Sequential(nn.Linear(4, 2)), (x, y), (x, y))
+    hooked.forward(hooked.init_params(0), x)  # the direct forward is set up; a hook added later still counts
     hooked.model[0].register_forward_hook(lambda module, args, out: out * 0)
     assert torch.equal(hooked.forward(hooked.init_params(0), x), torch.zeros(6, 2))
+    params = task.init_params(0)
+    task.forward(params, x)
+    task.model[1] = nn.Tanh()  # a layer replaced after the first forward
+    assert torch.equal(task.forward(params, x), functional_call(task.model, params, (x,)))
+    assert not torch.equal(task.forward(params, x), torch.relu(x @ params["0.weight"].T + params["0.bias"]) @ params["2.weight"].T + params["2.bias"])
+
+
+def test_named_sequential_layers_take_the_direct_forward():
+    from collections import OrderedDict
+
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    factory = lambda: nn.Sequential(OrderedDict(hidden=nn.Linear(4, 3), act=nn.Tanh(), out=nn.Linear(3, 2)))  # noqa: E731
+    task = ModuleTask("named", factory, (x, y), (x, y))
+    params = task.init_params(0)
+    assert torch.equal(task.forward(params, x), functional_call(task.model, params, (x,)))
+    assert base._linear_stack(task.model).parameter_names == ["hidden.weight", "hidden.bias", "out.weight", "out.bias"]

@@ -111,11 +111,10 @@ class _LinearStack:
     meta-training inner step on a small MLP)."""
 
     def __init__(self, model: nn.Sequential) -> None:
+        self.modules = tuple(model._modules.values())
         self.layers = [
-            (f"{index}.weight", f"{index}.bias" if layer.bias is not None else None)
-            if type(layer) is nn.Linear
-            else layer
-            for index, layer in enumerate(model)
+            (f"{name}.weight", f"{name}.bias" if layer.bias is not None else None) if type(layer) is nn.Linear else layer
+            for name, layer in model._modules.items()
         ]
         self.parameter_names = [name for layer in self.layers if isinstance(layer, tuple) for name in layer if name]
 
@@ -132,21 +131,26 @@ class _LinearStack:
 _LINEAR_STACKS: weakref.WeakKeyDictionary[nn.Module, _LinearStack | None] = weakref.WeakKeyDictionary()
 
 
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
 def _linear_stack(model: nn.Module) -> _LinearStack | None:
     """``model``'s :class:`_LinearStack`, or None when it is not an ``nn.Sequential`` of plain
-    ``nn.Linear`` layers and modules without parameters or buffers, none of them hooked."""
-    if model not in _LINEAR_STACKS:
-        def plain(module: nn.Module) -> bool:
-            hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks)
-            return not any(hooks) and (
-                type(module) is nn.Linear or not any(True for _ in module.parameters()) and not any(True for _ in module.buffers())
-            )
-
-        simple = type(model) is nn.Sequential and not any(
-            (model._forward_hooks, model._forward_pre_hooks)
-        ) and all(plain(layer) for layer in model)
-        _LINEAR_STACKS[model] = _LinearStack(model) if simple else None
-    return _LINEAR_STACKS[model]
+    ``nn.Linear`` layers and modules without parameters or buffers, none of them hooked (checked
+    at every call: layers may be replaced or hooked after the first)."""
+    if type(model) is not nn.Sequential or _hooked(model):
+        return None
+    stack = _LINEAR_STACKS.get(model)
+    if stack is None or stack.modules != tuple(model._modules.values()):
+        plain = all(
+            type(layer) is nn.Linear or not (any(True for _ in layer.parameters()) or any(True for _ in layer.buffers()))
+            for layer in model
+        )
+        stack = _LINEAR_STACKS[model] = _LinearStack(model) if plain else None
+    if stack is None or any(_hooked(layer) for layer in stack.modules):
+        return None
+    return stack
 
 
 class ModuleTask(Task):
