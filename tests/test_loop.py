@@ -262,3 +262,24 @@ def test_corrupt_checkpoint_is_reported(tmp_path, config_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt"):
         run_meta_training(_trainer(config_path), tmp_path, 2, 1, resume=True)
+
+
+def test_a_rule_table_nests_the_members_of_a_composite():
+    from metaoptimizer.rules import budget_aware_lstm, from_spec, to_spec
+
+    table = {
+        "name": "named_chain",
+        "lstm": {"name": "lstm", "training_fraction": True, "hidden_size": 4, "init_lr": 0.01},
+        "schedule": {"name": "scale_by_schedule", "schedule": {
+            "schedule": "LearnedSchedule", "arguments": {"total_steps": 30, "num_knots": 20, "warmup_fraction": 0.05}}},
+    }
+    torch.manual_seed(0)
+    built = from_spec(loop.rule_table_spec(table))
+    torch.manual_seed(0)
+    expected = budget_aware_lstm(30, hidden_size=4, init_lr=0.01)
+    assert to_spec(built) == to_spec(expected)
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), expected.state_dict().values(), strict=True))
+    chain = loop.rule_table_spec({"name": "chain", "rules": [{"name": "sgd", "lr": 0.1}, {"name": "scale", "factor": 2.0}]})
+    assert [member["rule"] for member in chain["hyperparameters"]["rules"]] == ["sgd", "scale"]
+    with pytest.raises(ValueError, match="registered rules"):
+        TrainingConfig.from_dict({"rule": {"name": "lstmm"}, "family": {"name": "quadratic"}})

@@ -33,7 +33,7 @@ from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, build_
 from metaoptimizer.meta.distributed import Communicator
 from metaoptimizer.meta.estimators import ESTIMATORS, make_estimator
 from metaoptimizer.meta.trainer import META_OPTIMIZERS, MetaTrainer, Phase
-from metaoptimizer.rules.base import from_spec
+from metaoptimizer.rules.base import RULES, from_spec
 from metaoptimizer.tasks import make_family
 
 CHECKPOINT_KIND = "meta_training"
@@ -248,8 +248,8 @@ class TrainingConfig:
     ``device`` (e.g. ``"cuda"``) holds the rule there and is passed to the family.
 
     The recipe's sections: ``[rule]`` gives the rule as a registered name and its constructor
-    arguments (``name = "celo"``; :func:`~metaoptimizer.rules.base.from_spec`) instead of
-    ``[optimizer]``'s method fields; ``[[families]]`` lists several families (each table as
+    arguments (``name = "celo"``; member rules of a composite as nested tables, see
+    :func:`rule_table_spec`) instead of ``[optimizer]``'s method fields; ``[[families]]`` lists several families (each table as
     ``[family]``, plus an optional ``estimator`` table overriding ``[estimator]`` for that family:
     one estimator per family); ``[meta_optimizer]`` names the outer optimizer (``name`` in
     ``adam``, ``adamw``, ``sgd``; other keys are its arguments; the rate is ``meta_lr``);
@@ -313,8 +313,10 @@ class TrainingConfig:
                 raise ValueError(f"every [[families]] entry needs a name, got {entry!r}")
             if not isinstance(entry.get("estimator", {}), dict):
                 raise ValueError(f"[[families]] estimator must be a table of estimator options, got {entry['estimator']!r}")
-        if self.rule is not None and (not isinstance(self.rule, dict) or "name" not in self.rule):
-            raise ValueError(f"[rule] needs the rule's registered name, e.g. name = \"celo\"; got {self.rule!r}")
+        if self.rule is not None:
+            if not isinstance(self.rule, dict) or "name" not in self.rule:
+                raise ValueError(f"[rule] needs the rule's registered name, e.g. name = \"celo\"; got {self.rule!r}")
+            rule_table_spec(self.rule)
         if self.meta_optimizer not in META_OPTIMIZERS:
             raise ValueError(
                 f"meta_optimizer={self.meta_optimizer!r} is not supported; accepted values: {sorted(META_OPTIMIZERS)}"
@@ -402,12 +404,42 @@ class TrainingConfig:
         return data
 
 
+def rule_table_spec(table: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`~metaoptimizer.rules.base.to_spec` form of a TOML ``[rule]`` table.
+
+    A rule table is the rule's registered ``name`` and its constructor arguments; an argument that
+    is itself a table with a registered rule ``name`` (or a list of such tables) is a member rule,
+    so a composite is written as nested tables::
+
+        [rule]
+        name = "named_chain"
+        [rule.lstm]
+        name = "lstm"
+        training_fraction = true
+        [rule.schedule]
+        name = "scale_by_schedule"
+        schedule = { schedule = "LearnedSchedule", arguments = { total_steps = 200 } }
+    """
+    arguments = dict(table)
+    name = arguments.pop("name")
+    if name not in RULES:
+        raise ValueError(f"[rule] name {name!r} is not a registered rule; registered rules: {sorted(RULES)}")
+    return {"rule": name, "hyperparameters": {key: _rule_argument(value) for key, value in arguments.items()}}
+
+
+def _rule_argument(value: Any) -> Any:
+    if isinstance(value, dict) and value.get("name") in RULES:
+        return rule_table_spec(value)
+    if isinstance(value, list):
+        return [_rule_argument(item) for item in value]
+    return value
+
+
 def build_config_rule(config: TrainingConfig):
-    """The rule of ``[rule]`` (registered name and constructor arguments) or of ``[optimizer]``."""
+    """The rule of ``[rule]`` (see :func:`rule_table_spec`) or of ``[optimizer]``."""
     if config.rule is None:
         return build_rule(config.optimizer)
-    hyperparameters = dict(config.rule)
-    return from_spec({"rule": hyperparameters.pop("name"), "hyperparameters": hyperparameters})
+    return from_spec(rule_table_spec(config.rule))
 
 
 def build_trainer(config: TrainingConfig, communicator: Communicator | None = None) -> MetaTrainer:
