@@ -50,7 +50,7 @@ def main() -> None:
     meta = MetaOptimizer(None, DEMO_CONFIG)
     config = DEMO_CONFIG
     trainer = MetaTrainer(
-        meta.rule, make_family(FAMILY), meta_lr=config.meta_lr, unroll_steps=args.unroll_steps, horizon=HORIZON,
+        meta.rule, make_family(FAMILY), meta_lr=config.meta_lr, unroll_steps=args.unroll_steps, run_steps=HORIZON,
         gradient_clipping=config.gradient_clipping, meta_objective=config.meta_objective,
         second_order=config.second_order, seed=DEMO_CONFIG.seed, tasks_per_step=args.tasks_per_step,
         meta_lr_scales=dict.fromkeys(LSTM_PARTS, args.lstm_meta_lr_scale),

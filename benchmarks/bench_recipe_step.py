@@ -73,8 +73,8 @@ def measure(config_path: str, truncation: int, steps: int, device: str | None, s
     config.initial_offset = 0
     config.sync_runs = sync
     if sync:  # one long horizon: no run ends inside the measurement
-        config.min_horizon = None
-        config.horizon = truncation * (steps + 2)
+        config.min_run_steps = None
+        config.run_steps = truncation * (steps + 2)
     if device is not None:
         config.device = device
     trainer = build_trainer(config)

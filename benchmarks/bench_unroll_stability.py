@@ -33,7 +33,7 @@ def main() -> None:
         torch.manual_seed(0)
         trainer = MetaTrainer(
             build_rule(DEMO_CONFIG), family, meta_lr=DEMO_CONFIG.meta_lr, unroll_steps=unroll_steps,
-            horizon=2 * unroll_steps, gradient_clipping=DEMO_CONFIG.gradient_clipping,
+            run_steps=2 * unroll_steps, gradient_clipping=DEMO_CONFIG.gradient_clipping,
             meta_objective=DEMO_CONFIG.meta_objective, seed=0,
         )
         results = trainer.train(args.meta_steps)

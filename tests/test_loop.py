@@ -37,8 +37,8 @@ dim = 3
 
 [training]
 steps = 6
-horizon = 4
-min_horizon = 2
+run_steps = 4
+min_run_steps = 2
 tasks_per_step = 2
 checkpoint_every = 2
 estimator = "pes"
@@ -220,7 +220,7 @@ def test_example_config_builds_a_pes_trainer(tmp_path):
     trainer = build_trainer(TrainingConfig.from_dict(data))
     assert trainer.runs[0].params["theta"].device == torch.device("cpu")
     assert isinstance(trainer.estimator, PES) and trainer.estimator.normalization.high == 5.0
-    assert len(trainer.runs) == 4 and all(50 <= run.horizon <= 200 for run in trainer.runs)
+    assert len(trainer.runs) == 4 and all(50 <= run.num_steps <= 200 for run in trainer.runs)
     data["training"]["meta_lr_scales"] = {"head": 0.1}
     scaled = build_trainer(TrainingConfig.from_dict(data))
     assert sorted(g["lr"] for g in scaled.meta_optimizer.param_groups) == pytest.approx([1e-4, 1e-3])
@@ -234,7 +234,9 @@ def test_example_config_builds_a_pes_trainer(tmp_path):
         ("[family]\nname='quadratic'\n[training]\nepochs=3\n", "unknown \\[training\\] keys"),
         ("[family]\nname='quadratic'\n[training]\nestimator='reinforce'\n", "accepted values"),
         ("[family]\nname='quadratic'\n[training]\nsteps=0\n", "steps"),
-        ("[family]\nname='quadratic'\n[training]\nmin_horizon=-1\n", "min_horizon"),
+        ("[family]\nname='quadratic'\n[training]\nmin_run_steps=-1\n", "min_run_steps"),
+        ("[family]\nname='quadratic'\n[training]\nhorizon=20\n", "horizon is now run_steps"),
+        ("[family]\nname='quadratic'\n[training]\nmin_horizon=2\n", "min_horizon is now min_run_steps"),
         ("[family]\nname='quadratic'\n[training]\nlog_csv='yes'\n", "log_csv"),
         ("[family]\nname='quadratic'\n[training]\nmeta_lr_scales={head=-1}\n", "meta_lr_scales"),
         ("[family]\nname='quadratic'\n[training]\nmeta_lr_scales=0.1\n", "meta_lr_scales"),

@@ -231,6 +231,8 @@ def load_training_checkpoint(trainer: MetaTrainer, path: str | os.PathLike) -> i
 RULE_FIELDS = ("method", "hidden_size", "num_layers", "preconditioning", "coordinatewise", "preprocessing",
                "preprocess_p", "output_scale", "rule_options")
 SECTIONS = ("optimizer", "rule", "family", "families", "training", "estimator", "meta_optimizer", "phases")
+#: [training] keys renamed when the run length took the rule contract's word (num_steps): old -> new.
+RENAMED_TRAINING_KEYS = {"horizon": "run_steps", "min_horizon": "min_run_steps"}
 #: TrainingConfig fields that come from their own sections (the others are [training] keys).
 STRUCTURED_FIELDS = {"optimizer", "family", "family_options", "estimator_options", "rule", "families",
                      "meta_optimizer", "meta_optimizer_options", "phases"}
@@ -245,12 +247,16 @@ class TrainingConfig:
     (``name`` and the family's keyword arguments, ``augment`` among them, see
     :func:`~metaoptimizer.tasks.make_family`), ``[training]`` (the fields below) and
     ``[estimator]`` (options of :func:`~metaoptimizer.meta.estimators.make_estimator`).
-    ``device`` (e.g. ``"cuda"``) holds the rule there and is passed to the family.
+    ``steps`` counts meta-steps; ``run_steps`` is the length of an inner run (the ``num_steps``
+    budget its rule is told at ``init``), drawn log-uniformly from [``min_run_steps``,
+    ``run_steps``] per run when ``min_run_steps`` is set (the former keys ``horizon`` and
+    ``min_horizon`` are rejected with the new names). ``device`` (e.g. ``"cuda"``) holds the rule
+    there and is passed to the family.
 
     The recipe's sections: ``[rule]`` gives the rule as a registered name and its constructor
     arguments (``name = "celo"``; member rules of a composite as nested tables, see
-    :func:`rule_table_spec`) instead of ``[optimizer]``'s method fields; ``[[families]]`` lists several families (each table as
-    ``[family]``, plus an optional ``estimator`` table overriding ``[estimator]`` for that family:
+    :func:`rule_table_spec`) instead of ``[optimizer]``'s method fields; ``[[families]]`` lists
+    several families (each table as ``[family]``, plus an optional ``estimator`` table overriding ``[estimator]`` for that family:
     one estimator per family); ``[meta_optimizer]`` names the outer optimizer (``name`` in
     ``adam``, ``adamw``, ``sgd``; other keys are its arguments; the rate is ``meta_lr``);
     ``[[phases]]`` train parts of the rule in turn (``steps``, ``train``, ``freeze``, ``init``: see
@@ -263,8 +269,8 @@ class TrainingConfig:
     estimator: str = "tbptt"
     estimator_options: dict[str, Any] = field(default_factory=dict)
     steps: int = 1000
-    horizon: int = 200
-    min_horizon: int | None = None
+    run_steps: int = 200
+    min_run_steps: int | None = None
     initial_offset: int = 0
     sync_runs: bool = False
     tasks_per_step: int = 1
@@ -285,11 +291,11 @@ class TrainingConfig:
             raise TypeError(f"optimizer must be a MetaOptimizerConfig, got {type(self.optimizer).__name__}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator={self.estimator!r} is not supported; accepted values: {ESTIMATORS}")
-        for name in ("steps", "horizon", "tasks_per_step", "checkpoint_every"):
+        for name in ("steps", "run_steps", "tasks_per_step", "checkpoint_every"):
             check_positive(name, getattr(self, name), integer=True)
         check_positive("initial_offset", self.initial_offset, integer=True, allow_zero=True)
-        if self.min_horizon is not None:
-            check_positive("min_horizon", self.min_horizon, integer=True)
+        if self.min_run_steps is not None:
+            check_positive("min_run_steps", self.min_run_steps, integer=True)
         if self.snapshot_every is not None:
             check_positive("snapshot_every", self.snapshot_every, integer=True)
         if not isinstance(self.meta_lr_scales, dict):
@@ -359,6 +365,10 @@ class TrainingConfig:
         if "name" not in family and (family or "families" not in data):
             raise ValueError(f"{source}: [family] needs a name, e.g. name = \"digits_mlp\"")
         training = dict(data.get("training", {}))
+        renamed = sorted(set(training) & set(RENAMED_TRAINING_KEYS))
+        if renamed:
+            raise ValueError(f"{source}: [training] keys were renamed: " + ", ".join(
+                f"{old} is now {RENAMED_TRAINING_KEYS[old]}" for old in renamed))
         accepted = {f.name for f in fields(cls)} - STRUCTURED_FIELDS
         unknown = sorted(set(training) - accepted)
         if unknown:
@@ -463,14 +473,14 @@ def build_trainer(config: TrainingConfig, communicator: Communicator | None = No
         families,
         meta_lr=opt.meta_lr,
         unroll_steps=opt.unroll_steps,
-        horizon=config.horizon,
+        run_steps=config.run_steps,
         gradient_clipping=opt.gradient_clipping,
         tasks_per_step=config.tasks_per_step,
         meta_objective=opt.meta_objective,
         second_order=opt.second_order,
         seed=opt.seed,
         estimator=estimators,
-        min_horizon=config.min_horizon,
+        min_run_steps=config.min_run_steps,
         communicator=communicator,
         meta_lr_scales=config.meta_lr_scales,
         meta_optimizer=config.meta_optimizer,
