@@ -211,7 +211,7 @@ def test_rng_states_round_trip():
 
 
 def test_example_config_builds_a_pes_trainer(tmp_path):
-    config = TrainingConfig.from_toml(ROOT / "configs" / "lstm_digits_mlp.toml")
+    config = TrainingConfig.from_toml(ROOT / "configs" / "lstm_digits_mlp_pes.toml")
     assert config.family == "digits_mlp" and config.estimator == "pes"
     assert TrainingConfig.from_dict(config.to_dict()) == config
     data = config.to_dict()
