@@ -31,7 +31,7 @@ from contextlib import contextmanager
 
 import torch
 
-from metaoptimizer.meta import vectorized
+from metaoptimizer.meta import _vectorized as vectorized
 from metaoptimizer.meta.loop import TrainingConfig, build_trainer
 
 

@@ -18,7 +18,7 @@ from metaoptimizer.meta.distributed import (
 )
 from metaoptimizer.meta.estimators import PES, TruncatedBPTT
 from metaoptimizer.meta.trainer import MetaTrainer
-from metaoptimizer.meta.vectorized import flatten_meta
+from metaoptimizer.meta._vectorized import flatten_meta
 from metaoptimizer.rules.lstm import LSTMRule
 from metaoptimizer.tasks.quadratic import QuadraticFamily
 

@@ -11,7 +11,7 @@ from metaoptimizer.config import META_OBJECTIVES, OptimizerState
 from metaoptimizer.meta.estimators import PES, FullES, PESParticles, TaskNormalization, TruncatedBPTT, TruncatedES, make_estimator
 from metaoptimizer.meta.trainer import MetaTrainer
 from metaoptimizer.meta.unroll import detach_params, unroll
-from metaoptimizer.meta.vectorized import (
+from metaoptimizer.meta._vectorized import (
     UnrollJob,
     flatten_meta,
     loss_signature,

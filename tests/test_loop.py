@@ -21,7 +21,7 @@ from metaoptimizer.meta.loop import (
     run_meta_training,
     set_rng_states,
 )
-from metaoptimizer.meta.vectorized import flatten_meta
+from metaoptimizer.meta._vectorized import flatten_meta
 
 CONFIG = """
 [optimizer]

@@ -16,7 +16,7 @@ from metaoptimizer.checkpoint import load_checkpoint
 from metaoptimizer.meta.estimators import PES, TaskNormalization
 from metaoptimizer.meta.loop import TrainingConfig, build_trainer, run_meta_training
 from metaoptimizer.meta.trainer import MetaTrainer, Phase
-from metaoptimizer.meta.vectorized import flatten_meta
+from metaoptimizer.meta._vectorized import flatten_meta
 from metaoptimizer.rules import LSTMRule, MLPRule
 from metaoptimizer.tasks import make_family
 from metaoptimizer.tasks.augment import ReparamTask

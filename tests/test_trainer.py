@@ -11,7 +11,7 @@ from metaoptimizer.meta.estimators import PES, RunEstimates, TruncatedBPTT
 from metaoptimizer.meta.runs import ReplayableBatches, TaskRun
 from metaoptimizer.meta.trainer import MetaTrainer, gather_slot_rows, slot_generator
 from metaoptimizer.meta.unroll import detach_params, unroll
-from metaoptimizer.meta.vectorized import flatten_meta
+from metaoptimizer.meta._vectorized import flatten_meta
 from metaoptimizer.rules.hand import SGD
 from metaoptimizer.rules.lstm import LSTMRule, budget_aware_lstm
 from metaoptimizer.tasks.quadratic import QuadraticFamily

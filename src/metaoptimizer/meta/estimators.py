@@ -10,7 +10,7 @@ checkpoints as plain tensors and numbers and rebuilt by :meth:`RowEstimator.rest
 
 The ES estimators perturb the rule's meta-parameters θ (one flat vector) with antithetic Gaussian
 noise ±ε, ε ~ N(0, σ²I), and need no backpropagation: unrolls run under ``torch.no_grad`` with each
-particle's meta-parameters substituted functionally (:mod:`metaoptimizer.meta.vectorized`),
+particle's meta-parameters substituted functionally (:mod:`metaoptimizer.meta._vectorized`),
 vmapped over particles and over tasks of equal shapes. Every particle of a run sees the same
 batches (common random numbers). An unperturbed *centre* particle advances the run itself and
 reports the meta-loss; it adds one unroll to the ``2 * num_pairs`` perturbed ones. PES, whose
@@ -47,7 +47,7 @@ from torch import Tensor
 from metaoptimizer.config import META_OBJECTIVES, OptimizerState, check_positive
 from metaoptimizer.meta.runs import EstimatorState, TaskRun, advance, run_generator
 from metaoptimizer.meta.unroll import detach_params, unroll
-from metaoptimizer.meta.vectorized import (
+from metaoptimizer.meta._vectorized import (
     UnrollJob,
     UnrollOutcome,
     flatten_meta,
@@ -77,7 +77,7 @@ class RunEstimates:
     """Per-run meta-gradient estimates of one meta-step, one row per run.
 
     ``grads (runs, D)`` are flat over the rule's trainable parameters (order of
-    :func:`~metaoptimizer.meta.vectorized.meta_parameters`); ``meta_losses (runs,)`` the meta-loss
+    :func:`~metaoptimizer.meta._vectorized.meta_parameters`); ``meta_losses (runs,)`` the meta-loss
     each run reports; ``inner_steps (runs,)`` the inner steps each ran. A row with a non-finite
     loss or gradient marks a step that must be skipped.
     """
@@ -138,7 +138,7 @@ class RowEstimator(ABC):
 class TruncatedBPTT(RowEstimator):
     """Backpropagation through each truncation of ``unroll_steps``; the graph is cut between them.
 
-    ``vectorize=True`` runs the runs' unrolls through :func:`~metaoptimizer.meta.vectorized.run_jobs`
+    ``vectorize=True`` runs the runs' unrolls through :func:`~metaoptimizer.meta._vectorized.run_jobs`
     (``vmap`` over tasks of equal shapes, ``torch.func.grad`` for the meta-gradient); the default
     backpropagates through :func:`~metaoptimizer.meta.unroll.unroll` one run at a time.
     """

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from metaoptimizer.meta.vectorized import needs_valid_batch
+from metaoptimizer.meta._vectorized import needs_valid_batch
 from metaoptimizer.rules.base import Params, UpdateRule
 from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.tasks.base import Batch, Task

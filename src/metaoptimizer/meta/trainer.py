@@ -25,8 +25,8 @@ from metaoptimizer.config import META_OBJECTIVES, MetaOptTrainResult, OptimizerS
 from metaoptimizer.meta.distributed import Communicator, SingleProcess
 from metaoptimizer.meta.estimators import GradientEstimator, RunEstimates, TruncatedBPTT
 from metaoptimizer.meta.runs import ReplayableBatches, TaskRun, run_generator
-from metaoptimizer.meta.step import apply_estimate
-from metaoptimizer.meta.vectorized import meta_parameters
+from metaoptimizer.meta._step import apply_estimate
+from metaoptimizer.meta._vectorized import meta_parameters
 from metaoptimizer.rules.base import UpdateRule
 from metaoptimizer.tasks.base import TRAIN, TaskFamily, split_seed
 
