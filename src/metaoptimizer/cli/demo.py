@@ -24,10 +24,10 @@ from matplotlib.figure import Figure
 
 from metaoptimizer import pretrained
 from metaoptimizer.cli._common import out_option, progress_display
+from metaoptimizer.config import MetaOptTrainResult
 from metaoptimizer.evaluate.baselines import default_baselines
 from metaoptimizer.evaluate.report import write_report
 from metaoptimizer.evaluate.runner import run_rule, run_suite
-from metaoptimizer.config import MetaOptTrainResult
 from metaoptimizer.evaluate.suites import heldout_suite
 from metaoptimizer.facade import MetaOptimizer
 from metaoptimizer.meta.loop import build_trainer

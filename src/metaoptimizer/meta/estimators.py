@@ -45,8 +45,6 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from metaoptimizer.config import META_OBJECTIVES, OptimizerState, check_positive
-from metaoptimizer.meta.runs import EstimatorState, TaskRun, advance, run_generator
-from metaoptimizer.meta.unroll import detach_params, unroll
 from metaoptimizer.meta._vectorized import (
     UnrollJob,
     UnrollOutcome,
@@ -55,12 +53,15 @@ from metaoptimizer.meta._vectorized import (
     meta_parameters,
     run_jobs,
 )
+from metaoptimizer.meta.runs import EstimatorState, TaskRun, advance, run_generator
+from metaoptimizer.meta.unroll import detach_params, unroll
 from metaoptimizer.rules.base import Params, UpdateRule
 
 __all__ = [
     "ESTIMATORS", "PES", "Estimate", "FullES", "GradientEstimator", "PESParticles", "RowEstimator", "RunEstimates",
     "TaskNormalization", "TruncatedBPTT", "TruncatedES", "make_estimator",
 ]
+
 
 @dataclass
 class Estimate:
@@ -106,11 +107,14 @@ class RunEstimates:
 
 
 class GradientEstimator(Protocol):
-    """Turns unrolls of the runs into meta-gradients, advancing each run by one truncation."""
+    """Turns unrolls of the runs into meta-gradients, advancing each run by one truncation; what it
+    keeps in a run between truncations (``run.estimator_state``) it rebuilds from a checkpoint."""
 
     def estimate_runs(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> RunEstimates: ...
 
     def estimate(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> Estimate: ...
+
+    def restore_run_state(self, saved: dict[str, Any]) -> EstimatorState | None: ...
 
 
 class RowEstimator(ABC):
@@ -316,7 +320,7 @@ class TruncatedES(RowEstimator):
 
 @dataclass
 class FullES(TruncatedES):
-    """Antithetic ES over each run's whole remaining horizon: one unbiased estimate per inner run."""
+    """Antithetic ES over the whole rest of each run: one unbiased estimate per inner run."""
 
     def truncation_length(self, run: TaskRun, unroll_steps: int) -> int:
         return run.remaining()

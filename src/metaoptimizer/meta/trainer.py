@@ -2,8 +2,8 @@
 
 :class:`MetaTrainer` keeps ``tasks_per_step`` *slots*, each holding one inner training run
 (:class:`~metaoptimizer.meta.runs.TaskRun`) and its own random generator, which draws the slot's
-tasks, run lengths and ES noise. Estimators (:mod:`metaoptimizer.meta.estimators`) return one meta-gradient row per run
-(:class:`~metaoptimizer.meta.estimators.RunEstimates`); the trainer
+tasks, run lengths and ES noise. Estimators (:mod:`metaoptimizer.meta.estimators`) return one
+meta-gradient row per run (:class:`~metaoptimizer.meta.estimators.RunEstimates`); the trainer
 averages the rows of all slots in slot order. Because every slot's randomness is its own and the
 average runs over the same rows in the same order, splitting the slots over processes
 (:mod:`metaoptimizer.meta.distributed`) gives the single-process result.
@@ -22,11 +22,11 @@ import torch
 from torch import Tensor
 
 from metaoptimizer.config import META_OBJECTIVES, MetaOptTrainResult, OptimizerState, check_positive
+from metaoptimizer.meta._step import apply_estimate
+from metaoptimizer.meta._vectorized import meta_parameters
 from metaoptimizer.meta.distributed import Communicator, SingleProcess
 from metaoptimizer.meta.estimators import GradientEstimator, RunEstimates, TruncatedBPTT
 from metaoptimizer.meta.runs import ReplayableBatches, TaskRun, run_generator
-from metaoptimizer.meta._step import apply_estimate
-from metaoptimizer.meta._vectorized import meta_parameters
 from metaoptimizer.rules.base import UpdateRule
 from metaoptimizer.tasks.base import TRAIN, TaskFamily, split_seed
 
