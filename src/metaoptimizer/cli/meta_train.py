@@ -1,6 +1,6 @@
 """``metaopt meta-train``: meta-train a learned optimizer from a TOML file, with checkpoints,
 ``--resume`` and, with ``[training] snapshot_every``, the rule saved every so many meta-steps as a
-``MetaOptimizer`` file (``snapshots/step_NNNNNN.pt``, for ``metaopt eval --optimizer``); under ``torchrun`` (``torchrun --nproc-per-node N -m metaoptimizer.cli meta-train
+``MetaOptimizer`` file (``snapshots/step_NNNNNN.pt``, step 0 included, for ``metaopt eval --optimizer``); under ``torchrun`` (``torchrun --nproc-per-node N -m metaoptimizer.cli meta-train
 --config FILE``) the meta-batch is split over the processes (``docs/distributed.md``)."""
 
 from __future__ import annotations
@@ -48,9 +48,15 @@ def meta_train(
             trainer = build_trainer(settings, communicator)
         with progress_display(progress and communicator.rank == 0) as report:
 
-            def on_step(iteration: int, result: MetaOptTrainResult) -> None:
+            def snapshot(iteration: int) -> None:
                 if settings.snapshot_every and iteration % settings.snapshot_every == 0 and communicator.rank == 0:
                     MetaOptimizer(None, rule=trainer.rule).save(out / SNAPSHOT_DIR / f"step_{iteration:06d}.pt")
+
+            if not (out / CHECKPOINT_NAME).exists():
+                snapshot(0)  # the rule the run starts from
+
+            def on_step(iteration: int, result: MetaOptTrainResult) -> None:
+                snapshot(iteration)
                 if report is not None:
                     status = f"meta-loss {result.meta_loss:.4g}  skipped {result.skipped_total}"
                     report(Progress("meta-train", iteration, total, status))
