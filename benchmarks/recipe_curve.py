@@ -39,7 +39,7 @@ def hours_at(log_path: Path) -> dict[int, float]:
     with log_path.open() as handle:
         for row in csv.DictReader(handle):
             seconds[int(row["iteration"])] = float(row["seconds"])
-    total, hours = 0.0, {}
+    total, hours = 0.0, {0: 0.0}
     for iteration in sorted(seconds):
         total += seconds[iteration]
         hours[iteration] = total / 3600
