@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from metaoptimizer.checkpoint import load_checkpoint
 from metaoptimizer.cli import app
+from metaoptimizer.cli.meta_train import save_snapshot
 from metaoptimizer.facade import MetaOptimizer
 from metaoptimizer.meta.loop import TrainingConfig, build_trainer
 
@@ -66,6 +67,15 @@ def test_snapshots_are_loadable_rules_of_their_step(tmp_path, config_path):
     initial = build_trainer(TrainingConfig.from_toml(config_path)).rule.state_dict()
     start = MetaOptimizer.load(out / "snapshots" / "step_000000.pt").rule.state_dict()
     assert all(start[name].equal(weight) for name, weight in initial.items())
+
+
+def test_a_snapshot_of_a_partly_frozen_rule_loads(tmp_path, config_path):
+    rule = build_trainer(TrainingConfig.from_toml(config_path)).rule
+    frozen = next(rule.parameters()).requires_grad_(False)
+    save_snapshot(rule, tmp_path / "snapshot.pt")
+    loaded = MetaOptimizer.load(tmp_path / "snapshot.pt").rule
+    assert not frozen.requires_grad  # the trainer's rule is left as it was
+    assert all(a.equal(b) for a, b in zip(loaded.parameters(), rule.parameters(), strict=True))
 
 
 def test_an_existing_checkpoint_without_resume_is_a_usage_error(tmp_path, config_path):

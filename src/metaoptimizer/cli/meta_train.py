@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Annotated
@@ -18,10 +19,18 @@ from metaoptimizer.facade import MetaOptimizer
 from metaoptimizer.meta.distributed import SingleProcess, communicator_from_environment, shutdown
 from metaoptimizer.meta.loop import CHECKPOINT_NAME, TrainingConfig, build_trainer, run_meta_training
 from metaoptimizer.progress import Progress
+from metaoptimizer.rules.base import UpdateRule
 
-__all__ = ["meta_train"]
+__all__ = ["meta_train", "save_snapshot"]
 
 SNAPSHOT_DIR = "snapshots"
+
+
+def save_snapshot(rule: UpdateRule, path: Path) -> None:
+    """``rule`` as a ``MetaOptimizer`` file (loadable by ``metaopt eval``), its meta-parameters all
+    trainable in the file, as in any saved optimizer, whatever the current phase has frozen."""
+    snapshot = copy.deepcopy(rule).requires_grad_(True)
+    MetaOptimizer(None, rule=snapshot).save(path)
 
 
 def meta_train(
@@ -50,7 +59,7 @@ def meta_train(
 
             def snapshot(iteration: int) -> None:
                 if settings.snapshot_every and iteration % settings.snapshot_every == 0 and communicator.rank == 0:
-                    MetaOptimizer(None, rule=trainer.rule).save(out / SNAPSHOT_DIR / f"step_{iteration:06d}.pt")
+                    save_snapshot(trainer.rule, out / SNAPSHOT_DIR / f"step_{iteration:06d}.pt")
 
             if not (out / CHECKPOINT_NAME).exists():
                 snapshot(0)  # the rule the run starts from
