@@ -256,11 +256,12 @@ class TrainingConfig:
     The recipe's sections: ``[rule]`` gives the rule as a registered name and its constructor
     arguments (``name = "celo"``; member rules of a composite as nested tables, see
     :func:`rule_table_spec`) instead of ``[optimizer]``'s method fields; ``[[families]]`` lists
-    several families (each table as ``[family]``, plus an optional ``estimator`` table overriding ``[estimator]`` for that family:
-    one estimator per family); ``[meta_optimizer]`` names the outer optimizer (``name`` in
-    ``adam``, ``adamw``, ``sgd``; other keys are its arguments; the rate is ``meta_lr``);
-    ``[[phases]]`` train parts of the rule in turn (``steps``, ``train``, ``freeze``, ``init``: see
-    :class:`~metaoptimizer.meta.trainer.Phase`), covering at least ``steps`` meta-steps.
+    several families (each table as ``[family]``, plus an optional ``estimator`` table overriding
+    ``[estimator]`` for that family: one estimator per family); ``[meta_optimizer]`` names the
+    outer optimizer (``name`` in ``adam``, ``adamw``, ``sgd``; other keys are its arguments; the
+    rate is ``meta_lr``); ``[[phases]]`` train parts of the rule in turn (``steps``, ``train``,
+    ``freeze``, ``init``: see :class:`~metaoptimizer.meta.trainer.Phase`), covering at least
+    ``steps`` meta-steps.
     """
 
     optimizer: MetaOptimizerConfig
