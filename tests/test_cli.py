@@ -201,3 +201,15 @@ def test_python_dash_m_runs_the_tool(monkeypatch, capsys):
 def test_every_package_declares_its_public_names(package):
     module = importlib.import_module(package)
     assert module.__all__ and all(hasattr(module, name) for name in module.__all__)
+
+
+def test_pretrain_takes_another_seed_and_refuses_a_broken_checkpoint(tmp_path):
+    meta = MetaOptimizer.load(pretrained.train("lstm-digits-mlp", tmp_path / "seed1", meta_steps=1, seed=1))
+    assert meta.config.seed == 1 and meta.meta_steps == 1
+    with pytest.raises(ValueError, match="published weights"):
+        pretrained.recipe_path("celo")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    outcome = runner.invoke(app, ["pretrain", "lstm-digits-mlp", "--out", str(broken), "--resume", "--meta-steps", "1"])
+    assert outcome.exit_code == 2 and "cannot resume" in outcome.output and "Traceback" not in outcome.output
