@@ -29,7 +29,6 @@ from metaoptimizer.evaluate.baselines import default_baselines
 from metaoptimizer.evaluate.report import write_report
 from metaoptimizer.evaluate.runner import run_rule, run_suite
 from metaoptimizer.evaluate.suites import heldout_suite
-from metaoptimizer.facade import MetaOptimizer
 from metaoptimizer.meta.loop import build_trainer
 from metaoptimizer.progress import Progress, ProgressCallback
 from metaoptimizer.rules.base import UpdateRule
@@ -112,8 +111,7 @@ def run_demo(
 
         trainer.train(meta_steps, callback=after_step)
     meta_seconds = time.monotonic() - started
-    meta = MetaOptimizer(None, settings.optimizer, rule=trainer.rule)
-    meta.meta_steps, meta.skipped_meta_steps = trainer.steps, trainer.skipped_steps
+    meta = pretrained.trained_optimizer(trainer, settings)
     meta.save(out / "lstm_digits_mlp.pt")
     with (out / "meta_validation.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([("meta_step", "meta_validation_loss"), *validation])
@@ -129,8 +127,8 @@ def run_demo(
         result, out, title="metaoptimizer demo: the LSTM optimizer before and after meta-training, beside tuned Adam",
         extra={
             "meta_training": {
-                "recipe": RECIPE_NAME, "config": settings.to_dict(), "seed": seed, "meta_steps": meta.meta_steps, "skipped_meta_steps": meta.skipped_meta_steps,
-                "seconds": round(meta_seconds, 1), "meta_validation": validation, "log": "meta_training.csv",
+                "recipe": RECIPE_NAME, "config": settings.to_dict(), "seed": seed, "meta_steps": meta.meta_steps,
+                "skipped_meta_steps": meta.skipped_meta_steps, "seconds": round(meta_seconds, 1), "meta_validation": validation, "log": "meta_training.csv",
                 "plot": "meta_training.png", "checkpoint": "lstm_digits_mlp.pt",
             },
             "median_speedup": speedups,

@@ -26,10 +26,11 @@ from torch import nn
 
 from metaoptimizer.facade import MetaOptimizer
 from metaoptimizer.meta.loop import TrainingConfig, build_trainer, run_meta_training
+from metaoptimizer.meta.trainer import MetaTrainer
 from metaoptimizer.progress import Progress, ProgressCallback
 from metaoptimizer.rules.celo import CeloAdamRule, CeloRule
 
-__all__ = ["PUBLISHED", "TRAINED", "available", "load", "path", "recipe", "recipe_path", "train"]
+__all__ = ["PUBLISHED", "TRAINED", "available", "load", "path", "recipe", "recipe_path", "train", "trained_optimizer"]
 
 #: Optimizers this project meta-trained: each ships ``<name>.pt`` made by its recipe ``<name>.toml``.
 TRAINED = ("lstm-digits-mlp",)
@@ -111,8 +112,14 @@ def train(
         trainer, out, total, settings.checkpoint_every, resume=resume, log_csv=settings.log_csv,
         tensorboard=settings.tensorboard, config=settings.to_dict(), callback=report,
     )
+    checkpoint = out / f"{name}.pt"
+    trained_optimizer(trainer, settings).save(checkpoint)
+    return checkpoint
+
+
+def trained_optimizer(trainer: MetaTrainer, settings: TrainingConfig) -> MetaOptimizer:
+    """``trainer``'s rule as a ``MetaOptimizer`` with the run's ``[optimizer]`` settings and its
+    meta-step counts: what :func:`train` saves as ``<name>.pt``."""
     meta = MetaOptimizer(None, settings.optimizer, rule=trainer.rule)
     meta.meta_steps, meta.skipped_meta_steps = trainer.steps, trainer.skipped_steps
-    checkpoint = out / f"{name}.pt"
-    meta.save(checkpoint)
-    return checkpoint
+    return meta
