@@ -422,11 +422,12 @@ class _AdamStep(torch.autograd.Function):
         grads, exp_avg, exp_avg_sq = tensors[:count], tensors[count : 2 * count], tensors[2 * count :]
         # Factors as 0-dim tensors (lists of them broadcast in the sums): torch converts a Python
         # number in a product or a sum on every call, which doubles the cost of these small kernels.
+        # Built on the CPU and sent without waiting (a blocking copy would sync a GPU every step).
         factors = torch.tensor(
             [beta1, beta2, 1 - beta1, 1 / correction2, -0.5 / correction2, eps_root, eps,
              -1 / correction1 if isinstance(lr, Tensor) else -lr / correction1],
-            dtype=grads[0].dtype, device=grads[0].device,
-        ).unbind()
+            dtype=grads[0].dtype,
+        ).to(grads[0].device, non_blocking=True).unbind()
         scale = lr * factors[7] if isinstance(lr, Tensor) else factors[7]
         m = torch._foreach_lerp(exp_avg, grads, 1 - beta1)
         v = torch._foreach_mul(exp_avg_sq, factors[1])
