@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaoptimizer.meta.vectorized import UnrollJob, flatten_meta, loss_signature, run_jobs
+from metaoptimizer.meta._vectorized import UnrollJob, flatten_meta, loss_signature, run_jobs
 from metaoptimizer.rules.celo import CeloRule
 from metaoptimizer.tasks import HELDOUT, TRAIN, make_family
 from metaoptimizer.tasks.augment import ReparamTask

@@ -19,7 +19,7 @@ def _config(rule: dict) -> TrainingConfig:
     return TrainingConfig.from_dict({
         "rule": rule,
         "family": {"name": "quadratic", "dim": 3},
-        "training": {"steps": 2, "horizon": 10},
+        "training": {"steps": 2, "run_steps": 10},
     })
 
 
@@ -45,7 +45,7 @@ def test_celo_plus_config_continues_celo_on_the_broad_and_8x8_families(monkeypat
     monkeypatch.chdir(ROOT)
     config = TrainingConfig.from_toml(ROOT / "configs" / "celo_plus.toml")
     assert config.rule == {"name": "celo", "pretrained": "celo"} and config.estimator == "pes"
-    assert config.horizon == 3000 and config.snapshot_every and config.optimizer.meta_lr <= 1e-4
+    assert config.run_steps == 3000 and config.snapshot_every and config.optimizer.meta_lr <= 1e-4
     trainer = build_trainer(config)
     published = CeloRule.pretrained().state_dict()
     assert all(torch.equal(trainer.rule.state_dict()[k], v) for k, v in published.items())

@@ -41,7 +41,7 @@ def test_validation_tasks_are_held_out_tasks_of_the_training_families(select_mod
             {"name": "broad_image", "source": "digits", "depths": 1, "widths": 8, "activations": "elu",
              "n_examples": 200},
         ],
-        "training": {"steps": 1, "horizon": 10, "tasks_per_step": 2},
+        "training": {"steps": 1, "run_steps": 10, "tasks_per_step": 2},
     })
     tasks = select_module.validation_tasks(config, 2)
     assert [label for label, _ in tasks] == [

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from metaoptimizer.checkpoint import load_checkpoint
 from metaoptimizer.cli import app
+from metaoptimizer.cli.meta_train import save_snapshot
 from metaoptimizer.facade import MetaOptimizer
 from metaoptimizer.meta.loop import TrainingConfig, build_trainer
 
@@ -24,7 +25,7 @@ dim = 3
 
 [training]
 steps = 4
-horizon = 4
+run_steps = 4
 checkpoint_every = 2
 """
 runner = CliRunner()
@@ -55,7 +56,7 @@ def test_snapshots_are_loadable_rules_of_their_step(tmp_path, config_path):
     out = tmp_path / "run"
     outcome = runner.invoke(app, ["meta-train", "-c", str(config_path), "-o", str(out), "--no-progress"])
     assert outcome.exit_code == 0, outcome.output
-    assert sorted(path.name for path in (out / "snapshots").iterdir()) == ["step_000002.pt", "step_000004.pt"]
+    assert sorted(path.name for path in (out / "snapshots").iterdir()) == ["step_000000.pt", "step_000002.pt", "step_000004.pt"]
     final = build_trainer(TrainingConfig.from_toml(config_path))
     final.load_state_dict(load_checkpoint(out / "checkpoint.pt")["trainer"])
     saved = MetaOptimizer.load(out / "snapshots" / "step_000004.pt").rule.state_dict()
@@ -63,6 +64,18 @@ def test_snapshots_are_loadable_rules_of_their_step(tmp_path, config_path):
     assert all(saved[name].equal(weight) for name, weight in final.rule.state_dict().items())
     early = MetaOptimizer.load(out / "snapshots" / "step_000002.pt").rule.state_dict()
     assert any(not early[name].equal(weight) for name, weight in saved.items())
+    initial = build_trainer(TrainingConfig.from_toml(config_path)).rule.state_dict()
+    start = MetaOptimizer.load(out / "snapshots" / "step_000000.pt").rule.state_dict()
+    assert all(start[name].equal(weight) for name, weight in initial.items())
+
+
+def test_a_snapshot_of_a_partly_frozen_rule_loads(tmp_path, config_path):
+    rule = build_trainer(TrainingConfig.from_toml(config_path)).rule
+    frozen = next(rule.parameters()).requires_grad_(False)
+    save_snapshot(rule, tmp_path / "snapshot.pt")
+    loaded = MetaOptimizer.load(tmp_path / "snapshot.pt").rule
+    assert not frozen.requires_grad  # the trainer's rule is left as it was
+    assert all(a.equal(b) for a, b in zip(loaded.parameters(), rule.parameters(), strict=True))
 
 
 def test_an_existing_checkpoint_without_resume_is_a_usage_error(tmp_path, config_path):

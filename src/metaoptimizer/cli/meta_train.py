@@ -1,10 +1,11 @@
 """``metaopt meta-train``: meta-train a learned optimizer from a TOML file, with checkpoints,
 ``--resume`` and, with ``[training] snapshot_every``, the rule saved every so many meta-steps as a
-``MetaOptimizer`` file (``snapshots/step_NNNNNN.pt``, for ``metaopt eval --optimizer``); under ``torchrun`` (``torchrun --nproc-per-node N -m metaoptimizer.cli meta-train
+``MetaOptimizer`` file (``snapshots/step_NNNNNN.pt``, step 0 included, for ``metaopt eval --optimizer``); under ``torchrun`` (``torchrun --nproc-per-node N -m metaoptimizer.cli meta-train
 --config FILE``) the meta-batch is split over the processes (``docs/distributed.md``)."""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Annotated
@@ -18,10 +19,18 @@ from metaoptimizer.facade import MetaOptimizer
 from metaoptimizer.meta.distributed import SingleProcess, communicator_from_environment, shutdown
 from metaoptimizer.meta.loop import CHECKPOINT_NAME, TrainingConfig, build_trainer, run_meta_training
 from metaoptimizer.progress import Progress
+from metaoptimizer.rules.base import UpdateRule
 
-__all__ = ["meta_train"]
+__all__ = ["meta_train", "save_snapshot"]
 
 SNAPSHOT_DIR = "snapshots"
+
+
+def save_snapshot(rule: UpdateRule, path: Path) -> None:
+    """``rule`` as a ``MetaOptimizer`` file (loadable by ``metaopt eval``), its meta-parameters all
+    trainable in the file, as in any saved optimizer, whatever the current phase has frozen."""
+    snapshot = copy.deepcopy(rule).requires_grad_(True)
+    MetaOptimizer(None, rule=snapshot).save(path)
 
 
 def meta_train(
@@ -48,9 +57,15 @@ def meta_train(
             trainer = build_trainer(settings, communicator)
         with progress_display(progress and communicator.rank == 0) as report:
 
-            def on_step(iteration: int, result: MetaOptTrainResult) -> None:
+            def snapshot(iteration: int) -> None:
                 if settings.snapshot_every and iteration % settings.snapshot_every == 0 and communicator.rank == 0:
-                    MetaOptimizer(None, rule=trainer.rule).save(out / SNAPSHOT_DIR / f"step_{iteration:06d}.pt")
+                    save_snapshot(trainer.rule, out / SNAPSHOT_DIR / f"step_{iteration:06d}.pt")
+
+            if not (out / CHECKPOINT_NAME).exists():
+                snapshot(0)  # the rule the run starts from
+
+            def on_step(iteration: int, result: MetaOptTrainResult) -> None:
+                snapshot(iteration)
                 if report is not None:
                     status = f"meta-loss {result.meta_loss:.4g}  skipped {result.skipped_total}"
                     report(Progress("meta-train", iteration, total, status))
