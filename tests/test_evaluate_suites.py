@@ -34,7 +34,7 @@ def test_long_horizon_suite_multiplies_the_budget():
     assert make_suite("long_horizon").entries[0].steps == 1000
 
 
-@pytest.mark.parametrize("name", ["smoke", "architectures", "heldout", "outside_family"])
+@pytest.mark.parametrize("name", ["smoke", "architectures", "heldout"])
 def test_every_entry_builds_its_tasks_and_runs_a_few_steps(name):
     suite = make_suite(name, num_tasks=1, steps=3, seeds=(0,))
     for entry in suite.entries:
@@ -47,7 +47,7 @@ def test_suites_are_plain_data():
     suite = make_suite("smoke")
     data = suite.to_dict()
     assert data["name"] == "smoke" and data["entries"][0]["task_indices"] == [0, 1]
-    assert set(SUITES) == {"heldout", "architectures", "long_horizon", "smoke", "general", "outside_family"}
+    assert set(SUITES) == {"heldout", "architectures", "long_horizon", "smoke", "general"}
     assert data["baselines"] == "default" and data["entries"][0]["group"] == "digits_mlp_tiny"
 
 
@@ -101,17 +101,3 @@ def test_suite_entry_rejects_bad_fields(field, value):
     valid = {"steps": 10, "task_indices": (0,), "seeds": (0,), "split": HELDOUT, "eval_every": 2, "eval_batches": 1}
     with pytest.raises(ValueError, match=field):
         SuiteEntry("label", "digits_mlp", **{**valid, field: value})
-
-
-def test_outside_family_suite_is_default_init_digits_mlps_over_activations_and_batch_sizes():
-    suite = make_suite("outside_family")
-    assert len(suite.entries) == 9 and suite.groups() == ["outside family"]
-    assert sum(len(e.task_indices) * len(e.seeds) for e in suite.entries) == 18
-    assert {(e.kwargs["activations"], e.kwargs["batch_size"]) for e in suite.entries} == {
-        (a, b) for a in ("sigmoid", "tanh", "elu") for b in (32, 64, 128)}
-    assert all(e.kwargs["init_scales"] == 1.0 and e.steps == 200 and e.split == "heldout" for e in suite.entries)
-    family = make_family("digits_mlp", **suite.entries[-1].kwargs)
-    spec = family.spec(1)
-    assert spec.activation == "elu" and spec.init_scale == 1.0 and family.batch_size == 128
-    with pytest.raises(ValueError, match="batch_sizes"):
-        make_suite("outside_family", batch_sizes=())

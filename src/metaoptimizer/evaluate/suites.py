@@ -8,9 +8,6 @@ defaulting to the digits MLP family and 200 steps (``MetaTrainer``'s default hor
   ReLU MLP (3 x 128), a CNN, and a GRU character language model;
 * ``long_horizon``: the meta-training family for ``horizon_factor`` (5) times the steps (suite c);
 * ``smoke``: two tiny digits tasks for tests and quick checks;
-* ``outside_family``: digits MLPs as a user builds them, outside what the shipped LSTM was
-  meta-trained on (torch's default initialisation, sigmoid/tanh/ELU, batches of 32/64/128; the
-  family samples batch 32 and init scales 0.5/1/2 only), issue 16 item 5;
 * ``general``: the tasks of :mod:`metaoptimizer.tasks.general` (none meta-trained on by any
   shipped learned optimizer) at horizons of 300, 1000 and 3000 steps, against the optimizers users
   pick instead (the ``general`` baseline set).
@@ -174,33 +171,6 @@ def smoke_suite(*, num_tasks: int = 2, steps: int = 30, seeds: tuple[int, ...] =
     return Suite("smoke", f"tiny digits MLPs, {steps} steps", (entry,))
 
 
-OUTSIDE_ACTIVATIONS = ("sigmoid", "tanh", "elu")
-OUTSIDE_BATCH_SIZES = (32, 64, 128)
-
-
-def outside_family_suite(
-    *,
-    activations: tuple[str, ...] = OUTSIDE_ACTIVATIONS,
-    batch_sizes: tuple[int, ...] = OUTSIDE_BATCH_SIZES,
-    num_tasks: int = 2,
-    steps: int = DEFAULT_STEPS,
-    seeds: tuple[int, ...] = (0,),
-) -> Suite:
-    """Digits MLPs at torch's default initialisation (init scale 1), one entry per activation and
-    batch size, ``num_tasks`` held-out task seeds each (widths, depth and data size drawn by the
-    family), one group: the "tried as a user would" tasks of issue 16 item 5 (18 by default)."""
-    for what, values in (("activations", activations), ("batch_sizes", batch_sizes)):
-        if not isinstance(values, tuple) or not values:
-            raise ValueError(f"{what} must be a non-empty tuple, got {values!r}")
-    entries = tuple(
-        SuiteEntry(f"{activation}_batch{batch}", "digits_mlp", _indices(num_tasks), steps, tuple(seeds),
-                   {"activations": activation, "init_scales": 1.0, "batch_size": batch}, group="outside family")
-        for activation in activations for batch in batch_sizes
-    )
-    return Suite("outside_family", f"digits MLPs at default init, activations {list(activations)}, batches "
-                 f"{list(batch_sizes)}, {steps} steps", entries)
-
-
 GENERAL_HORIZONS = (300, 1000, 3000)
 
 
@@ -241,7 +211,6 @@ SUITES: dict[str, Callable[..., Suite]] = {
     "long_horizon": long_horizon_suite,
     "smoke": smoke_suite,
     "general": general_suite,
-    "outside_family": outside_family_suite,
 }
 
 
