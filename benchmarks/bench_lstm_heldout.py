@@ -18,9 +18,15 @@ then the median speedup, the number of task-seeds that reach the target and the 
 
     python benchmarks/bench_lstm_heldout.py [--optimizer lstm-digits-mlp] [--optimizer runs/x/snapshots/step_000100.pt]
         [--inputs unit|standardised] [--seeds 1] [--json FILE]
+        [--select runs/lstm_recipe --config configs/lstm_recipe.toml]
 
 An optimizer is anything ``metaopt eval --optimizer`` takes (a pretrained name or a saved
-``MetaOptimizer`` file). One thread, seeded: the figures repeat exactly on one machine.
+``MetaOptimizer`` file). ``--select RUN`` first scores every snapshot of a meta-training run
+(``RUN/snapshots/*.pt``) on meta-validation tasks: training-split tasks (indices 0-1, never drawn
+as such by meta-training, which draws indices from 2**31) of each family of ``--config``, without
+augmentation, 200 steps, against tuned Adam; the snapshot with the best median speedup there is
+then run on the held-out suite (the held-out suite never takes part in the choice). One thread,
+seeded: the figures repeat exactly on one machine.
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ from metaoptimizer.evaluate.baselines import default_baselines
 from metaoptimizer.evaluate.loading import load_optimizer
 from metaoptimizer.evaluate.runner import SuiteResult, run_suite
 from metaoptimizer.evaluate.suites import Suite, SuiteEntry
+from metaoptimizer.meta.loop import TrainingConfig
 from metaoptimizer.tasks import make_family
-from metaoptimizer.tasks.base import ModuleTask, TaskFamily
+from metaoptimizer.tasks.base import TRAIN, ModuleTask, TaskFamily
 from metaoptimizer.tasks.digits import ACTIVATIONS, load_digits_tensors, standardised_split
 from metaoptimizer.tasks.sampling import ARCHITECTURE_STREAM, DATA_STREAM, pick, task_rng
 
@@ -104,6 +111,37 @@ def outside_family_suite(
                  f"{list(activations)}, batches {list(batch_sizes)}, {steps} steps", entries)
 
 
+def validation_suite(config: TrainingConfig, *, num_tasks: int = 2, steps: int = STEPS) -> Suite:
+    """Training-split tasks ``0 .. num_tasks - 1`` of every family of ``config``, unaugmented."""
+    entries = []
+    for options in config.family_entries():
+        options = {k: v for k, v in options.items() if k not in ("augment", "estimator")}
+        name = options.pop("name")
+        entries.append(SuiteEntry(name, name, tuple(range(num_tasks)), steps, (0,), options, split=TRAIN,
+                                  group="meta-validation"))
+    return Suite("lstm_meta_validation", f"training-split tasks of the meta-training families, {steps} steps",
+                 tuple(entries))
+
+
+def select_snapshot(
+    run: Path, config: TrainingConfig, adam: list, *, num_tasks: int = 2, steps: int = STEPS
+) -> tuple[str, Path]:
+    """The snapshot of ``run`` with the best median speedup over tuned Adam on :func:`validation_suite`
+    (ties: the later snapshot)."""
+    snapshots = sorted((run / "snapshots").glob("*.pt"))
+    if not snapshots:
+        raise SystemExit(f"no snapshots in {run / 'snapshots'}")
+    rules = {path.stem: load_optimizer(str(path)) for path in snapshots}
+    result = run_suite(validation_suite(config, num_tasks=num_tasks, steps=steps), {name: (lambda rule=rule: rule) for name, rule in rules.items()},
+                       baselines=adam)
+    medians = {name: result.headline(name)["median"] for name in rules}
+    for name in rules:
+        print(f"meta-validation {result.headline_line(name)}")
+    best = max(medians, key=lambda name: (medians[name], name))
+    print(f"chosen on meta-validation: {best} (median speedup {medians[best]:.3f})")
+    return best, run / "snapshots" / f"{best}.pt"
+
+
 def rows(result: SuiteResult, name: str) -> list[dict[str, Any]]:
     """One row per task-seed: the comparison of ``name`` with tuned Adam."""
     table = []
@@ -143,12 +181,18 @@ def main() -> None:
     parser.add_argument("--inputs", default="unit", choices=INPUTS)
     parser.add_argument("--seeds", type=int, default=1, help="Run seeds per task-seed (default 1).")
     parser.add_argument("--json", default=None, help="Write the per-task-seed rows here.")
+    parser.add_argument("--select", type=Path, default=None, help="A meta-training run whose snapshots to choose from.")
+    parser.add_argument("--config", type=Path, default=None, help="The run's config (its families validate).")
     args = parser.parse_args()
+    if (args.select is None) != (args.config is None):
+        parser.error("--select and --config go together")
     torch.set_num_threads(1)
-    specs = args.optimizer or ["lstm-digits-mlp"]
+    adam = [b for b in default_baselines() if b.name == "adam"]
+    specs = list(args.optimizer or ([] if args.select else ["lstm-digits-mlp"]))
+    if args.select is not None:
+        specs.append(str(select_snapshot(args.select, TrainingConfig.from_toml(args.config), adam)[1]))
     rules = {(Path(s).stem if Path(s).is_file() else s): load_optimizer(s) for s in specs}
     suite = outside_family_suite(inputs=args.inputs, seeds=tuple(range(args.seeds)))
-    adam = [b for b in default_baselines() if b.name == "adam"]
     started = time.perf_counter()
     result = run_suite(suite, {name: (lambda rule=rule: rule) for name, rule in rules.items()}, baselines=adam,
                        family_factory=build_family)

@@ -53,3 +53,50 @@ def test_rows_give_per_task_seed_speedups_against_tuned_adam():
     assert row["speedup"] == pytest.approx(row["adam_steps"] / 20) and row["final_loss_ratio"] > 1
     lines = bench.report("slow-adam", [row], result)
     assert "never" in lines[2] and "target reached on 0/1 task-seeds" in lines[-1]
+
+
+def test_snapshots_are_chosen_on_training_family_tasks_only(tmp_path, capsys):
+    from typer.testing import CliRunner
+
+    from metaoptimizer.cli.main import app
+    from metaoptimizer.meta.loop import TrainingConfig
+
+    config = tmp_path / "tiny.toml"
+    config.write_text("""
+[rule]
+name = "lstm"
+hidden_size = 4
+preprocessing = "tensor_rms"
+relative_step = true
+loss_features = true
+training_fraction = true
+init_lr = 0.1
+backend = "eager"
+
+[optimizer]
+meta_lr = 0.01
+unroll_steps = 3
+
+[[families]]
+name = "digits8_mlp"
+augment = { levels = ["global"], scale_range = [1e-3, 1e3] }
+
+[training]
+steps = 2
+horizon = 8
+tasks_per_step = 1
+snapshot_every = 1
+estimator = "pes"
+tensorboard = false
+""")
+    run = tmp_path / "run"
+    done = CliRunner().invoke(app, ["meta-train", "--config", str(config), "--out", str(run), "--no-progress"])
+    assert done.exit_code == 0, done.output
+    loaded = TrainingConfig.from_toml(config)
+    suite = bench.validation_suite(loaded, num_tasks=1, steps=5)
+    (entry,) = suite.entries
+    assert entry.split == "train" and entry.family == "digits8_mlp" and "augment" not in entry.kwargs
+    adam = [Baseline("adam", lambda lr: Adam(lr=lr), (0.01,))]
+    name, path = bench.select_snapshot(run, loaded, adam, num_tasks=1, steps=5)
+    assert path.is_file() and path.parent == run / "snapshots" and name in {"step_000000", "step_000001", "step_000002"}
+    assert f"chosen on meta-validation: {name}" in capsys.readouterr().out
