@@ -40,6 +40,8 @@ PARAM_SCALE_FLOOR = 1e-6
 GRAD_SCALE_EPS = 1e-16
 #: The loss slots of ``loss_features`` (Celo's loss buffer), kept per parameter tensor.
 LOSS_SLOTS = (LOSS_MEANS, LOSS_MIN, LOSS_COUNT)
+#: Loss features the cells read with ``loss_features`` (one per adjacent pair of loss averages).
+NUM_LOSS_FEATURES = LOSS_BUFFER_SIZE - 1
 #: ``'auto'``: the cells of large tensors (at least :data:`~metaoptimizer.rules.mlp.COMPILE_MIN_NUMEL`
 #: coordinates) through ``torch.compile`` when no autograd graph is recorded, eager otherwise;
 #: ``'eager'``: always eager.
@@ -49,8 +51,6 @@ STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64":
 #: stay near ``chunk * (6 * hidden_size + inputs)`` floats (8 MB on the CPU, where chunks should
 #: fit the caches; 130 MB on a GPU, where fewer, larger chunks save kernel launches) at any size.
 DEFAULT_CHUNK_SIZE = 1 << 14
-#: Loss features the cells read with ``loss_features`` (one per adjacent pair of loss averages).
-LOSS_BUFFER_SIZE_FEATURES = LOSS_BUFFER_SIZE - 1
 ACCELERATOR_CHUNK_SIZE = 1 << 18
 
 
@@ -94,7 +94,7 @@ class LSTMRule(UpdateRule):
     ``c`` (up to the epsilons); ``init_lr`` is then a step relative to the parameters' size.
     ``loss_features`` makes the cells read Celo's 9 loss-trend features (where each short
     average of the loss sits between its running minimum and the next longer average, in
-    [-1, 1]; invariant to the loss's scale and offset; :func:`~metaoptimizer.rules._celo_common.
+    [-1, 1]; unchanged when the loss is multiplied by a constant; :func:`~metaoptimizer.rules._celo_common.
     loss_buffer_features`); the rule then reads the loss at every update and needs the budget
     (the averages' half-lives span 10 steps to the run).
 
@@ -170,7 +170,7 @@ class LSTMRule(UpdateRule):
         # Direction features feed the cells and the skip path; the run's context (training
         # fraction, loss features) only the cells.
         direction_size = (2 if preprocessing == "log_sign" else 1) + int(preconditioning) + int(momentum_decay > 0)
-        input_size = direction_size + int(training_fraction) + LOSS_BUFFER_SIZE_FEATURES * int(loss_features)
+        input_size = direction_size + int(training_fraction) + NUM_LOSS_FEATURES * int(loss_features)
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
         self.input_weights = nn.ParameterList(nn.Parameter(torch.empty(n, 4 * hidden_size)) for n in sizes)
         self.hidden_weights = nn.ParameterList(
