@@ -26,12 +26,11 @@ import time
 import torch
 
 from metaoptimizer import pretrained
-from metaoptimizer.pretrained.lstm_digits_mlp import CONFIG as DEMO_CONFIG
+from metaoptimizer.meta.loop import build_config_rule
 from metaoptimizer.evaluate.baselines import Baseline, default_baselines
 from metaoptimizer.evaluate.report import write_report
 from metaoptimizer.evaluate.runner import run_suite
 from metaoptimizer.evaluate.suites import SUITES, make_suite
-from metaoptimizer.facade import MetaOptimizer
 from metaoptimizer.rules import Adam, NamedChain, named_chain, scale_by_schedule
 from metaoptimizer.schedules import warmup_cosine
 
@@ -56,9 +55,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     shipped = pretrained.load("lstm-digits-mlp").rule
-    torch.manual_seed(DEMO_CONFIG.seed)
-    untrained = MetaOptimizer(None, DEMO_CONFIG).rule
-    lr = DEMO_CONFIG.rule_options["init_lr"]
+    recipe = pretrained.recipe("lstm-digits-mlp")
+    torch.manual_seed(recipe.optimizer.seed)
+    untrained = build_config_rule(recipe)
+    lr = recipe.rule["lstm"]["init_lr"]
 
     def adam_warmup_cosine(lr: float = lr) -> NamedChain:
         return named_chain(adam=Adam(lr), schedule=scale_by_schedule(warmup_cosine(max(1, round(0.05 * steps)), steps)))

@@ -185,7 +185,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     base_lr = base_lr_on_training_tasks(family, args.steps, args.beta_tasks)
     schedule = LearnedSchedule(total_steps=args.steps, num_knots=args.knots)
     rule = named_chain(adam=Adam(lr=base_lr), schedule=scale_by_schedule(schedule))
-    trainer = MetaTrainer(rule, family, meta_lr=args.meta_lr, unroll_steps=args.unroll, horizon=args.steps,
+    trainer = MetaTrainer(rule, family, meta_lr=args.meta_lr, unroll_steps=args.unroll, run_steps=args.steps,
                           tasks_per_step=args.tasks_per_step, meta_objective=args.meta_objective,
                           second_order=args.second_order, seed=0)
     results = trainer.train(args.meta_steps)

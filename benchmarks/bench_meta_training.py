@@ -32,8 +32,8 @@ import torch.multiprocessing as mp
 from _speedups import speedups_over_tuned_adam
 from metaoptimizer.evaluate.suites import heldout_suite
 from metaoptimizer.meta.distributed import TorchDistributed
-from metaoptimizer.meta.estimators import PES, TaskNormalization
-from metaoptimizer.meta.trainer import MetaTrainer, TruncatedBPTT
+from metaoptimizer.meta.estimators import PES, TaskNormalization, TruncatedBPTT
+from metaoptimizer.meta.trainer import MetaTrainer
 from metaoptimizer.rules.lstm import LSTMRule
 from metaoptimizer.tasks import make_family
 
@@ -51,7 +51,7 @@ def _throughput_trainer(name: str, vectorize: bool, communicator=None) -> MetaTr
     torch.manual_seed(0)
     return MetaTrainer(
         LSTMRule(), make_family("digits_mlp", **THROUGHPUT_FAMILY), unroll_steps=THROUGHPUT["unroll_steps"],
-        horizon=THROUGHPUT["horizon"], tasks_per_step=THROUGHPUT["tasks_per_step"],
+        run_steps=THROUGHPUT["horizon"], tasks_per_step=THROUGHPUT["tasks_per_step"],
         estimator=_estimator(name, vectorize), communicator=communicator,
     )
 
@@ -124,7 +124,7 @@ def _compare_trainer(family: str, estimator, seed: int = 0, tasks_per_step: int 
     torch.manual_seed(0)  # the same initial rule for every estimator
     return MetaTrainer(
         LSTMRule(), make_family(family, **setup["family_kwargs"]), meta_lr=META_LR,
-        unroll_steps=setup["unroll_steps"], horizon=setup["horizon"], tasks_per_step=tasks_per_step,
+        unroll_steps=setup["unroll_steps"], run_steps=setup["horizon"], tasks_per_step=tasks_per_step,
         estimator=estimator, seed=seed,
     )
 

@@ -1,6 +1,6 @@
 """Meta-validation of the demo configuration: how the shipped checkpoint's meta-training budget was chosen.
 
-Meta-trains ``metaoptimizer.pretrained.lstm_digits_mlp.CONFIG`` (seed 0, as ``metaopt pretrain``) for ``--steps``
+Meta-trains the shipped recipe (``pretrained.recipe("lstm-digits-mlp")``, seed 0, as ``metaopt pretrain``) for ``--steps``
 meta-steps, keeps a snapshot every ``--every`` steps (and the untrained rule), then scores every
 snapshot, with and without its LSTM output, against tuned Adam on *training-split* tasks of the
 family (indices 0-9 by default; meta-training draws indices at random from 2**31, so these are
@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
 
 import torch
 
 from bench_headline import without_lstm
-from metaoptimizer.pretrained.lstm_digits_mlp import CONFIG as DEMO_CONFIG, FAMILY, HORIZON
+from metaoptimizer import pretrained
 from metaoptimizer.evaluate.runner import run_suite
 from metaoptimizer.evaluate.suites import Suite, SuiteEntry
-from metaoptimizer.facade import MetaOptimizer
-from metaoptimizer.meta.trainer import MetaTrainer
-from metaoptimizer.tasks import make_family
+from metaoptimizer.meta.loop import build_trainer
 from metaoptimizer.tasks.base import TRAIN
+
+RECIPE = pretrained.recipe("lstm-digits-mlp")
+FAMILY, RUN_STEPS = RECIPE.family, RECIPE.run_steps
 
 
 #: Name prefixes of the LSTM's own meta-parameters (the skip path and schedule are the rest).
@@ -37,8 +39,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--tasks-per-step", type=int, default=1)
-    parser.add_argument("--unroll-steps", type=int, default=DEMO_CONFIG.unroll_steps,
-                        help="Truncation length (the horizon is 200; 200 = whole runs, no truncation).")
+    parser.add_argument("--unroll-steps", type=int, default=RECIPE.optimizer.unroll_steps,
+                        help=f"Truncation length (runs are {RUN_STEPS} steps; {RUN_STEPS} = whole runs, no truncation).")
     parser.add_argument("--lstm-meta-lr-scale", type=float, default=1.0,
                         help="Multiplier of the meta-lr for the LSTM's cells and head (not the skip path or schedule).")
     parser.add_argument("--num-tasks", type=int, default=10)
@@ -46,25 +48,22 @@ def main() -> None:
     parser.add_argument("--baseline-cache", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(DEMO_CONFIG.seed)
-    meta = MetaOptimizer(None, DEMO_CONFIG)
-    config = DEMO_CONFIG
-    trainer = MetaTrainer(
-        meta.rule, make_family(FAMILY), meta_lr=config.meta_lr, unroll_steps=args.unroll_steps, horizon=HORIZON,
-        gradient_clipping=config.gradient_clipping, meta_objective=config.meta_objective,
-        second_order=config.second_order, seed=DEMO_CONFIG.seed, tasks_per_step=args.tasks_per_step,
-        meta_lr_scales=dict.fromkeys(LSTM_PARTS, args.lstm_meta_lr_scale),
+    settings = dataclasses.replace(
+        RECIPE, optimizer=dataclasses.replace(RECIPE.optimizer, unroll_steps=args.unroll_steps),
+        tasks_per_step=args.tasks_per_step,
+        meta_lr_scales={f"members.lstm.{part}": args.lstm_meta_lr_scale for part in LSTM_PARTS},
     )
-    snapshots = {0: copy.deepcopy(meta.rule)}
+    trainer = build_trainer(settings)
+    snapshots = {0: copy.deepcopy(trainer.rule)}
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
         trainer.step()
         if step % args.every == 0:
-            snapshots[step] = copy.deepcopy(meta.rule)
+            snapshots[step] = copy.deepcopy(trainer.rule)
     print(f"meta-trained {args.steps} steps ({args.tasks_per_step} task(s) per step, unroll {args.unroll_steps}, "
           f"LSTM meta-lr x{args.lstm_meta_lr_scale:g}) in "
           f"{time.perf_counter() - started:.0f} s, {trainer.skipped_steps} skipped")
-    entry = SuiteEntry(FAMILY, FAMILY, tuple(range(args.num_tasks)), HORIZON, tuple(range(args.seeds)), split=TRAIN)
+    entry = SuiteEntry(FAMILY, FAMILY, tuple(range(args.num_tasks)), RUN_STEPS, tuple(range(args.seeds)), split=TRAIN)
     suite = Suite("meta-validation", f"training-split tasks of {FAMILY}", (entry,))
     optimizers = {}
     for step, rule in snapshots.items():

@@ -8,7 +8,9 @@ For each model shape and rule (SGD, momentum, RMSProp, Adam, AdamW) it times one
   ``eps_root=0`` (the same arithmetic as torch's);
 * ``torch.optim`` with ``fused=True`` and ``LearnedOptimizer(rule, fused=True)`` (SGD, momentum,
   Adam/AdamW at ``eps_root=0``; torch has no fused RMSprop);
-* ``LearnedOptimizer(rule, foreach=False)``: the rule's functional (differentiable) update.
+* ``LearnedOptimizer(rule, foreach=False)``: the rule's functional (differentiable) update;
+* the adapter's NaN/Inf check of the gradients alone (``optim._nonfinite_names``: one reading pass
+  that ``torch.optim`` does not make), the floor of what the adapter adds to torch's step.
 
 and prints each adapter time as a ratio to torch's with the same implementation (target: at
 most 1.1). Methods are interleaved in rounds and the best round is kept, so load changes on a
@@ -25,6 +27,7 @@ import time
 import torch
 from torch import nn
 
+from metaoptimizer import optim
 from metaoptimizer.optim import LearnedOptimizer
 from metaoptimizer.rules import hand
 
@@ -91,6 +94,7 @@ def steps_for(rule: str, params: list[nn.Parameter]) -> dict[str, object]:
         "adapter foreach": LearnedOptimizer(params, make_rule()).step,
         "adapter foreach eps_root=0": LearnedOptimizer(params, make_rule(**zero_root)).step,
         "adapter functional": LearnedOptimizer(params, make_rule(), foreach=False).step,
+        "NaN check": lambda: optim._nonfinite_names({str(i): p.grad for i, p in enumerate(params)}),
     }
     if rule in FUSED:
         steps["torch fused"] = make_torch(params, fused=True).step
@@ -108,8 +112,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}\n")
     print("| model | rule | torch foreach | adapter foreach / torch foreach | same, eps_root=0 | torch fused | "
-          "adapter fused / torch fused | functional / torch foreach |")
-    print("|---|---|---|---|---|---|---|---|")
+          "adapter fused / torch fused | functional / torch foreach | NaN check alone / torch foreach |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, widths in SHAPES.items():
         params = build(widths, args.device)
         for rule in RULES:
@@ -119,7 +123,7 @@ def main() -> None:
                      if "torch fused" in t else "- | -")
             print(f"| {name} | {rule} | {foreach * 1e3:.3f} ms | {t['adapter foreach'] / foreach:.2f} | "
                   f"{t['adapter foreach eps_root=0'] / foreach:.2f} | {fused} | "
-                  f"{t['adapter functional'] / foreach:.2f} |", flush=True)
+                  f"{t['adapter functional'] / foreach:.2f} | {t['NaN check'] / foreach:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

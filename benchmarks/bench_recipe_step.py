@@ -31,7 +31,7 @@ from contextlib import contextmanager
 
 import torch
 
-from metaoptimizer.meta import vectorized
+from metaoptimizer.meta import _vectorized as vectorized
 from metaoptimizer.meta.loop import TrainingConfig, build_trainer
 
 
@@ -73,8 +73,8 @@ def measure(config_path: str, truncation: int, steps: int, device: str | None, s
     config.initial_offset = 0
     config.sync_runs = sync
     if sync:  # one long horizon: no run ends inside the measurement
-        config.min_horizon = None
-        config.horizon = truncation * (steps + 2)
+        config.min_run_steps = None
+        config.run_steps = truncation * (steps + 2)
     if device is not None:
         config.device = device
     trainer = build_trainer(config)

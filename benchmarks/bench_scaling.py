@@ -352,7 +352,8 @@ def quality(budget: float, num_tasks: int, seeds: int) -> dict:
     with tuned Adam on held-out tasks."""
     from _speedups import speedups_over_tuned_adam
     from metaoptimizer.evaluate.suites import heldout_suite
-    from metaoptimizer.meta.trainer import MetaTrainer, TruncatedBPTT
+    from metaoptimizer.meta.estimators import TruncatedBPTT
+    from metaoptimizer.meta.trainer import MetaTrainer
     from metaoptimizer.tasks import make_family
 
     torch.set_num_threads(1)
@@ -365,7 +366,7 @@ def quality(budget: float, num_tasks: int, seeds: int) -> dict:
     for name, make in makers.items():
         torch.manual_seed(0)
         trainer = MetaTrainer(make(), make_family("digits_mlp"), meta_lr=1e-3, unroll_steps=unroll_steps,
-                              horizon=horizon, tasks_per_step=tasks_per_step, estimator=TruncatedBPTT(), seed=0)
+                              run_steps=horizon, tasks_per_step=tasks_per_step, estimator=TruncatedBPTT(), seed=0)
         started, results = time.perf_counter(), []
         while time.perf_counter() - started < budget:
             results.append(trainer.step())

@@ -83,7 +83,7 @@ def meta_training_throughput(unrolls: list[int], meta_steps: int) -> None:
     print("| unroll steps | inner steps/s | meta-steps/s |\n|---|---|---|")
     for unroll_steps in unrolls:
         trainer = MetaTrainer(LSTMRule(init_lr=3e-3), family, meta_lr=3e-3, unroll_steps=unroll_steps,
-                              horizon=max(unrolls) * 2, meta_objective="log_train_loss", seed=0)
+                              run_steps=max(unrolls) * 2, meta_objective="log_train_loss", seed=0)
         trainer.step()  # warm-up
         start = time.perf_counter()
         inner = sum(trainer.step().inner_steps for _ in range(meta_steps))

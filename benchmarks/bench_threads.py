@@ -25,7 +25,8 @@ from torch import nn
 from metaoptimizer.evaluate.runner import run_suite
 from metaoptimizer.evaluate.suites import make_suite
 from metaoptimizer.optim import LearnedOptimizer
-from metaoptimizer.pretrained import lstm_digits_mlp as recipe
+from metaoptimizer import pretrained
+from metaoptimizer.meta.loop import build_trainer
 from metaoptimizer.rules.lstm import LSTMRule
 
 
@@ -34,7 +35,7 @@ def smoke_eval() -> None:
 
 
 def meta_training() -> None:
-    _, trainer = recipe.start(seed=0)
+    trainer = build_trainer(pretrained.recipe("lstm-digits-mlp"))
     for _ in range(5):
         trainer.step()
 

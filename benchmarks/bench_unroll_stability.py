@@ -3,8 +3,8 @@ distribution (before clipping) and the fraction of skipped (non-finite) meta-ste
 
     python benchmarks/bench_unroll_stability.py [--meta-steps 20]
 
-The LSTM is the demo's configuration (``metaoptimizer.pretrained.lstm_digits_mlp.CONFIG``) on the digits-MLP
-family, from the same initialisation for every unroll length.
+The LSTM is the shipped recipe's (``pretrained.recipe("lstm-digits-mlp")``) on the digits-MLP family, from the
+same initialisation for every unroll length.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import argparse
 import numpy as np
 import torch
 
-from metaoptimizer.pretrained.lstm_digits_mlp import CONFIG as DEMO_CONFIG, FAMILY
+from metaoptimizer import pretrained
+from metaoptimizer.meta.loop import build_config_rule
 from metaoptimizer.meta.trainer import MetaTrainer
-from metaoptimizer.config import build_rule
 from metaoptimizer.tasks import make_family
+
+RECIPE = pretrained.recipe("lstm-digits-mlp")
+FAMILY = RECIPE.family
 
 
 def main() -> None:
@@ -27,14 +30,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     family = make_family(FAMILY)
-    print(f"LSTM (demo config) on {FAMILY}, {args.meta_steps} meta-steps per unroll length, horizon 2x unroll")
+    print(f"LSTM (shipped recipe) on {FAMILY}, {args.meta_steps} meta-steps per unroll length, runs 2x unroll")
     print("| unroll | median norm | p90 norm | max norm | clipped (> 1.0) | skipped |\n|---|---|---|---|---|---|")
     for unroll_steps in args.unrolls:
         torch.manual_seed(0)
         trainer = MetaTrainer(
-            build_rule(DEMO_CONFIG), family, meta_lr=DEMO_CONFIG.meta_lr, unroll_steps=unroll_steps,
-            horizon=2 * unroll_steps, gradient_clipping=DEMO_CONFIG.gradient_clipping,
-            meta_objective=DEMO_CONFIG.meta_objective, seed=0,
+            build_config_rule(RECIPE), family, meta_lr=RECIPE.optimizer.meta_lr, unroll_steps=unroll_steps,
+            run_steps=2 * unroll_steps, gradient_clipping=RECIPE.optimizer.gradient_clipping,
+            meta_objective=RECIPE.optimizer.meta_objective, seed=0,
         )
         results = trainer.train(args.meta_steps)
         norms = np.array([r.meta_grad_norm for r in results])

@@ -1,7 +1,7 @@
 """Meta-training throughput against torchopt, in one process (issue 17, item 4).
 
     pip install -c constraints.txt -e ".[bench]"      # torchopt is an optional benchmark dependency
-    python benchmarks/bench_vs_torchopt.py [--meta-steps 10] [--rounds 3] [--profile]
+    python benchmarks/bench_vs_torchopt.py [--meta-steps 10] [--rounds 3] [--clock cpu] [--profile]
 
 The comparison torchopt's ``MetaAdam`` is made for: Adam's learning rate (log-parametrised) is the
 meta-parameter, the inner model a digits MLP 64-32-10 (ReLU, cross-entropy, batch 128 of
@@ -15,12 +15,15 @@ state carried over, the graph cut). Both sides read the same batches from the sa
   square root of a zero second moment (a ReLU unit that never fired) and its meta-gradient is NaN:
   ``--nan-steps`` truncations are run with the default and the non-finite meta-gradients counted.
 * metaoptimizer: ``LearnedHyperparameters('adam', learn=('lr',))`` through
-  :func:`metaoptimizer.meta.unroll.unroll` on a ``ModuleTask`` (``functional_call`` of the module).
+  :func:`metaoptimizer.meta.unroll.unroll` on a ``ModuleTask`` (an ``nn.Sequential`` MLP: its
+  ``F.linear`` layers called directly; each inner Adam update one autograd node).
 
-Prints each side's seconds per truncation and inner steps per second, the ratio (target: at least
+Rounds alternate between the sides and the best round of each is kept; ``--clock cpu`` times the
+process's CPU time instead of the wall clock (one thread: the same work, without the time the
+process waits for a core on a loaded machine). Prints each side's seconds per truncation and inner steps per second, the ratio (target: at least
 1.5x torchopt), the first truncation's meta-gradient on both sides (they compute the same thing)
 and, with ``--profile``, the torch profiler's top operators of one truncation of each side
-(``--cprofile``: the metaoptimizer side by Python function).
+(``--cprofile``: the metaoptimizer side by Python function; ``--breakdown``: its CPU time by piece).
 Without torchopt installed it says so and times metaoptimizer alone.
 """
 
@@ -36,6 +39,7 @@ from torch import nn
 
 from metaoptimizer.meta.hyperparams import LearnedHyperparameters
 from metaoptimizer.meta.unroll import detach_params, unroll
+from metaoptimizer.rules import hand
 from metaoptimizer.tasks.base import ModuleTask
 from metaoptimizer.tasks.digits import load_digits_tensors
 
@@ -102,14 +106,14 @@ class TorchoptSide:
 
 
 class MetaoptimizerSide:
-    """``LearnedHyperparameters('adam')`` through the library's unroll."""
+    """``LearnedHyperparameters(rule)`` (Adam in the comparison) through the library's unroll."""
 
-    def __init__(self, batches, device: str = "cpu") -> None:
+    def __init__(self, batches, device: str = "cpu", rule: str = "adam") -> None:
         x, y = digits()
         self.task = ModuleTask("digits_mlp_64_32_10", net, (x, y), (x, y), batch_size=BATCH)
         torch.manual_seed(0)
         self.params = detach_params({n: p.detach().to(device) for n, p in net().named_parameters()})
-        self.rule = LearnedHyperparameters("adam", lr=LR, learn=("lr",), device=device)
+        self.rule = LearnedHyperparameters(rule, lr=LR, learn=("lr",), device=device)
         self.state = self.rule.init(self.params)
         self.outer = torch.optim.Adam(self.rule.parameters(), lr=META_LR)
         self.batches, self.position = batches, 0
@@ -130,14 +134,17 @@ class MetaoptimizerSide:
         return grad
 
 
-def best_seconds(sides: dict, meta_steps: int, rounds: int) -> dict[str, float]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def best_seconds(sides: dict, meta_steps: int, rounds: int, clock=time.perf_counter) -> dict[str, float]:
     best = dict.fromkeys(sides, float("inf"))
     for _ in range(rounds):
         for name, side in sides.items():
-            start = time.perf_counter()
+            start = clock()
             for _ in range(meta_steps):
                 side.truncation()
-            best[name] = min(best[name], (time.perf_counter() - start) / meta_steps)
+            best[name] = min(best[name], (clock() - start) / meta_steps)
     return best
 
 
@@ -161,6 +168,55 @@ def cprofile(side, truncations: int = 10) -> None:
     pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
 
 
+def breakdown(side: MetaoptimizerSide, truncations: int = 20) -> None:
+    """CPU time per truncation of the metaoptimizer side, by piece: timing wrappers around the
+    task's loss, the inner gradients, the rule's update and the one-node Adam's forward and
+    backward (inside the update and the outer backward), removed afterwards."""
+    import importlib
+    import inspect
+
+    unroll_module = importlib.import_module("metaoptimizer.meta.unroll")
+    pieces = {
+        "task loss (21 forwards)": (ModuleTask, "loss"),
+        "inner gradients (20 create_graph backwards)": (unroll_module, "inner_gradients"),
+        "rule update (20 LearnedHyperparameters.update)": (LearnedHyperparameters, "update"),
+        "  of which the Adam node's forward": (hand._AdamStep, "forward"),
+        "  Adam node's backward (in the outer backward)": (hand._AdamStep, "backward"),
+    }
+    spent = dict.fromkeys(pieces, 0.0)
+    originals = {}
+
+    def timed(label, function):
+        def wrapper(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[label] += time.process_time() - start
+        return wrapper
+
+    for label, (owner, name) in pieces.items():
+        static = inspect.getattr_static(owner, name)
+        originals[label] = static
+        wrapped = timed(label, getattr(owner, name))
+        setattr(owner, name, staticmethod(wrapped) if isinstance(static, staticmethod) else wrapped)
+    try:
+        start = time.process_time()
+        for _ in range(truncations):
+            side.truncation()
+        total = time.process_time() - start
+    finally:
+        for label, (owner, name) in pieces.items():
+            setattr(owner, name, originals[label])
+    top = [label for label in pieces if not label.startswith(" ")]
+    print(f"\nwhere a metaoptimizer truncation goes (CPU ms per truncation, mean of {truncations})")
+    print(f"{'total':52s} {total / truncations * 1e3:7.2f}")
+    for label in pieces:
+        print(f"{label:52s} {spent[label] / truncations * 1e3:7.2f}")
+    rest = total - sum(spent[label] for label in top)
+    print(f"{'outer backward and bookkeeping (the rest)':52s} {rest / truncations * 1e3:7.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--meta-steps", type=int, default=10, help="truncations per timed block")
@@ -168,7 +224,13 @@ def main() -> None:
     parser.add_argument("--nan-steps", type=int, default=10, help="truncations run with torchopt's default eps_root")
     parser.add_argument("--profile", action="store_true", help="torch profiler: top operators of each side")
     parser.add_argument("--cprofile", action="store_true", help="cProfile of the metaoptimizer side")
+    parser.add_argument("--breakdown", action="store_true", help="CPU time of the metaoptimizer side by piece")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--sgd-floor", action="store_true",
+        help="also time the same unroll with a learned SGD rate: the part of a truncation that is not Adam's",
+    )
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall clock or process CPU time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x, y = digits()
@@ -187,17 +249,22 @@ def main() -> None:
         default = TorchoptSide(batches, eps_root=0.0)
         nans = sum(not math.isfinite(default.truncation()) for _ in range(args.nan_steps))
         print(f"torchopt default eps_root=0: {nans} of {args.nan_steps} truncations gave a non-finite meta-gradient")
-    seconds = best_seconds(sides, args.meta_steps, args.rounds)
+    if args.sgd_floor:
+        sides["metaoptimizer, SGD (floor)"] = MetaoptimizerSide(batches, rule="sgd")
+    seconds = best_seconds(sides, args.meta_steps, args.rounds, CLOCKS[args.clock])
+    print(f"clock: {args.clock}, best of {args.rounds} rounds of {args.meta_steps} truncations")
     for name, s in seconds.items():
         print(f"{name:28s} {s * 1e3:8.2f} ms per truncation  {K / s:8.1f} inner steps/s")
-    if len(seconds) == 2:
-        ours, theirs = seconds.values()
+    if "torchopt (eps_root=1e-8)" in seconds:
+        ours, theirs = seconds["metaoptimizer"], seconds["torchopt (eps_root=1e-8)"]
         print(f"metaoptimizer / torchopt throughput: {theirs / ours:.2f}x (target >= 1.5x)")
     if args.profile:
         for name, side in sides.items():
             profile(side, name)
     if args.cprofile:
         cprofile(sides["metaoptimizer"])
+    if args.breakdown:
+        breakdown(sides["metaoptimizer"])
 
 
 if __name__ == "__main__":

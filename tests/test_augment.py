@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.func import grad
 
-from metaoptimizer.meta.vectorized import loss_signature
+from metaoptimizer.meta._vectorized import loss_signature
 from metaoptimizer.tasks import make_family
 from metaoptimizer.tasks.augment import ReparamFamily, ReparamTask
 from metaoptimizer.tasks.image8 import Digits8Family, Synthetic8Family

@@ -22,8 +22,9 @@ from metaoptimizer import MetaOptimizer, __version__, pretrained
 from metaoptimizer.cli import app
 from metaoptimizer.cli._common import BarProgress, LineProgress, progress_display
 from metaoptimizer.cli.demo import TRAINED, UNTRAINED
-from metaoptimizer.pretrained import lstm_digits_mlp as recipe
+from metaoptimizer.meta.loop import build_config_rule, build_trainer
 from metaoptimizer.progress import Progress
+from metaoptimizer.rules import to_spec
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 runner = CliRunner()
@@ -52,6 +53,7 @@ def test_demo_compares_the_rule_before_and_after_meta_training_beside_adam(tmp_p
     assert (out / "meta_training.png").stat().st_size > 0
     demo_rule = MetaOptimizer.load(out / "lstm_digits_mlp.pt")
     assert demo_rule.meta_steps == 2
+    assert numbers["extra"]["meta_training"]["config"] == pretrained.recipe("lstm-digits-mlp").to_dict()
     # logged to a file (not a terminal), progress comes as plain lines
     assert "meta-training: 2/2" in result.output and "meta-validation" in result.output
     # seeded, and exactly as `metaopt pretrain` meta-trains: validating draws no trainer randomness
@@ -64,6 +66,7 @@ def test_demo_compares_the_rule_before_and_after_meta_training_beside_adam(tmp_p
     ("args", "message"),
     [(["demo", "--meta-steps", "-1"], "--meta-steps"), (["demo", "--minutes", "3"], "--minutes"),
      (["demo", "--tasks", "0"], "--tasks"), (["pretrain", "adam-transformer", "--out", "x"], "lstm-digits-mlp"),
+     (["pretrain", "celo", "--out", "x"], "no recipe"),
      (["--threads", "0", "demo"], "--threads")],
 )
 def test_mistakes_are_usage_errors_not_tracebacks(tmp_path, args, message):
@@ -72,20 +75,45 @@ def test_mistakes_are_usage_errors_not_tracebacks(tmp_path, args, message):
     assert message in outcome.output and "Traceback" not in outcome.output
 
 
-def test_pretrain_rebuilds_a_checkpoint(tmp_path):
-    result = runner.invoke(app, ["pretrain", "lstm-digits-mlp", "--out", str(tmp_path), "--meta-steps", "1"])
+def test_pretrain_runs_the_recipe_with_checkpoints_and_resume(tmp_path):
+    args = ["pretrain", "lstm-digits-mlp", "--out", str(tmp_path), "--meta-steps", "1"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert MetaOptimizer.load(tmp_path / "lstm-digits-mlp.pt").meta_steps == 1
-    assert "meta-training: 1/1" in result.output
+    assert "meta-training: 1/1" in result.output and "lstm-digits-mlp.toml" in result.output
+    assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "log.csv").is_file()
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "--resume" in refused.output
+    resumed = runner.invoke(app, [*args[:-1], "2", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert MetaOptimizer.load(tmp_path / "lstm-digits-mlp.pt").meta_steps == 2
+
+
+def test_the_recipe_runs_what_the_python_recipe_ran():
+    """The shipped config, run through `meta-train`'s loop, gives the meta-parameters and meta-losses
+    that the former Python recipe (a hand-built MetaTrainer, removed since) gave for its first two
+    meta-steps (reference saved from it: tests/data/lstm_digits_mlp_recipe_2_steps.pt)."""
+    reference = torch.load(Path(__file__).parent / "data" / "lstm_digits_mlp_recipe_2_steps.pt", weights_only=True)
+    trainer = build_trainer(pretrained.recipe("lstm-digits-mlp"))
+    losses = [trainer.step().meta_loss for _ in range(2)]
+    assert losses == reference["meta_losses"].tolist()
+    weights = trainer.rule.state_dict()
+    assert all(torch.equal(weights[key], value) for key, value in reference["rule"].items())
 
 
 def test_shipped_checkpoint_loads_ready_to_use():
     assert pretrained.available() == ["celo", "celo-adam", "lstm-digits-mlp"]
     meta = pretrained.load("lstm-digits-mlp")
-    assert meta.config.method == "lstm" and meta.meta_steps == pretrained.REGISTRY["lstm-digits-mlp"][1]
-    # `metaopt pretrain` trains the recipe's config: the shipped file must be that configuration
-    assert meta.config.to_dict() == recipe.CONFIG.to_dict()
-    assert meta.rule.default_num_steps == recipe.HORIZON
+    recipe = pretrained.recipe("lstm-digits-mlp")
+    assert meta.meta_steps == recipe.steps and meta.rule.default_num_steps == recipe.run_steps
+    # `metaopt pretrain` trains the recipe: the shipped file holds that rule and meta-training settings.
+    # (Its spec predates LearnedSchedule's warmup_fraction, the initial curve, which loaded weights replace.)
+    shipped = to_spec(meta.rule)
+    expected = to_spec(build_config_rule(recipe))
+    expected["hyperparameters"]["schedule"]["hyperparameters"]["schedule"]["arguments"]["warmup_fraction"] = None
+    assert shipped == expected
+    for key in ("meta_lr", "unroll_steps", "gradient_clipping", "meta_objective", "seed"):
+        assert getattr(meta.config, key) == getattr(recipe.optimizer, key)
 
 
 def test_unknown_pretrained_names_list_the_available_ones(tmp_path):
@@ -173,3 +201,15 @@ def test_python_dash_m_runs_the_tool(monkeypatch, capsys):
 def test_every_package_declares_its_public_names(package):
     module = importlib.import_module(package)
     assert module.__all__ and all(hasattr(module, name) for name in module.__all__)
+
+
+def test_pretrain_takes_another_seed_and_refuses_a_broken_checkpoint(tmp_path):
+    meta = MetaOptimizer.load(pretrained.train("lstm-digits-mlp", tmp_path / "seed1", meta_steps=1, seed=1))
+    assert meta.config.seed == 1 and meta.meta_steps == 1
+    with pytest.raises(ValueError, match="published weights"):
+        pretrained.recipe_path("celo")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    outcome = runner.invoke(app, ["pretrain", "lstm-digits-mlp", "--out", str(broken), "--resume", "--meta-steps", "1"])
+    assert outcome.exit_code == 2 and "cannot resume" in outcome.output and "Traceback" not in outcome.output

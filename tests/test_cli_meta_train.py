@@ -25,7 +25,7 @@ dim = 3
 
 [training]
 steps = 4
-horizon = 4
+run_steps = 4
 checkpoint_every = 2
 """
 runner = CliRunner()

@@ -102,7 +102,7 @@ def test_a_scheduled_hand_rule_meta_trains_with_staggered_budgets():
     """The budget lives in each run's state, so runs of different lengths share the schedule."""
     schedule = LearnedSchedule(total_steps=20, num_knots=2, init_factor=0.1)
     rule = named_chain(sgd=SGD(lr=0.01), schedule=scale_by_schedule(schedule))
-    trainer = MetaTrainer(rule, QuadraticFamily(), meta_lr=0.05, unroll_steps=10, horizon=20, min_horizon=5, seed=0)
+    trainer = MetaTrainer(rule, QuadraticFamily(), meta_lr=0.05, unroll_steps=10, run_steps=20, min_run_steps=5, seed=0)
     before = schedule.log_knots.detach().clone()
     results = trainer.train(6)
     assert not any(r.skipped for r in results)

@@ -16,9 +16,9 @@ from metaoptimizer.meta.distributed import (
     init_distributed,
     launched_by_torchrun,
 )
-from metaoptimizer.meta.estimators import PES
-from metaoptimizer.meta.trainer import MetaTrainer, TruncatedBPTT
-from metaoptimizer.meta.vectorized import flatten_meta
+from metaoptimizer.meta.estimators import PES, TruncatedBPTT
+from metaoptimizer.meta.trainer import MetaTrainer
+from metaoptimizer.meta._vectorized import flatten_meta
 from metaoptimizer.rules.lstm import LSTMRule
 from metaoptimizer.tasks.quadratic import QuadraticFamily
 
@@ -34,8 +34,8 @@ def _train(name, communicator=None):
     """A short meta-training run; returns (results, meta-parameters, full trainer state)."""
     torch.manual_seed(0)
     trainer = MetaTrainer(
-        LSTMRule(hidden_size=4), QuadraticFamily(dim=3), unroll_steps=2, horizon=4, tasks_per_step=4,
-        meta_lr=0.01, min_horizon=2, estimator=ESTIMATORS[name](), communicator=communicator,
+        LSTMRule(hidden_size=4), QuadraticFamily(dim=3), unroll_steps=2, run_steps=4, tasks_per_step=4,
+        meta_lr=0.01, min_run_steps=2, estimator=ESTIMATORS[name](), communicator=communicator,
     )
     results = trainer.train(STEPS)
     return results, flatten_meta(trainer.rule), trainer.state_dict()
@@ -92,8 +92,8 @@ def test_two_processes_match_one_process_when_vmapped(one_process_results, two_p
 def test_a_single_process_state_loads_into_any_process_count(one_process_results, two_process_results):
     """The gathered state is process-count independent: a 1-process trainer resumes a 2-process run."""
     _, theta, _ = one_process_results["tbptt"]
-    trainer = MetaTrainer(LSTMRule(hidden_size=4), QuadraticFamily(dim=3), unroll_steps=2, horizon=4,
-                          tasks_per_step=4, meta_lr=0.01, min_horizon=2)
+    trainer = MetaTrainer(LSTMRule(hidden_size=4), QuadraticFamily(dim=3), unroll_steps=2, run_steps=4,
+                          tasks_per_step=4, meta_lr=0.01, min_run_steps=2)
     trainer.load_state_dict(two_process_results["tbptt"]["state"])
     assert torch.equal(flatten_meta(trainer.rule), theta)
     assert len(trainer.runs) == 4
@@ -136,7 +136,7 @@ def test_init_distributed_from_torchrun_environment(monkeypatch):
         assert torch.equal(total, t) and total is not t
         assert communicator.all_gather_object([1, "a"]) == [[1, "a"]]
         communicator.barrier()
-        trainer = MetaTrainer(LSTMRule(hidden_size=2), QuadraticFamily(dim=2), unroll_steps=2, horizon=4,
+        trainer = MetaTrainer(LSTMRule(hidden_size=2), QuadraticFamily(dim=2), unroll_steps=2, run_steps=4,
                               communicator=communicator)
         assert not trainer.step().skipped
     finally:

@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from metaoptimizer.config import META_OBJECTIVES, OptimizerState
-from metaoptimizer.meta.estimators import PES, FullES, TaskNormalization, TruncatedES, make_estimator
-from metaoptimizer.meta.trainer import MetaTrainer, TruncatedBPTT
+from metaoptimizer.meta.estimators import PES, FullES, PESParticles, TaskNormalization, TruncatedBPTT, TruncatedES, make_estimator
+from metaoptimizer.meta.trainer import MetaTrainer
 from metaoptimizer.meta.unroll import detach_params, unroll
-from metaoptimizer.meta.vectorized import (
+from metaoptimizer.meta._vectorized import (
     UnrollJob,
     flatten_meta,
     loss_signature,
@@ -194,7 +194,7 @@ def _summed_estimate(estimator_type, pairs, seed, truncations=4, unroll_steps=3)
     family = QuadraticFamily(dim=3)
     estimator = estimator_type(sigma=0.01, num_pairs=pairs)
     trainer = MetaTrainer(
-        rule, family, unroll_steps=unroll_steps, horizon=unroll_steps * truncations, estimator=estimator, seed=seed
+        rule, family, unroll_steps=unroll_steps, run_steps=unroll_steps * truncations, estimator=estimator, seed=seed
     )
     run = trainer.runs[0]
     params = detach_params(run.params)
@@ -221,8 +221,8 @@ def test_full_es_estimates_the_whole_horizon_gradient():
 
 def test_truncated_es_matches_backprop_on_one_truncation():
     rule = LearnedLR()
-    trainer = MetaTrainer(rule, QuadraticFamily(dim=3), unroll_steps=5, horizon=50, estimator=TruncatedES(0.01, 32000))
-    reference = MetaTrainer(LearnedLR(), QuadraticFamily(dim=3), unroll_steps=5, horizon=50,
+    trainer = MetaTrainer(rule, QuadraticFamily(dim=3), unroll_steps=5, run_steps=50, estimator=TruncatedES(0.01, 32000))
+    reference = MetaTrainer(LearnedLR(), QuadraticFamily(dim=3), unroll_steps=5, run_steps=50,
                             estimator=TruncatedBPTT(second_order=True))
     es = trainer.estimator.estimate_runs(rule, trainer.runs, 5)
     bptt = reference.estimator.estimate_runs(reference.rule, reference.runs, 5)
@@ -238,7 +238,7 @@ def test_vectorized_and_looped_es_agree(estimator_type):
     for vectorize in (False, True):
         torch.manual_seed(0)
         trainer = MetaTrainer(
-            LSTMRule(hidden_size=4), QuadraticFamily(dim=3), unroll_steps=3, horizon=6, tasks_per_step=2,
+            LSTMRule(hidden_size=4), QuadraticFamily(dim=3), unroll_steps=3, run_steps=6, tasks_per_step=2,
             estimator=estimator_type(sigma=0.05, num_pairs=2, vectorize=vectorize), meta_lr=0.01,
         )
         results.append(([r.meta_loss for r in trainer.train(3)], flatten_meta(trainer.rule)))
@@ -250,24 +250,33 @@ def test_vectorized_and_looped_es_agree(estimator_type):
 def test_pes_keeps_particles_and_accumulates_noise():
     torch.manual_seed(0)
     estimator = PES(sigma=0.05, num_pairs=3)
-    trainer = MetaTrainer(LSTMRule(hidden_size=4), QuadraticFamily(dim=3), unroll_steps=2, horizon=6,
+    trainer = MetaTrainer(LSTMRule(hidden_size=4), QuadraticFamily(dim=3), unroll_steps=2, run_steps=6,
                           estimator=estimator)
     run = trainer.runs[0]
     rule = trainer.rule
     estimator.estimate_runs(rule, [run], 2)
-    first = run.estimator_state["pes"]
-    assert first["params"]["theta"].shape == (6, 3)
-    assert first["perturbation"].shape == (3, flatten_meta(rule).numel())
-    assert not torch.equal(first["params"]["theta"][0], run.params["theta"])  # particles drift apart
-    noise_so_far = first["perturbation"].clone()
+    first = run.estimator_state
+    assert isinstance(first, PESParticles)
+    assert first.params["theta"].shape == (6, 3)
+    assert first.perturbation.shape == (3, flatten_meta(rule).numel())
+    assert not torch.equal(first.params["theta"][0], run.params["theta"])  # particles drift apart
+    noise_so_far = first.perturbation.clone()
     estimator.estimate_runs(rule, [run], 2)
-    second = run.estimator_state["pes"]
-    assert second["perturbation"].norm() > noise_so_far.norm() * 1.1  # sums of independent noise grow
-    assert OptimizerState.from_dict(second["state"]).step_count == 4
+    second = run.estimator_state
+    assert second.perturbation.norm() > noise_so_far.norm() * 1.1  # sums of independent noise grow
+    assert second.state.step_count == 4
+    # checkpoint form: plain tensors and numbers, under the key PES has always saved them
+    saved = second.to_dict()
+    assert set(saved) == {"pes"} and OptimizerState.from_dict(saved["pes"]["state"]).step_count == 4
+    restored = estimator.restore_run_state(saved)
+    assert torch.equal(restored.perturbation, second.perturbation) and restored.state.step_count == 4
+    assert estimator.restore_run_state({}) is None
+    with pytest.raises(ValueError, match="does not keep"):
+        TruncatedBPTT().restore_run_state(saved)
     with pytest.raises(ValueError, match="num_pairs"):
         PES(sigma=0.05, num_pairs=2).estimate_runs(rule, [run], 2)
-    trainer.step()  # the last truncation: the run reaches its horizon and is replaced, particles too
-    assert trainer.runs[0] is not run and trainer.runs[0].estimator_state == {}
+    trainer.step()  # the last truncation: the run reaches its end and is replaced, particles too
+    assert trainer.runs[0] is not run and trainer.runs[0].estimator_state is None
 
 
 class _ExplodingFamily(QuadraticFamily):
@@ -283,11 +292,11 @@ class _ExplodingFamily(QuadraticFamily):
 def test_normalization_turns_diverging_particles_into_a_usable_step():
     torch.manual_seed(0)
     rule = LearnedLR(lr=0.3)  # large steps: particles with a larger lr leave the ball
-    plain = MetaTrainer(rule, _ExplodingFamily(dim=3), unroll_steps=3, horizon=30, estimator=PES(0.5, 8))
+    plain = MetaTrainer(rule, _ExplodingFamily(dim=3), unroll_steps=3, run_steps=30, estimator=PES(0.5, 8))
     assert plain.step().skipped
     rule = LearnedLR(lr=0.3)
     normalized = PES(0.5, 8, normalization=TaskNormalization(0.0, 50.0))
-    trainer = MetaTrainer(rule, _ExplodingFamily(dim=3), unroll_steps=3, horizon=30, estimator=normalized)
+    trainer = MetaTrainer(rule, _ExplodingFamily(dim=3), unroll_steps=3, run_steps=30, estimator=normalized)
     run = trainer.runs[0]
     result = trainer.step()
     assert not result.skipped

@@ -291,7 +291,7 @@ def test_only_untrained_learned_rules_warn_when_handed_to_torch(recwarn, tmp_pat
     config = MetaOptimizerConfig(hidden_size=4, num_layers=1)
     MetaOptimizer(model, MetaOptimizerConfig(method="warp_grad")).torch_optimizer()  # plain SGD: nothing to learn
     trained = MetaOptimizer(model, config)
-    MetaTrainer(trained.rule, QuadraticFamily(dim=3), meta_lr=0.01, unroll_steps=2, horizon=4).train(1)
+    MetaTrainer(trained.rule, QuadraticFamily(dim=3), meta_lr=0.01, unroll_steps=2, run_steps=4).train(1)
     trained.torch_optimizer()  # trained outside the facade: its weights moved
     trained.save(tmp_path / "t.pt")
     MetaOptimizer.load(tmp_path / "t.pt", model).torch_optimizer()

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaoptimizer.meta.vectorized import loss_signature
+from metaoptimizer.meta._vectorized import loss_signature
 from metaoptimizer.tasks import make_family
 from metaoptimizer.tasks.image8 import Digits8Family, MNIST8Family, Omniglot8Family, Synthetic8Family
 

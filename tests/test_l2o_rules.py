@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
-from metaoptimizer.meta.trainer import MetaTrainer, TruncatedBPTT
+from metaoptimizer.meta.estimators import TruncatedBPTT
+from metaoptimizer.meta.trainer import MetaTrainer
 from metaoptimizer.rules.base import apply_updates
 from metaoptimizer.rules.features import FeatureConfig, matrix_shape, state_numel
 from metaoptimizer.rules.hierarchical import HierarchicalRule
@@ -156,7 +157,7 @@ def test_meta_trainable_through_the_meta_trainer(cls):
     rule = cls()
     before = [p.detach().clone() for p in rule.parameters()]
     trainer = MetaTrainer(
-        rule, make_family("quadratic", dim=4), unroll_steps=4, horizon=8, tasks_per_step=2,
+        rule, make_family("quadratic", dim=4), unroll_steps=4, run_steps=8, tasks_per_step=2,
         estimator=TruncatedBPTT(vectorize=cls is MLPRule),
     )
     results = trainer.train(3)

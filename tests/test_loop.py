@@ -21,7 +21,7 @@ from metaoptimizer.meta.loop import (
     run_meta_training,
     set_rng_states,
 )
-from metaoptimizer.meta.vectorized import flatten_meta
+from metaoptimizer.meta._vectorized import flatten_meta
 
 CONFIG = """
 [optimizer]
@@ -37,8 +37,8 @@ dim = 3
 
 [training]
 steps = 6
-horizon = 4
-min_horizon = 2
+run_steps = 4
+min_run_steps = 2
 tasks_per_step = 2
 checkpoint_every = 2
 estimator = "pes"
@@ -211,7 +211,7 @@ def test_rng_states_round_trip():
 
 
 def test_example_config_builds_a_pes_trainer(tmp_path):
-    config = TrainingConfig.from_toml(ROOT / "configs" / "lstm_digits_mlp.toml")
+    config = TrainingConfig.from_toml(ROOT / "configs" / "lstm_digits_mlp_pes.toml")
     assert config.family == "digits_mlp" and config.estimator == "pes"
     assert TrainingConfig.from_dict(config.to_dict()) == config
     data = config.to_dict()
@@ -220,7 +220,7 @@ def test_example_config_builds_a_pes_trainer(tmp_path):
     trainer = build_trainer(TrainingConfig.from_dict(data))
     assert trainer.runs[0].params["theta"].device == torch.device("cpu")
     assert isinstance(trainer.estimator, PES) and trainer.estimator.normalization.high == 5.0
-    assert len(trainer.runs) == 4 and all(50 <= run.horizon <= 200 for run in trainer.runs)
+    assert len(trainer.runs) == 4 and all(50 <= run.num_steps <= 200 for run in trainer.runs)
     data["training"]["meta_lr_scales"] = {"head": 0.1}
     scaled = build_trainer(TrainingConfig.from_dict(data))
     assert sorted(g["lr"] for g in scaled.meta_optimizer.param_groups) == pytest.approx([1e-4, 1e-3])
@@ -234,7 +234,9 @@ def test_example_config_builds_a_pes_trainer(tmp_path):
         ("[family]\nname='quadratic'\n[training]\nepochs=3\n", "unknown \\[training\\] keys"),
         ("[family]\nname='quadratic'\n[training]\nestimator='reinforce'\n", "accepted values"),
         ("[family]\nname='quadratic'\n[training]\nsteps=0\n", "steps"),
-        ("[family]\nname='quadratic'\n[training]\nmin_horizon=-1\n", "min_horizon"),
+        ("[family]\nname='quadratic'\n[training]\nmin_run_steps=-1\n", "min_run_steps"),
+        ("[family]\nname='quadratic'\n[training]\nhorizon=20\n", "horizon is now run_steps"),
+        ("[family]\nname='quadratic'\n[training]\nmin_horizon=2\n", "min_horizon is now min_run_steps"),
         ("[family]\nname='quadratic'\n[training]\nlog_csv='yes'\n", "log_csv"),
         ("[family]\nname='quadratic'\n[training]\nmeta_lr_scales={head=-1}\n", "meta_lr_scales"),
         ("[family]\nname='quadratic'\n[training]\nmeta_lr_scales=0.1\n", "meta_lr_scales"),
@@ -262,3 +264,24 @@ def test_corrupt_checkpoint_is_reported(tmp_path, config_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt"):
         run_meta_training(_trainer(config_path), tmp_path, 2, 1, resume=True)
+
+
+def test_a_rule_table_nests_the_members_of_a_composite():
+    from metaoptimizer.rules import budget_aware_lstm, from_spec, to_spec
+
+    table = {
+        "name": "named_chain",
+        "lstm": {"name": "lstm", "training_fraction": True, "hidden_size": 4, "init_lr": 0.01},
+        "schedule": {"name": "scale_by_schedule", "schedule": {
+            "schedule": "LearnedSchedule", "arguments": {"total_steps": 30, "num_knots": 20, "warmup_fraction": 0.05}}},
+    }
+    torch.manual_seed(0)
+    built = from_spec(loop.rule_table_spec(table))
+    torch.manual_seed(0)
+    expected = budget_aware_lstm(30, hidden_size=4, init_lr=0.01)
+    assert to_spec(built) == to_spec(expected)
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), expected.state_dict().values(), strict=True))
+    chain = loop.rule_table_spec({"name": "chain", "rules": [{"name": "sgd", "lr": 0.1}, {"name": "scale", "factor": 2.0}]})
+    assert [member["rule"] for member in chain["hyperparameters"]["rules"]] == ["sgd", "scale"]
+    with pytest.raises(ValueError, match="registered rules"):
+        TrainingConfig.from_dict({"rule": {"name": "lstmm"}, "family": {"name": "quadratic"}})

@@ -16,7 +16,7 @@ from metaoptimizer.checkpoint import load_checkpoint
 from metaoptimizer.meta.estimators import PES, TaskNormalization
 from metaoptimizer.meta.loop import TrainingConfig, build_trainer, run_meta_training
 from metaoptimizer.meta.trainer import MetaTrainer, Phase
-from metaoptimizer.meta.vectorized import flatten_meta
+from metaoptimizer.meta._vectorized import flatten_meta
 from metaoptimizer.rules import LSTMRule, MLPRule
 from metaoptimizer.tasks import make_family
 from metaoptimizer.tasks.augment import ReparamTask
@@ -62,8 +62,8 @@ init = { "mlp.biases.0" = 0.5, "mlp.skip" = 0.25 }  # a frozen and a trained one
 
 [training]
 steps = 6
-horizon = 12
-min_horizon = 4
+run_steps = 12
+min_run_steps = 4
 initial_offset = 12
 tasks_per_step = 4
 checkpoint_every = 1
@@ -107,7 +107,7 @@ def test_recipe_config_builds_families_estimators_phases_and_adamw(recipe_path):
     assert [type(run.task.task).__name__ for run in trainer.runs] == ["ModuleTask", "QuadraticTask"] * 2
     assert all(isinstance(run.task, ReparamTask) for run in trainer.runs)
     # first runs are shortened by an offset, keeping the full budget in the rule state
-    assert all(0 <= run.offset < run.horizon and run.state.num_steps == run.horizon for run in trainer.runs)
+    assert all(0 <= run.offset < run.num_steps and run.state.num_steps == run.num_steps for run in trainer.runs)
     assert any(run.offset > 0 for run in trainer.runs)
 
 
@@ -135,7 +135,7 @@ def test_phases_train_only_their_part_and_restart_the_runs(recipe_path):
 
 def test_later_runs_have_no_offset_and_offsets_end_runs_early():
     trainer = MetaTrainer(
-        LSTMRule(hidden_size=4, num_layers=1), QuadraticFamily(dim=2), horizon=6, unroll_steps=2,
+        LSTMRule(hidden_size=4, num_layers=1), QuadraticFamily(dim=2), run_steps=6, unroll_steps=2,
         tasks_per_step=4, initial_offset=6,
     )
     first = {run.slot: (run.task_index, run.offset) for run in trainer.runs}
@@ -145,7 +145,7 @@ def test_later_runs_have_no_offset_and_offsets_end_runs_early():
         if run.task_index != first[run.slot][0]:
             assert run.offset == 0
     shortened = [run for run in MetaTrainer(
-        LSTMRule(hidden_size=4, num_layers=1), QuadraticFamily(dim=2), horizon=6, unroll_steps=2,
+        LSTMRule(hidden_size=4, num_layers=1), QuadraticFamily(dim=2), run_steps=6, unroll_steps=2,
         tasks_per_step=4, initial_offset=6,
     ).runs if run.offset]
     assert shortened and all(run.steps_left(10) == 6 - run.offset for run in shortened)
@@ -257,25 +257,25 @@ def test_synchronised_runs_share_one_horizon_and_one_vmapped_call(monkeypatch):
     monkeypatch.setattr(estimators, "run_jobs", counting)
     family = make_family("synthetic8_mlp", hidden=4, batch_size=8, n_examples=60, augment={})
     trainer = MetaTrainer(
-        LSTMRule(hidden_size=4, num_layers=1), [family, family], horizon=9, min_horizon=2, unroll_steps=2,
+        LSTMRule(hidden_size=4, num_layers=1), [family, family], run_steps=9, min_run_steps=2, unroll_steps=2,
         tasks_per_step=4, initial_offset=9, sync_runs=True, estimator=[PES(num_pairs=1), PES(num_pairs=1)],
     )
     cohorts = []
     for _ in range(12):
-        assert len({(run.horizon, run.offset + run.steps_done) for run in trainer.runs}) == 1
+        assert len({(run.num_steps, run.offset + run.steps_done) for run in trainer.runs}) == 1
         cohorts.append(trainer.runs[0].task_index)
         trainer.step()
     # equal estimators of both families: one estimate call per step, all four runs in one job list
     assert calls == [4] * 12
     assert len(set(cohorts)) > 1  # cohorts ended and restarted together
     state = trainer.state_dict()
-    assert state["cohort"] == trainer.cohort and state["cohort"]["horizon"] == trainer.runs[0].horizon
+    assert state["cohort"] == trainer.cohort and state["cohort"]["num_steps"] == trainer.runs[0].num_steps
 
 
 def test_pes_without_centre_gives_the_same_estimate_with_fewer_unrolls():
     def runs_and_rows(centre):
         trainer = MetaTrainer(
-            LSTMRule(hidden_size=4, num_layers=1), QuadraticFamily(dim=3), horizon=8, unroll_steps=2,
+            LSTMRule(hidden_size=4, num_layers=1), QuadraticFamily(dim=3), run_steps=8, unroll_steps=2,
             tasks_per_step=2, estimator=PES(num_pairs=2, sigma=0.05, centre=centre), seed=4,
         )
         torch.manual_seed(0)
@@ -290,7 +290,7 @@ def test_pes_without_centre_gives_the_same_estimate_with_fewer_unrolls():
         torch.testing.assert_close(x.grads, y.grads, rtol=1e-5, atol=1e-7)
         assert torch.equal(x.inner_steps * 4, y.inner_steps * 5)  # 5 unrolls per run with the centre, 4 without
     # without a centre the run follows its first particle
-    saved = without.runs[0].estimator_state["pes"]["params"]
+    saved = without.runs[0].estimator_state.params
     assert all(torch.equal(without.runs[0].params[k], v[0]) for k, v in saved.items())
     with pytest.raises(ValueError, match="centre=False needs particles"):
         from metaoptimizer.meta.estimators import TruncatedES
@@ -308,7 +308,7 @@ def test_the_shipped_recipe_config_describes_the_celo_recipe():
     assert TrainingConfig.from_dict(config.to_dict()) == config
     assert config.rule == {"name": "celo"} and config.estimator == "pes"
     assert (config.meta_optimizer, config.optimizer.meta_lr, config.optimizer.unroll_steps) == ("adamw", 3e-4, 50)
-    assert (config.min_horizon, config.horizon, config.initial_offset) == (100, 2000, 2000)
+    assert (config.min_run_steps, config.run_steps, config.initial_offset) == (100, 2000, 2000)
     assert [f["name"] for f in config.families] == ["digits8_mlp", "mnist8_mlp", "omniglot8_mlp", "synthetic8_mlp"]
     assert all(f["augment"]["scale_range"] == [1e-3, 1e3] for f in config.families)
     assert config.tasks_per_step == 32 and config.estimator_options["num_pairs"] == 1
@@ -345,12 +345,12 @@ def test_synchronised_full_es_runs_end_with_their_cohort():
     from metaoptimizer.meta.estimators import FullES
 
     trainer = MetaTrainer(
-        LSTMRule(hidden_size=4, num_layers=1), QuadraticFamily(dim=2), horizon=6, min_horizon=3, unroll_steps=2,
+        LSTMRule(hidden_size=4, num_layers=1), QuadraticFamily(dim=2), run_steps=6, min_run_steps=3, unroll_steps=2,
         tasks_per_step=2, sync_runs=True, estimator=FullES(num_pairs=1),
     )
     for _ in range(3):
         before = [run.task_index for run in trainer.runs]
-        horizon = trainer.cohort["horizon"]
+        horizon = trainer.cohort["num_steps"]
         assert trainer.runs[0].steps_left(2) == 2  # FullES ignores the truncation: the whole run at once
         result = trainer.step()
         assert result.inner_steps == 2 * 3 * horizon

@@ -255,6 +255,8 @@ def test_check_step():
         (lambda: LearnedSchedule(10, num_knots=0), "num_knots"),
         (lambda: LearnedSchedule(10, init_factor=-1.0), "init_factor"),
         (lambda: LearnedSchedule(10, monotone=1), "monotone"),
+        (lambda: LearnedSchedule(10, warmup_fraction=1.0), "warmup_fraction"),
+        (lambda: LearnedSchedule(10, monotone=True, warmup_fraction=0.1), "free knots"),
         (lambda: ScheduleLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), 0.5), "callable"),
     ],
 )
@@ -293,3 +295,13 @@ def test_cyclic_stays_between_its_bounds(step, up, down):
     assert 0.2 - 1e-12 <= value <= 0.9 + 1e-12
 
 
+
+
+@pytest.mark.parametrize(("warmup_fraction", "prior"), [(0.1, warmup_cosine(4, 41)), (0.0, CosineDecay(40))])
+def test_learned_schedule_starts_as_warmup_cosine_and_its_spec_says_so(warmup_fraction, prior):
+    schedule = LearnedSchedule(40, num_knots=8, warmup_fraction=warmup_fraction, init_factor=2.0)
+    expected = LearnedSchedule(40, num_knots=8).initialise_as(prior, scale=2.0)
+    assert torch.equal(schedule.log_knots, expected.log_knots)
+    assert float(schedule(20)) == pytest.approx(max(2.0 * float(prior(20)), 0.01), rel=1e-5)
+    rebuilt = LearnedSchedule(**schedule.to_spec()["arguments"])
+    assert torch.equal(rebuilt.log_knots, schedule.log_knots)

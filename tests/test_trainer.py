@@ -7,18 +7,11 @@ from hypothesis import strategies as st
 
 from metaoptimizer.config import OptimizerState
 from metaoptimizer.meta.distributed import SingleProcess
-from metaoptimizer.meta.estimators import PES
-from metaoptimizer.meta.trainer import (
-    MetaTrainer,
-    ReplayableBatches,
-    RunEstimates,
-    TaskRun,
-    TruncatedBPTT,
-    gather_slot_rows,
-    slot_generator,
-)
+from metaoptimizer.meta.estimators import PES, RunEstimates, TruncatedBPTT
+from metaoptimizer.meta.runs import ReplayableBatches, TaskRun
+from metaoptimizer.meta.trainer import MetaTrainer, gather_slot_rows, slot_generator
 from metaoptimizer.meta.unroll import detach_params, unroll
-from metaoptimizer.meta.vectorized import flatten_meta
+from metaoptimizer.meta._vectorized import flatten_meta
 from metaoptimizer.rules.hand import SGD
 from metaoptimizer.rules.lstm import LSTMRule, budget_aware_lstm
 from metaoptimizer.tasks.quadratic import QuadraticFamily
@@ -26,7 +19,7 @@ from metaoptimizer.tasks.quadratic import QuadraticFamily
 
 def _trainer(estimator=None, **kwargs):
     torch.manual_seed(0)
-    options = {"unroll_steps": 3, "horizon": 6, "tasks_per_step": 2, "meta_lr": 0.01, "seed": 0}
+    options = {"unroll_steps": 3, "run_steps": 6, "tasks_per_step": 2, "meta_lr": 0.01, "seed": 0}
     options.update(kwargs)
     return MetaTrainer(LSTMRule(hidden_size=4), QuadraticFamily(dim=3), estimator=estimator, **options)
 
@@ -62,8 +55,8 @@ def test_vectorized_tbptt_matches_looped_tbptt():
     torch.testing.assert_close(rows[0].meta_losses, rows[1].meta_losses)
 
 
-def test_runs_are_replaced_at_their_horizon_and_meta_loss_falls():
-    trainer = _trainer(tasks_per_step=2, horizon=6, unroll_steps=3, meta_lr=0.03)
+def test_runs_are_replaced_at_their_end_and_meta_loss_falls():
+    trainer = _trainer(tasks_per_step=2, run_steps=6, unroll_steps=3, meta_lr=0.03)
     first = [run.task_index for run in trainer.runs]
     trainer.step()
     assert [run.steps_done for run in trainer.runs] == [3, 3]
@@ -78,14 +71,14 @@ def test_runs_are_replaced_at_their_horizon_and_meta_loss_falls():
     assert late < early
 
 
-def test_min_horizon_draws_log_uniform_horizons_in_range():
-    trainer = _trainer(tasks_per_step=1, horizon=400, min_horizon=4)
+def test_min_run_steps_draws_log_uniform_run_lengths_in_range():
+    trainer = _trainer(tasks_per_step=1, run_steps=400, min_run_steps=4)
     generator = slot_generator(0, 0)
-    horizons = [trainer._sample_horizon(generator) for _ in range(2000)]
-    assert min(horizons) >= 4 and max(horizons) <= 400
-    logs = torch.tensor(horizons, dtype=torch.float64).log()
+    lengths = [trainer._sample_run_steps(generator) for _ in range(2000)]
+    assert min(lengths) >= 4 and max(lengths) <= 400
+    logs = torch.tensor(lengths, dtype=torch.float64).log()
     assert float(logs.mean()) == pytest.approx((math.log(4) + math.log(400)) / 2, rel=0.03)
-    assert 4 <= trainer.runs[0].horizon <= 400
+    assert 4 <= trainer.runs[0].num_steps <= 400
 
 
 class _ExplodingFamily(QuadraticFamily):
@@ -102,7 +95,7 @@ class _ExplodingFamily(QuadraticFamily):
 def test_non_finite_steps_are_skipped_counted_and_runs_replaced(vectorize):
     torch.manual_seed(0)
     rule = LSTMRule(hidden_size=3)
-    trainer = MetaTrainer(rule, _ExplodingFamily(dim=3), unroll_steps=2, horizon=10, tasks_per_step=2,
+    trainer = MetaTrainer(rule, _ExplodingFamily(dim=3), unroll_steps=2, run_steps=10, tasks_per_step=2,
                           estimator=TruncatedBPTT(vectorize=vectorize))
     before = flatten_meta(rule)
     first = list(trainer.runs)
@@ -115,13 +108,17 @@ def test_non_finite_steps_are_skipped_counted_and_runs_replaced(vectorize):
 @pytest.mark.parametrize(
     "estimator", [None, TruncatedBPTT(vectorize=True), PES(sigma=0.05, num_pairs=2)], ids=["tbptt", "vmap", "pes"]
 )
-def test_state_dict_round_trip_continues_exactly(estimator):
-    trainer = _trainer(estimator, tasks_per_step=2, horizon=9, min_horizon=3)
+@pytest.mark.parametrize("legacy", [False, True], ids=["current", "legacy-keys"])
+def test_state_dict_round_trip_continues_exactly(estimator, legacy):
+    trainer = _trainer(estimator, tasks_per_step=2, run_steps=9, min_run_steps=3, sync_runs=legacy)
     trainer.train(4)
     state = trainer.state_dict()
+    if legacy:  # as checkpoints written before the run length was called num_steps hold it
+        for table in (*state["runs"], state["cohort"]):
+            table["horizon"] = table.pop("num_steps")
     torch.manual_seed(123)  # a different rule initialisation, then overwritten
-    restored = MetaTrainer(LSTMRule(hidden_size=4), QuadraticFamily(dim=3), unroll_steps=3, horizon=9, min_horizon=3,
-                           tasks_per_step=2, meta_lr=0.01, estimator=estimator)
+    restored = MetaTrainer(LSTMRule(hidden_size=4), QuadraticFamily(dim=3), unroll_steps=3, run_steps=9, min_run_steps=3,
+                           tasks_per_step=2, meta_lr=0.01, estimator=estimator, sync_runs=legacy)
     restored.load_state_dict(state)
     expected = trainer.train(4)
     assert restored.train(4) == expected
@@ -141,7 +138,7 @@ def test_estimate_averages_rows_for_the_facade():
     runs = trainer.runs
     copies = [
         TaskRun(r.task, r.task_index, dict(r.params), r.state, ReplayableBatches(r.task.train_batches, r.train_batches.seed),
-                ReplayableBatches(r.task.valid_batches, r.valid_batches.seed), 0, r.horizon)
+                ReplayableBatches(r.task.valid_batches, r.valid_batches.seed), 0, r.num_steps)
         for r in runs
     ]
     estimator = TruncatedBPTT()
@@ -229,7 +226,7 @@ def test_trainer_state_holds_only_checkpoint_safe_values():
 
 @settings(max_examples=30, deadline=None)
 @given(
-    field=st.sampled_from(["meta_lr", "unroll_steps", "horizon", "tasks_per_step", "gradient_clipping", "min_horizon", "seed"]),
+    field=st.sampled_from(["meta_lr", "unroll_steps", "run_steps", "tasks_per_step", "gradient_clipping", "min_run_steps", "seed"]),
     value=st.one_of(st.integers(-3, 0), st.floats(allow_nan=True), st.just(math.inf), st.text(max_size=2)),
 )
 def test_bad_hyperparameters_are_rejected(field, value):
@@ -245,8 +242,8 @@ def test_bad_hyperparameters_are_rejected(field, value):
 def test_other_bad_arguments():
     with pytest.raises(ValueError, match="accepted values"):
         MetaTrainer(LSTMRule(hidden_size=2), QuadraticFamily(dim=2), meta_objective="accuracy")
-    with pytest.raises(ValueError, match="min_horizon"):
-        MetaTrainer(LSTMRule(hidden_size=2), QuadraticFamily(dim=2), horizon=10, min_horizon=20)
+    with pytest.raises(ValueError, match="min_run_steps"):
+        MetaTrainer(LSTMRule(hidden_size=2), QuadraticFamily(dim=2), run_steps=10, min_run_steps=20)
     with pytest.raises(ValueError, match="num_steps"):
         _trainer().train(0)
 
@@ -258,11 +255,11 @@ def test_other_bad_arguments():
                     communicator=Four(rank=0, world_size=4))
 
 
-def test_each_run_tells_a_budget_aware_rule_its_own_horizon():
+def test_each_run_tells_a_budget_aware_rule_its_own_length():
     rule = budget_aware_lstm(500, hidden_size=4, init_lr=0.01, momentum_decay=0.9)
-    trainer = MetaTrainer(rule, QuadraticFamily(dim=3), horizon=30, min_horizon=10, tasks_per_step=4, seed=1)
-    assert all(run.state.num_steps == run.horizon for run in trainer.runs)
-    assert len({run.horizon for run in trainer.runs}) > 1 and rule.default_num_steps == 500  # the rule is unchanged
+    trainer = MetaTrainer(rule, QuadraticFamily(dim=3), run_steps=30, min_run_steps=10, tasks_per_step=4, seed=1)
+    assert all(run.state.num_steps == run.num_steps for run in trainer.runs)
+    assert len({run.num_steps for run in trainer.runs}) > 1 and rule.default_num_steps == 500  # the rule is unchanged
     assert not trainer.step().skipped
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult
 from metaoptimizer.evaluate.fewshot import conv_learner, evaluate_fewshot
 from metaoptimizer.meta.gradient_learner import GradientMetaLearner
-from metaoptimizer.meta.step import apply_meta_gradient
+from metaoptimizer.meta._step import apply_meta_gradient
 from metaoptimizer.meta.warp_grad import (
     DEFAULT_INNER_LR,
     DEFAULT_INNER_STEPS,

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from metaoptimizer.checkpoint import load_checkpoint, save_checkpoint
 from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, build_rule
-from metaoptimizer.meta.step import apply_estimate
-from metaoptimizer.meta.trainer import TaskRun, TruncatedBPTT
+from metaoptimizer.meta._step import apply_estimate
+from metaoptimizer.meta.estimators import TruncatedBPTT
+from metaoptimizer.meta.runs import TaskRun
 from metaoptimizer.rules.base import Params, UpdateRule, check_grads, from_spec, to_spec
 from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.tasks.base import TRAIN, ModuleTask, Task, split_seed

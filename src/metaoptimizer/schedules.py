@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from metaoptimizer._validation import check_positive
+from metaoptimizer._validation import check_positive, check_unit_interval
 
 Factor = float | Tensor
 Schedule = Callable[[int], Factor]
@@ -267,6 +267,11 @@ class LearnedSchedule(nn.Module):
     and decay; ``monotone=True`` parametrises a non-increasing curve as a start value minus
     cumulative softplus decrements. ``total_steps`` is the horizon the curve is stretched over
     and may be changed to deploy the curve on a longer or shorter run.
+
+    The curve starts constant at ``init_factor``, or, with ``warmup_fraction`` (free knots only),
+    as linear warmup over that fraction of ``total_steps`` then cosine decay, floored at 1% and
+    scaled by ``init_factor`` (:meth:`initialise_as`). Both are constructor arguments, so a spec
+    (:meth:`to_spec`) rebuilds the same initial curve.
     """
 
     def __init__(
@@ -276,6 +281,7 @@ class LearnedSchedule(nn.Module):
         *,
         monotone: bool = False,
         init_factor: float = 1.0,
+        warmup_fraction: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -285,10 +291,15 @@ class LearnedSchedule(nn.Module):
         check_positive("init_factor", init_factor)
         if not isinstance(monotone, bool):
             raise TypeError(f"monotone must be True or False, got {monotone!r}")
+        if warmup_fraction is not None:
+            check_unit_interval("warmup_fraction", warmup_fraction)
+            if monotone:
+                raise ValueError("warmup_fraction needs free knots (monotone=False): warmup is not a monotone curve")
         self.total_steps = total_steps
         self.num_knots = num_knots
         self.monotone = monotone
         self.init_factor = float(init_factor)
+        self.warmup_fraction = None if warmup_fraction is None else float(warmup_fraction)
         kwargs = {"device": device, "dtype": dtype}
         if monotone:
             self.log_start = nn.Parameter(torch.tensor(math.log(init_factor), **kwargs))
@@ -296,14 +307,20 @@ class LearnedSchedule(nn.Module):
             self.raw_decrements = nn.Parameter(torch.full((num_knots,), -6.0, **kwargs))
         else:
             self.log_knots = nn.Parameter(torch.full((num_knots + 1,), math.log(init_factor), **kwargs))
+        if warmup_fraction is not None:
+            warmup = round(warmup_fraction * total_steps)
+            # total_steps + 1 keeps the warmup shorter than the run for any warmup_fraction < 1.
+            self.initialise_as(warmup_cosine(warmup, total_steps + 1) if warmup else CosineDecay(total_steps),
+                               scale=init_factor)
 
-    def initialise_as(self, prior: Schedule, floor: float = 0.01) -> LearnedSchedule:
-        """Set the free knots to ``prior`` (a schedule over ``total_steps``) at the knots, floored at
-        ``floor``; returns self. Used to start a learned schedule as, say, warmup + cosine."""
+    def initialise_as(self, prior: Schedule, floor: float = 0.01, scale: float = 1.0) -> LearnedSchedule:
+        """Set the free knots to ``scale`` times ``prior`` (a schedule over ``total_steps``) at the
+        knots, floored at ``floor``; returns self. Used to start a learned schedule as, say,
+        warmup + cosine."""
         if self.monotone:
             raise ValueError("initialise_as needs free knots (monotone=False)")
         knots = torch.linspace(0, self.total_steps, self.num_knots + 1)
-        factors = torch.tensor([float(prior(round(float(k)))) for k in knots]).clamp_min(floor)
+        factors = torch.tensor([float(prior(round(float(k)))) * scale for k in knots]).clamp_min(floor)
         with torch.no_grad():
             self.log_knots.copy_(factors.log())
         return self
@@ -311,7 +328,7 @@ class LearnedSchedule(nn.Module):
     def to_spec(self) -> dict[str, Any]:
         """Constructor arguments (weights are saved with the module's ``state_dict``)."""
         arguments = {"total_steps": self.total_steps, "num_knots": self.num_knots, "monotone": self.monotone,
-                     "init_factor": self.init_factor}
+                     "init_factor": self.init_factor, "warmup_fraction": self.warmup_fraction}
         return {"schedule": type(self).__name__, "arguments": arguments}
 
     def log_knot_values(self) -> Tensor:

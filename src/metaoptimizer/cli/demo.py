@@ -1,6 +1,7 @@
 """``metaopt demo``: the shipped optimizer's recipe, run small and shown whole.
 
-Meta-trains the LSTM rule of ``lstm-digits-mlp`` (:mod:`metaoptimizer.pretrained.lstm_digits_mlp`)
+Meta-trains the LSTM rule of ``lstm-digits-mlp`` with its recipe (the shipped config
+``pretrained/lstm-digits-mlp.toml``, as ``metaopt pretrain`` does, :func:`metaoptimizer.pretrained.recipe`)
 for a fixed number of meta-steps, scoring it on meta-validation tasks as it goes, then compares
 the rule before and after meta-training beside learning-rate-tuned Adam on held-out tasks. The
 budget is counted in meta-steps, not minutes, so what the demo ships follows from its options and
@@ -21,12 +22,14 @@ import numpy as np
 import typer
 from matplotlib.figure import Figure
 
+from metaoptimizer import pretrained
 from metaoptimizer.cli._common import out_option, progress_display
+from metaoptimizer.config import MetaOptTrainResult
 from metaoptimizer.evaluate.baselines import default_baselines
 from metaoptimizer.evaluate.report import write_report
 from metaoptimizer.evaluate.runner import run_rule, run_suite
 from metaoptimizer.evaluate.suites import heldout_suite
-from metaoptimizer.pretrained import lstm_digits_mlp as recipe
+from metaoptimizer.meta.loop import build_trainer
 from metaoptimizer.progress import Progress, ProgressCallback
 from metaoptimizer.rules.base import UpdateRule
 from metaoptimizer.tasks import make_family
@@ -35,6 +38,10 @@ from metaoptimizer.tasks.base import TRAIN, Task
 __all__ = ["demo", "meta_validation_loss", "plot_meta_training", "run_demo"]
 
 UNTRAINED, TRAINED = "lstm untrained", "lstm meta-trained"
+RECIPE_NAME = "lstm-digits-mlp"
+#: The shipped optimizer's meta-training run (family, run length, meta-steps, seed), read from its config.
+RECIPE = pretrained.recipe(RECIPE_NAME)
+LOG_FIELDS = ("step", "meta_loss", "meta_grad_norm", "skipped", "seconds")
 
 
 def meta_validation_loss(rule: UpdateRule, tasks: list[Task], steps: int) -> float:
@@ -56,7 +63,7 @@ def plot_meta_training(validation: list[tuple[int, float]], meta_losses: list[fl
     top.set_ylabel("meta-validation loss\n(mean log train loss)")
     top.set_title("Meta-training the LSTM optimizer on digits MLPs")
     bottom.plot(range(1, len(meta_losses) + 1), meta_losses, alpha=0.4, label="meta-loss (one truncation)")
-    window = min(len(meta_losses), recipe.HORIZON // recipe.CONFIG.unroll_steps)  # the truncations of one run
+    window = min(len(meta_losses), RECIPE.run_steps // RECIPE.optimizer.unroll_steps)  # the truncations of one run
     smooth = np.convolve(meta_losses, np.ones(window) / window, mode="valid")
     bottom.plot(range(window, len(meta_losses) + 1), smooth, label=f"mean over one inner run ({window} truncations)")
     bottom.set_xlabel("meta-step")
@@ -68,8 +75,8 @@ def plot_meta_training(validation: list[tuple[int, float]], meta_losses: list[fl
 
 
 def run_demo(
-    out: str | Path, *, meta_steps: int = recipe.META_STEPS, validate_every: int = 20, validation_tasks: int = 3,
-    tasks: int = 5, steps: int = recipe.HORIZON, seed: int = recipe.SEED, seeds: tuple[int, ...] = (0, 1),
+    out: str | Path, *, meta_steps: int = RECIPE.steps, validate_every: int = 20, validation_tasks: int = 3,
+    tasks: int = 5, steps: int = RECIPE.run_steps, seed: int = RECIPE.optimizer.seed, seeds: tuple[int, ...] = (0, 1),
     progress: ProgressCallback | None = None,
 ) -> Path:
     """Meta-train for ``meta_steps``, validating every ``validate_every`` steps on
@@ -79,32 +86,39 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    meta, trainer = recipe.start(seed=seed)
-    untrained = copy.deepcopy(meta.rule)
-    family = make_family(recipe.FAMILY)
+    settings = replace(RECIPE, optimizer=replace(RECIPE.optimizer, seed=seed))
+    trainer = build_trainer(settings)
+    untrained = copy.deepcopy(trainer.rule)
+    family = make_family(settings.family, **settings.family_options)
     validation_set = [family.task(index, TRAIN) for index in range(validation_tasks)]
-    validation = [(0, meta_validation_loss(meta.rule, validation_set, steps))]
+    validation = [(0, meta_validation_loss(trainer.rule, validation_set, steps))]
+    meta_losses: list[float] = []
+    with (out / "meta_training.csv").open("w", newline="") as handle:
+        log = csv.writer(handle)
+        log.writerow(LOG_FIELDS)
 
-    def validate(done: int) -> None:
-        if done % validate_every == 0 or done == meta_steps:
-            validation.append((done, meta_validation_loss(meta.rule, validation_set, steps)))
+        def after_step(result: MetaOptTrainResult) -> None:
+            meta_losses.append(result.meta_loss)
+            done = len(meta_losses)
+            log.writerow([done, result.meta_loss, result.meta_grad_norm, int(result.skipped),
+                          round(time.monotonic() - started, 3)])
+            handle.flush()
+            if done % validate_every == 0 or done == meta_steps:
+                validation.append((done, meta_validation_loss(trainer.rule, validation_set, steps)))
+            if progress is not None:
+                status = f"meta-loss {result.meta_loss:.3f}  meta-validation {validation[-1][1]:.3f}"
+                progress(Progress("meta-training", done, meta_steps, status))
 
-    def report(update: Progress) -> None:
-        if progress is not None:
-            progress(replace(update, status=f"{update.status}  meta-validation {validation[-1][1]:.3f}"))
-
-    recipe.meta_train(meta, trainer, meta_steps, log_path=out / "meta_training.csv", progress=report,
-                      after_step=validate)
+        trainer.train(meta_steps, callback=after_step)
     meta_seconds = time.monotonic() - started
+    meta = pretrained.trained_optimizer(trainer, settings)
     meta.save(out / "lstm_digits_mlp.pt")
     with (out / "meta_validation.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([("meta_step", "meta_validation_loss"), *validation])
-    with (out / "meta_training.csv").open(newline="") as handle:
-        meta_losses = [float(row["meta_loss"]) for row in csv.DictReader(handle)]
     plot_meta_training(validation, meta_losses, out / "meta_training.png")
 
     adam = [b for b in default_baselines() if b.name == "adam"]
-    suite = heldout_suite(family=recipe.FAMILY, num_tasks=tasks, steps=steps, seeds=seeds)
+    suite = heldout_suite(family=settings.family, num_tasks=tasks, steps=steps, seeds=seeds)
     result = run_suite(suite, {UNTRAINED: lambda: untrained, TRAINED: lambda: meta.rule}, baselines=adam,
                        progress=progress)
     summary = result.summary()
@@ -113,9 +127,8 @@ def run_demo(
         result, out, title="metaoptimizer demo: the LSTM optimizer before and after meta-training, beside tuned Adam",
         extra={
             "meta_training": {
-                "family": recipe.FAMILY, "config": recipe.CONFIG.to_dict(), "horizon": recipe.HORIZON,
-                "seed": seed, "meta_steps": meta.meta_steps, "skipped_meta_steps": meta.skipped_meta_steps,
-                "seconds": round(meta_seconds, 1), "meta_validation": validation, "log": "meta_training.csv",
+                "recipe": RECIPE_NAME, "config": settings.to_dict(), "seed": seed, "meta_steps": meta.meta_steps,
+                "skipped_meta_steps": meta.skipped_meta_steps, "seconds": round(meta_seconds, 1), "meta_validation": validation, "log": "meta_training.csv",
                 "plot": "meta_training.png", "checkpoint": "lstm_digits_mlp.pt",
             },
             "median_speedup": speedups,
@@ -135,7 +148,7 @@ def _meta_training_section(
     fmt = lambda v: "nan" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
     return (
         f"\n## Meta-training\n\n{applied} meta-steps ({skipped} skipped) in {seconds:.0f} s on the "
-        f"{recipe.FAMILY} family, truncations of {recipe.CONFIG.unroll_steps} steps over {recipe.HORIZON}-step "
+        f"{RECIPE.family} family, truncations of {RECIPE.optimizer.unroll_steps} steps over {RECIPE.run_steps}-step "
         f"inner runs. Median speedup over tuned Adam: {fmt(speedups[UNTRAINED])} untrained (the rule starts as "
         f"Adam under a warmup-cosine schedule), {fmt(speedups[TRAINED])} meta-trained: the difference, not the "
         "second figure alone, is meta-training's effect.\n\n"
@@ -149,13 +162,13 @@ def _meta_training_section(
 def demo(
     out: Annotated[Path, out_option("Folder for the checkpoint, report and plots.")] = Path("demo-output"),
     meta_steps: Annotated[int, typer.Option(
-        min=1, help="Meta-training budget in meta-steps (the shipped checkpoint's recipe used 200).")
-    ] = recipe.META_STEPS,
+        min=1, help=f"Meta-training budget in meta-steps (the shipped checkpoint's recipe used {RECIPE.steps}).")
+    ] = RECIPE.steps,
     validate_every: Annotated[int, typer.Option(min=1, help="Meta-steps between meta-validations.")] = 20,
     validation_tasks: Annotated[int, typer.Option(min=1, help="Tasks scored at each meta-validation.")] = 3,
     tasks: Annotated[int, typer.Option(min=1, help="Held-out tasks to compare on.")] = 5,
-    steps: Annotated[int, typer.Option(min=1, help="Inner training steps per run.")] = recipe.HORIZON,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the rule's initial weights and the task draws.")] = 0,
+    steps: Annotated[int, typer.Option(min=1, help="Inner training steps per run.")] = RECIPE.run_steps,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the rule's initial weights and the task draws.")] = RECIPE.optimizer.seed,
     progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, lines in a log).")] = True,
 ) -> None:
     """Meta-train the LSTM optimizer on digits MLPs, then compare it, before and after, with tuned Adam."""

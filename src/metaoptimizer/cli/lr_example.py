@@ -79,7 +79,7 @@ def meta_learn_line_fit(
         NoisyLineFamily(),
         meta_lr=meta_lr,
         unroll_steps=inner_steps,
-        horizon=(outer_steps + 1) * inner_steps,  # never finished, so never replaced by a fresh run
+        run_steps=(outer_steps + 1) * inner_steps,  # never finished, so never replaced by a fresh run
         gradient_clipping=None,
         meta_objective="valid_loss",
         second_order=True,

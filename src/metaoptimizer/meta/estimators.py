@@ -1,8 +1,16 @@
-"""Evolution-strategy meta-gradient estimators: truncated ES, full ES and PES.
+"""Meta-gradient estimators: truncated BPTT, truncated ES, full ES and PES, behind one interface.
 
-All three perturb the rule's meta-parameters θ (one flat vector) with antithetic Gaussian noise
-±ε, ε ~ N(0, σ²I), and need no backpropagation: unrolls run under ``torch.no_grad`` with each
-particle's meta-parameters substituted functionally (:mod:`metaoptimizer.meta.vectorized`),
+An estimator turns unrolls of a meta-step's runs (:class:`~metaoptimizer.meta.runs.TaskRun`) into
+one meta-gradient row per run (:class:`RunEstimates`) and advances every run by one truncation;
+:class:`RowEstimator` averages the rows into an :class:`Estimate`. What an estimator carries in a
+run between truncations is its own typed state (:class:`PESParticles` for PES), saved in
+checkpoints as plain tensors and numbers and rebuilt by :meth:`RowEstimator.restore_run_state`.
+
+* :class:`TruncatedBPTT`: backpropagation through each truncation, the graph cut between them.
+
+The ES estimators perturb the rule's meta-parameters θ (one flat vector) with antithetic Gaussian
+noise ±ε, ε ~ N(0, σ²I), and need no backpropagation: unrolls run under ``torch.no_grad`` with each
+particle's meta-parameters substituted functionally (:mod:`metaoptimizer.meta._vectorized`),
 vmapped over particles and over tasks of equal shapes. Every particle of a run sees the same
 batches (common random numbers). An unperturbed *centre* particle advances the run itself and
 reports the meta-loss; it adds one unroll to the ``2 * num_pairs`` perturbed ones. PES, whose
@@ -12,13 +20,13 @@ PES): the run then follows its first particle and reports the particles' mean me
 * :class:`TruncatedES`: each truncation, all particles start from the run's current state;
   ``g = Σ_i ε_i (L(θ+ε_i) − L(θ−ε_i)) / (2 P σ²)``. Cheap, but biased: it ignores how θ shaped
   the state the truncation starts from.
-* :class:`FullES`: the same over the whole remaining horizon in one go (unbiased, one update per
+* :class:`FullES`: the same over the whole remaining run in one go (unbiased, one update per
   inner run).
 * :class:`PES` (Vicol et al. 2021, "Unbiased Gradient Estimation in Unrolled Computation Graphs
   with Persistent Evolution Strategies"): each particle keeps its own inner state across
   truncations and the sum ξ_i of all perturbations it has received;
   ``g = Σ_i ξ_i (L_i⁺ − L_i⁻) / (2 P σ²)`` is unbiased for the gradient of the smoothed loss
-  summed over the truncations of the horizon.
+  summed over the truncations of the run.
 
 With :class:`TaskNormalization` the particles' meta-losses are clipped to a per-family range and
 scaled to [0, 1], non-finite losses counting as the maximum, so one exploding particle gives a
@@ -28,17 +36,177 @@ strong signal instead of a skipped step.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
 from metaoptimizer.config import META_OBJECTIVES, OptimizerState, check_positive
-from metaoptimizer.meta.trainer import RowEstimator, RunEstimates, TaskRun, TruncatedBPTT, advance, run_generator
-from metaoptimizer.meta.vectorized import UnrollJob, UnrollOutcome, flatten_meta, index_tree, run_jobs
+from metaoptimizer.meta._vectorized import (
+    UnrollJob,
+    UnrollOutcome,
+    flatten_meta,
+    index_tree,
+    meta_parameters,
+    run_jobs,
+)
+from metaoptimizer.meta.runs import EstimatorState, TaskRun, advance, run_generator
+from metaoptimizer.meta.unroll import detach_params, unroll
 from metaoptimizer.rules.base import Params, UpdateRule
+
+__all__ = [
+    "ESTIMATORS", "PES", "Estimate", "FullES", "GradientEstimator", "PESParticles", "RowEstimator", "RunEstimates",
+    "TaskNormalization", "TruncatedBPTT", "TruncatedES", "make_estimator",
+]
+
+
+@dataclass
+class Estimate:
+    """A meta-gradient estimate: one entry per rule parameter (None where unused)."""
+
+    grads: list[Tensor | None]
+    meta_loss: float
+    finite: bool
+    inner_steps: int
+
+
+@dataclass
+class RunEstimates:
+    """Per-run meta-gradient estimates of one meta-step, one row per run.
+
+    ``grads (runs, D)`` are flat over the rule's trainable parameters (order of
+    :func:`~metaoptimizer.meta._vectorized.meta_parameters`); ``meta_losses (runs,)`` the meta-loss
+    each run reports; ``inner_steps (runs,)`` the inner steps each ran. A row with a non-finite
+    loss or gradient marks a step that must be skipped.
+    """
+
+    grads: Tensor
+    meta_losses: Tensor
+    inner_steps: Tensor
+
+    def finite(self) -> Tensor:
+        return torch.isfinite(self.meta_losses) & torch.isfinite(self.grads).all(dim=1)
+
+    def mean(self, rule: UpdateRule) -> Estimate:
+        """The average over rows (summed in row order), split into per-parameter tensors."""
+        count = self.grads.shape[0]
+        if count == 0:
+            raise ValueError("cannot average an estimate with no runs")
+        flat = self.grads.sum(dim=0) / count
+        params = list(meta_parameters(rule).values())
+        pieces = torch.split(flat, [p.numel() for p in params]) if params else []
+        return Estimate(
+            grads=[g.view(p.shape).to(p.dtype) for g, p in zip(pieces, params, strict=True)],
+            meta_loss=float(self.meta_losses.sum() / count),
+            finite=bool(self.finite().all()),
+            inner_steps=int(self.inner_steps.sum()),
+        )
+
+
+class GradientEstimator(Protocol):
+    """Turns unrolls of the runs into meta-gradients, advancing each run by one truncation; what it
+    keeps in a run between truncations (``run.estimator_state``) it rebuilds from a checkpoint."""
+
+    def estimate_runs(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> RunEstimates: ...
+
+    def estimate(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> Estimate: ...
+
+    def restore_run_state(self, saved: dict[str, Any]) -> EstimatorState | None: ...
+
+
+class RowEstimator(ABC):
+    """Base of estimators that compute per-run rows; :meth:`estimate` averages them."""
+
+    @abstractmethod
+    def estimate_runs(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> RunEstimates:
+        """One meta-gradient row per run; advances every run by one truncation."""
+
+    def estimate(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> Estimate:
+        return self.estimate_runs(rule, runs, unroll_steps).mean(rule)
+
+    def restore_run_state(self, saved: dict[str, Any]) -> EstimatorState | None:
+        """The run state that ``to_dict()`` saved (``{}``: none). Estimators that carry nothing
+        across truncations accept only ``{}``."""
+        if saved:
+            raise ValueError(
+                f"the run holds estimator state {sorted(saved)}, which {type(self).__name__} does not keep; "
+                "resume with the estimator that wrote it"
+            )
+        return None
+
+
+@dataclass
+class TruncatedBPTT(RowEstimator):
+    """Backpropagation through each truncation of ``unroll_steps``; the graph is cut between them.
+
+    ``vectorize=True`` runs the runs' unrolls through :func:`~metaoptimizer.meta._vectorized.run_jobs`
+    (``vmap`` over tasks of equal shapes, ``torch.func.grad`` for the meta-gradient); the default
+    backpropagates through :func:`~metaoptimizer.meta.unroll.unroll` one run at a time.
+    """
+
+    meta_objective: str = "train_loss"
+    second_order: bool = False
+    vectorize: bool = False
+
+    def estimate_runs(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> RunEstimates:
+        if self.vectorize:
+            return self._vectorized(rule, runs, unroll_steps)
+        params = list(meta_parameters(rule).values())
+        size = sum(p.numel() for p in params)
+        rows, losses, inner = [], [], []
+        for run in runs:
+            steps = run.steps_left(unroll_steps)
+            result = unroll(
+                rule, run.task, detach_params(run.params), run.state.detach(), run.train_batches, steps,
+                second_order=self.second_order, meta_objective=self.meta_objective, valid_batches=run.valid_batches,
+            )
+            row = torch.full((size,), math.nan, device=params[0].device if params else None)
+            if result.finite:
+                grads = torch.autograd.grad(result.meta_loss, params, allow_unused=True) if params else ()
+                row = _flatten_grads(grads, params)
+            advance(run, result.params, result.state, steps, result.finite)
+            rows.append(row)
+            losses.append(float(result.meta_loss.detach()))
+            inner.append(steps)
+        return _rows(rows, losses, inner)
+
+    def _vectorized(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> RunEstimates:
+        theta = flatten_meta(rule)
+        jobs, steps = [], []
+        for run in runs:
+            steps.append(run.steps_left(unroll_steps))
+            train, valid = run.draw_batches(steps[-1], self.meta_objective)
+            jobs.append(UnrollJob(run.task, theta[None], run.params, run.state, train, valid))
+        outcomes = run_jobs(
+            rule, jobs, meta_objective=self.meta_objective, second_order=self.second_order, with_grad=True
+        )
+        rows, losses = [], []
+        for run, outcome, count in zip(runs, outcomes, steps, strict=True):
+            finite = bool(outcome.finite()[0])
+            advance(run, index_tree(outcome.params, 0), index_tree(outcome.state, 0), count, finite)
+            rows.append(outcome.grads[0].detach() if finite else torch.full_like(theta, math.nan))
+            losses.append(float(outcome.meta_losses[0]))
+        return _rows(rows, losses, steps)
+
+
+def _flatten_grads(grads: tuple[Tensor | None, ...], params: list[Tensor]) -> Tensor:
+    """One flat vector of ``grads`` (zeros for unused parameters)."""
+    if not params:
+        return torch.zeros(0)
+    pieces = [(torch.zeros_like(p) if g is None else g.detach()).reshape(-1) for g, p in zip(grads, params, strict=True)]
+    return torch.cat(pieces)
+
+
+def _rows(rows: list[Tensor], losses: list[float], inner: list[int]) -> RunEstimates:
+    return RunEstimates(
+        grads=torch.stack(rows) if rows else torch.zeros(0, 0),
+        meta_losses=torch.tensor(losses, dtype=torch.float64),
+        inner_steps=torch.tensor(inner, dtype=torch.int64),
+    )
+
 
 ESTIMATORS = ("tbptt", "truncated_es", "full_es", "pes")
 
@@ -152,19 +320,43 @@ class TruncatedES(RowEstimator):
 
 @dataclass
 class FullES(TruncatedES):
-    """Antithetic ES over each run's whole remaining horizon: one unbiased estimate per inner run."""
+    """Antithetic ES over the whole rest of each run: one unbiased estimate per inner run."""
 
     def truncation_length(self, run: TaskRun, unroll_steps: int) -> int:
         return run.remaining()
 
 
-PES_STATE = "pes"
+@dataclass
+class PESParticles:
+    """The particles PES keeps in a run between truncations: their parameters and rule states,
+    stacked one row per particle (``2 * num_pairs`` rows), and ``perturbation`` ξ, the sum of the
+    perturbations each antithetic pair has received so far (``(num_pairs, D)``)."""
+
+    params: Params
+    state: OptimizerState
+    perturbation: Tensor
+
+    #: The key under which checkpoints hold the particles (the layout since PES was added).
+    KEY = "pes"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Checkpoint form: plain tensors and numbers (``torch.load(weights_only=True)``)."""
+        return {self.KEY: {"params": self.params, "state": self.state.to_dict(), "perturbation": self.perturbation}}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> PESParticles:
+        """Inverse of :meth:`to_dict`."""
+        if set(saved) != {cls.KEY}:
+            raise ValueError(f"not saved PES particles: expected the key {cls.KEY!r}, got {sorted(saved)}")
+        particles = saved[cls.KEY]
+        return cls(particles["params"], OptimizerState.from_dict(particles["state"]), particles["perturbation"])
 
 
 @dataclass
 class PES(TruncatedES):
     """Persistent ES: particles keep their inner states and accumulated perturbations ξ across
-    truncations (in ``run.estimator_state['pes']``), which makes the estimate unbiased.
+    truncations (:class:`PESParticles` in ``run.estimator_state``), which makes the estimate
+    unbiased.
 
     A run is ended (and replaced by the trainer) when any of its particles diverges, since that
     particle cannot continue.
@@ -174,20 +366,22 @@ class PES(TruncatedES):
 
     def start(self, run: TaskRun, noise: Tensor) -> tuple[Params, OptimizerState, bool, Tensor]:
         """The centre and the particles' own states; weights: each pair's perturbations so far, ξ."""
-        saved = run.estimator_state.get(PES_STATE)
+        saved = run.estimator_state
         if saved is None:
             count = 2 * self.num_pairs
             params = {name: p.expand(count, *p.shape) for name, p in run.params.items()}
             state = run.state.map_tensors(lambda t: t.expand(count, *t.shape))
             accumulated = noise
         else:
-            if saved["perturbation"].shape[0] != self.num_pairs:
+            if not isinstance(saved, PESParticles):
+                raise TypeError(f"run {run.task_index} holds {type(saved).__name__}, not PES particles")
+            if saved.perturbation.shape[0] != self.num_pairs:
                 raise ValueError(
-                    f"run {run.task_index} holds PES particles for {saved['perturbation'].shape[0]} pairs, "
+                    f"run {run.task_index} holds PES particles for {saved.perturbation.shape[0]} pairs, "
                     f"but this estimator has num_pairs={self.num_pairs}"
                 )
-            params, state = saved["params"], OptimizerState.from_dict(saved["state"])
-            accumulated = saved["perturbation"] + noise
+            params, state = saved.params, saved.state
+            accumulated = saved.perturbation + noise
         if not self.centre:
             return params, state, True, accumulated
         joined = {name: torch.cat([run.params[name][None], p]) for name, p in params.items()}
@@ -197,11 +391,14 @@ class PES(TruncatedES):
         """Keep the particles (all but the centre) and ξ; end the run when a particle diverged."""
         run.diverged = run.diverged or not bool(finite.all())
         particles = slice(int(self.centre), None)
-        run.estimator_state[PES_STATE] = {
-            "params": {name: p[particles] for name, p in outcome.params.items()},
-            "state": outcome.state.map_tensors(lambda t: t[particles]).to_dict(),
-            "perturbation": weights,
-        }
+        run.estimator_state = PESParticles(
+            params={name: p[particles] for name, p in outcome.params.items()},
+            state=outcome.state.map_tensors(lambda t: t[particles]),
+            perturbation=weights,
+        )
+
+    def restore_run_state(self, saved: dict[str, Any]) -> PESParticles | None:
+        return PESParticles.from_dict(saved) if saved else None
 
 
 def _stack_front(centre: OptimizerState, particles: OptimizerState) -> OptimizerState:

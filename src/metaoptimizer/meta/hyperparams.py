@@ -131,15 +131,14 @@ class LearnedHyperparameters(UpdateRule):
 
     def _hand_rule(self, values: Mapping[str, Tensor]) -> HandRule:
         """The hand rule with ``values`` (0-dim tensors) in place of its fixed hyperparameters."""
-        kwargs = {**self.fixed, "lr": values.get("lr", self.lr)}
+        kwargs = {hyper: values[hyper] for hyper in ("lr", "eps") if hyper in values}
         if "momentum" in values:
             if self.rule_name in _ADAM_LIKE:
                 kwargs["betas"] = (values["momentum"], self.template.betas[1])
             else:
                 kwargs["momentum"] = values["momentum"]
-        if "eps" in values:
-            kwargs["eps"] = values["eps"]
-        return make_hand_rule(self.rule_name, **kwargs)
+        # In range by construction (exp, sigmoid): the template's copy skips the constructor's checks.
+        return self.template.with_unchecked_hyperparameters(**kwargs)
 
     def init(self, params: Mapping[str, Tensor], *, num_steps: int | None = None) -> OptimizerState:
         return self.template.init(params, num_steps=num_steps)
@@ -148,10 +147,10 @@ class LearnedHyperparameters(UpdateRule):
         self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *,
         loss: Tensor | float | None = None,
     ) -> tuple[Params, OptimizerState]:
-        step, state = self.begin_update(grads, state, params, loss)
         values = self.values()
-        if not self.per_tensor:
+        if not self.per_tensor:  # the hand rule checks the call and starts a fresh state itself
             return self._hand_rule(values).update(grads, state, params)
+        step, state = self.begin_update(grads, state, params, loss)
         unknown = sorted(set(grads) - set(self.param_names))
         if unknown:
             raise ValueError(f"no learned hyperparameters for {unknown}; this rule knows {self.param_names}")

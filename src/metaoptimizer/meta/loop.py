@@ -33,7 +33,7 @@ from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, build_
 from metaoptimizer.meta.distributed import Communicator
 from metaoptimizer.meta.estimators import ESTIMATORS, make_estimator
 from metaoptimizer.meta.trainer import META_OPTIMIZERS, MetaTrainer, Phase
-from metaoptimizer.rules.base import from_spec
+from metaoptimizer.rules.base import RULES, from_spec
 from metaoptimizer.tasks import make_family
 
 CHECKPOINT_KIND = "meta_training"
@@ -231,6 +231,8 @@ def load_training_checkpoint(trainer: MetaTrainer, path: str | os.PathLike) -> i
 RULE_FIELDS = ("method", "hidden_size", "num_layers", "preconditioning", "coordinatewise", "preprocessing",
                "preprocess_p", "output_scale", "rule_options")
 SECTIONS = ("optimizer", "rule", "family", "families", "training", "estimator", "meta_optimizer", "phases")
+#: [training] keys renamed when the run length took the rule contract's word (num_steps): old -> new.
+RENAMED_TRAINING_KEYS = {"horizon": "run_steps", "min_horizon": "min_run_steps"}
 #: TrainingConfig fields that come from their own sections (the others are [training] keys).
 STRUCTURED_FIELDS = {"optimizer", "family", "family_options", "estimator_options", "rule", "families",
                      "meta_optimizer", "meta_optimizer_options", "phases"}
@@ -245,16 +247,21 @@ class TrainingConfig:
     (``name`` and the family's keyword arguments, ``augment`` among them, see
     :func:`~metaoptimizer.tasks.make_family`), ``[training]`` (the fields below) and
     ``[estimator]`` (options of :func:`~metaoptimizer.meta.estimators.make_estimator`).
-    ``device`` (e.g. ``"cuda"``) holds the rule there and is passed to the family.
+    ``steps`` counts meta-steps; ``run_steps`` is the length of an inner run (the ``num_steps``
+    budget its rule is told at ``init``), drawn log-uniformly from [``min_run_steps``,
+    ``run_steps``] per run when ``min_run_steps`` is set (the former keys ``horizon`` and
+    ``min_horizon`` are rejected with the new names). ``device`` (e.g. ``"cuda"``) holds the rule
+    there and is passed to the family.
 
     The recipe's sections: ``[rule]`` gives the rule as a registered name and its constructor
-    arguments (``name = "celo"``; :func:`~metaoptimizer.rules.base.from_spec`) instead of
-    ``[optimizer]``'s method fields; ``[[families]]`` lists several families (each table as
-    ``[family]``, plus an optional ``estimator`` table overriding ``[estimator]`` for that family:
-    one estimator per family); ``[meta_optimizer]`` names the outer optimizer (``name`` in
-    ``adam``, ``adamw``, ``sgd``; other keys are its arguments; the rate is ``meta_lr``);
-    ``[[phases]]`` train parts of the rule in turn (``steps``, ``train``, ``freeze``, ``init``: see
-    :class:`~metaoptimizer.meta.trainer.Phase`), covering at least ``steps`` meta-steps.
+    arguments (``name = "celo"``; member rules of a composite as nested tables, see
+    :func:`rule_table_spec`) instead of ``[optimizer]``'s method fields; ``[[families]]`` lists
+    several families (each table as ``[family]``, plus an optional ``estimator`` table overriding
+    ``[estimator]`` for that family: one estimator per family); ``[meta_optimizer]`` names the
+    outer optimizer (``name`` in ``adam``, ``adamw``, ``sgd``; other keys are its arguments; the
+    rate is ``meta_lr``); ``[[phases]]`` train parts of the rule in turn (``steps``, ``train``,
+    ``freeze``, ``init``: see :class:`~metaoptimizer.meta.trainer.Phase`), covering at least
+    ``steps`` meta-steps.
     """
 
     optimizer: MetaOptimizerConfig
@@ -263,8 +270,8 @@ class TrainingConfig:
     estimator: str = "tbptt"
     estimator_options: dict[str, Any] = field(default_factory=dict)
     steps: int = 1000
-    horizon: int = 200
-    min_horizon: int | None = None
+    run_steps: int = 200
+    min_run_steps: int | None = None
     initial_offset: int = 0
     sync_runs: bool = False
     tasks_per_step: int = 1
@@ -285,11 +292,11 @@ class TrainingConfig:
             raise TypeError(f"optimizer must be a MetaOptimizerConfig, got {type(self.optimizer).__name__}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator={self.estimator!r} is not supported; accepted values: {ESTIMATORS}")
-        for name in ("steps", "horizon", "tasks_per_step", "checkpoint_every"):
+        for name in ("steps", "run_steps", "tasks_per_step", "checkpoint_every"):
             check_positive(name, getattr(self, name), integer=True)
         check_positive("initial_offset", self.initial_offset, integer=True, allow_zero=True)
-        if self.min_horizon is not None:
-            check_positive("min_horizon", self.min_horizon, integer=True)
+        if self.min_run_steps is not None:
+            check_positive("min_run_steps", self.min_run_steps, integer=True)
         if self.snapshot_every is not None:
             check_positive("snapshot_every", self.snapshot_every, integer=True)
         if not isinstance(self.meta_lr_scales, dict):
@@ -313,8 +320,10 @@ class TrainingConfig:
                 raise ValueError(f"every [[families]] entry needs a name, got {entry!r}")
             if not isinstance(entry.get("estimator", {}), dict):
                 raise ValueError(f"[[families]] estimator must be a table of estimator options, got {entry['estimator']!r}")
-        if self.rule is not None and (not isinstance(self.rule, dict) or "name" not in self.rule):
-            raise ValueError(f"[rule] needs the rule's registered name, e.g. name = \"celo\"; got {self.rule!r}")
+        if self.rule is not None:
+            if not isinstance(self.rule, dict) or "name" not in self.rule:
+                raise ValueError(f"[rule] needs the rule's registered name, e.g. name = \"celo\"; got {self.rule!r}")
+            rule_table_spec(self.rule)
         if self.meta_optimizer not in META_OPTIMIZERS:
             raise ValueError(
                 f"meta_optimizer={self.meta_optimizer!r} is not supported; accepted values: {sorted(META_OPTIMIZERS)}"
@@ -357,6 +366,10 @@ class TrainingConfig:
         if "name" not in family and (family or "families" not in data):
             raise ValueError(f"{source}: [family] needs a name, e.g. name = \"digits_mlp\"")
         training = dict(data.get("training", {}))
+        renamed = sorted(set(training) & set(RENAMED_TRAINING_KEYS))
+        if renamed:
+            raise ValueError(f"{source}: [training] keys were renamed: " + ", ".join(
+                f"{old} is now {RENAMED_TRAINING_KEYS[old]}" for old in renamed))
         accepted = {f.name for f in fields(cls)} - STRUCTURED_FIELDS
         unknown = sorted(set(training) - accepted)
         if unknown:
@@ -402,12 +415,42 @@ class TrainingConfig:
         return data
 
 
+def rule_table_spec(table: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`~metaoptimizer.rules.base.to_spec` form of a TOML ``[rule]`` table.
+
+    A rule table is the rule's registered ``name`` and its constructor arguments; an argument that
+    is itself a table with a registered rule ``name`` (or a list of such tables) is a member rule,
+    so a composite is written as nested tables::
+
+        [rule]
+        name = "named_chain"
+        [rule.lstm]
+        name = "lstm"
+        training_fraction = true
+        [rule.schedule]
+        name = "scale_by_schedule"
+        schedule = { schedule = "LearnedSchedule", arguments = { total_steps = 200 } }
+    """
+    arguments = dict(table)
+    name = arguments.pop("name")
+    if name not in RULES:
+        raise ValueError(f"[rule] name {name!r} is not a registered rule; registered rules: {sorted(RULES)}")
+    return {"rule": name, "hyperparameters": {key: _rule_argument(value) for key, value in arguments.items()}}
+
+
+def _rule_argument(value: Any) -> Any:
+    if isinstance(value, dict) and value.get("name") in RULES:
+        return rule_table_spec(value)
+    if isinstance(value, list):
+        return [_rule_argument(item) for item in value]
+    return value
+
+
 def build_config_rule(config: TrainingConfig):
-    """The rule of ``[rule]`` (registered name and constructor arguments) or of ``[optimizer]``."""
+    """The rule of ``[rule]`` (see :func:`rule_table_spec`) or of ``[optimizer]``."""
     if config.rule is None:
         return build_rule(config.optimizer)
-    hyperparameters = dict(config.rule)
-    return from_spec({"rule": hyperparameters.pop("name"), "hyperparameters": hyperparameters})
+    return from_spec(rule_table_spec(config.rule))
 
 
 def build_trainer(config: TrainingConfig, communicator: Communicator | None = None) -> MetaTrainer:
@@ -431,14 +474,14 @@ def build_trainer(config: TrainingConfig, communicator: Communicator | None = No
         families,
         meta_lr=opt.meta_lr,
         unroll_steps=opt.unroll_steps,
-        horizon=config.horizon,
+        run_steps=config.run_steps,
         gradient_clipping=opt.gradient_clipping,
         tasks_per_step=config.tasks_per_step,
         meta_objective=opt.meta_objective,
         second_order=opt.second_order,
         seed=opt.seed,
         estimator=estimators,
-        min_horizon=config.min_horizon,
+        min_run_steps=config.min_run_steps,
         communicator=communicator,
         meta_lr_scales=config.meta_lr_scales,
         meta_optimizer=config.meta_optimizer,

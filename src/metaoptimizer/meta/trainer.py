@@ -1,8 +1,9 @@
 """Meta-training: inner runs over a task family, a gradient estimator, clipping and step skipping.
 
 :class:`MetaTrainer` keeps ``tasks_per_step`` *slots*, each holding one inner training run
-(:class:`TaskRun`) and its own random generator, which draws the slot's tasks, horizons and ES
-noise. Estimators return one meta-gradient row per run (:class:`RunEstimates`); the trainer
+(:class:`~metaoptimizer.meta.runs.TaskRun`) and its own random generator, which draws the slot's
+tasks, run lengths and ES noise. Estimators (:mod:`metaoptimizer.meta.estimators`) return one
+meta-gradient row per run (:class:`~metaoptimizer.meta.estimators.RunEstimates`); the trainer
 averages the rows of all slots in slot order. Because every slot's randomness is its own and the
 average runs over the same rows in the same order, splitting the slots over processes
 (:mod:`metaoptimizer.meta.distributed`) gives the single-process result.
@@ -11,262 +12,23 @@ average runs over the same rows in the same order, splitting the slots over proc
 from __future__ import annotations
 
 import copy
-import itertools
 import math
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from metaoptimizer.config import META_OBJECTIVES, MetaOptTrainResult, OptimizerState, check_positive
+from metaoptimizer.meta._step import apply_estimate
+from metaoptimizer.meta._vectorized import meta_parameters
 from metaoptimizer.meta.distributed import Communicator, SingleProcess
-from metaoptimizer.meta.step import apply_estimate
-from metaoptimizer.meta.unroll import detach_params, unroll
-from metaoptimizer.meta.vectorized import (
-    UnrollJob,
-    flatten_meta,
-    index_tree,
-    meta_parameters,
-    needs_valid_batch,
-    run_jobs,
-)
-from metaoptimizer.rules.base import Params, UpdateRule
-from metaoptimizer.tasks.base import TRAIN, Batch, Task, TaskFamily, split_seed
-
-
-class ReplayableBatches:
-    """A task's batch stream that counts what it has handed out, so it can be rebuilt exactly."""
-
-    def __init__(self, make: Callable[[int], Iterator[Batch]], seed: int, drawn: int = 0) -> None:
-        self.seed = seed
-        self.drawn = drawn
-        self._iterator = make(seed)
-        for _ in itertools.islice(self._iterator, drawn):
-            pass
-
-    def __iter__(self) -> ReplayableBatches:
-        return self
-
-    def __next__(self) -> Batch:
-        self.drawn += 1
-        return next(self._iterator)
-
-    def take(self, count: int) -> list[Batch]:
-        return [next(self) for _ in range(count)]
-
-
-@dataclass
-class TaskRun:
-    """One inner training run in progress: a task, its current parameters and rule state.
-
-    ``generator`` is the slot's random generator (task draws, horizons, ES noise); a run made
-    without one gets a generator seeded by its task index on first use (:func:`run_generator`).
-    ``estimator_state`` holds what an estimator carries across truncations (PES particles); it
-    must contain only checkpoint-safe values (tensors, numbers, dicts and lists of them).
-    ``diverged`` marks a run that produced non-finite values and must be replaced. ``offset``
-    shortens the run: it ends after ``horizon - offset`` steps while its rule state still counts
-    toward a budget of ``horizon`` (a random initial iteration offset, which staggers the slots'
-    first runs so that they do not all restart together).
-    """
-
-    task: Task
-    task_index: int
-    params: Params
-    state: OptimizerState
-    train_batches: ReplayableBatches
-    valid_batches: ReplayableBatches
-    steps_done: int
-    horizon: int
-    slot: int = 0
-    generator: torch.Generator | None = None
-    estimator_state: dict[str, Any] = field(default_factory=dict)
-    diverged: bool = False
-    offset: int = 0
-
-    @classmethod
-    def start(
-        cls, task: Task, task_index: int, seed: int, params: Params, rule: UpdateRule, horizon: int, **extra: Any
-    ) -> TaskRun:
-        """A run at step 0 from ``params``, with fresh rule state and batch streams seeded by ``seed``."""
-        return cls(
-            task=task,
-            task_index=task_index,
-            params=params,
-            state=rule.init(params, num_steps=horizon),
-            train_batches=ReplayableBatches(task.train_batches, seed),
-            valid_batches=ReplayableBatches(task.valid_batches, seed),
-            steps_done=0,
-            horizon=horizon,
-            **extra,
-        )
-
-    @property
-    def finished(self) -> bool:
-        return self.remaining() <= 0 or self.diverged
-
-    def remaining(self) -> int:
-        """Inner steps until the run ends (its horizon less its offset)."""
-        return self.horizon - self.offset - self.steps_done
-
-    def steps_left(self, unroll_steps: int) -> int:
-        """Inner steps of the next truncation: ``unroll_steps``, or fewer to stop at the end."""
-        return min(unroll_steps, self.remaining())
-
-    def draw_batches(self, steps: int, meta_objective: str) -> tuple[list[Batch], Batch | None]:
-        """The ``steps + 1`` training batches of a truncation (and a validation batch when needed)."""
-        valid = next(self.valid_batches) if needs_valid_batch(meta_objective) else None
-        return self.train_batches.take(steps + 1), valid
-
-
-def run_generator(run: TaskRun) -> torch.Generator:
-    """``run.generator``, created (seeded by the task index) for runs built without one."""
-    if run.generator is None:
-        run.generator = torch.Generator().manual_seed(run.task_index)
-    return run.generator
-
-
-@dataclass
-class Estimate:
-    """A meta-gradient estimate: one entry per rule parameter (None where unused)."""
-
-    grads: list[Tensor | None]
-    meta_loss: float
-    finite: bool
-    inner_steps: int
-
-
-@dataclass
-class RunEstimates:
-    """Per-run meta-gradient estimates of one meta-step, one row per run.
-
-    ``grads (runs, D)`` are flat over the rule's trainable parameters (order of
-    :func:`~metaoptimizer.meta.vectorized.meta_parameters`); ``meta_losses (runs,)`` the meta-loss
-    each run reports; ``inner_steps (runs,)`` the inner steps each ran. A row with a non-finite
-    loss or gradient marks a step that must be skipped.
-    """
-
-    grads: Tensor
-    meta_losses: Tensor
-    inner_steps: Tensor
-
-    def finite(self) -> Tensor:
-        return torch.isfinite(self.meta_losses) & torch.isfinite(self.grads).all(dim=1)
-
-    def mean(self, rule: UpdateRule) -> Estimate:
-        """The average over rows (summed in row order), split into per-parameter tensors."""
-        count = self.grads.shape[0]
-        if count == 0:
-            raise ValueError("cannot average an estimate with no runs")
-        flat = self.grads.sum(dim=0) / count
-        params = list(meta_parameters(rule).values())
-        pieces = torch.split(flat, [p.numel() for p in params]) if params else []
-        return Estimate(
-            grads=[g.view(p.shape).to(p.dtype) for g, p in zip(pieces, params, strict=True)],
-            meta_loss=float(self.meta_losses.sum() / count),
-            finite=bool(self.finite().all()),
-            inner_steps=int(self.inner_steps.sum()),
-        )
-
-
-class GradientEstimator(Protocol):
-    """Turns unrolls of the runs into meta-gradients, advancing each run by one truncation."""
-
-    def estimate_runs(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> RunEstimates: ...
-
-    def estimate(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> Estimate: ...
-
-
-class RowEstimator(ABC):
-    """Base of estimators that compute per-run rows; :meth:`estimate` averages them."""
-
-    @abstractmethod
-    def estimate_runs(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> RunEstimates:
-        """One meta-gradient row per run; advances every run by one truncation."""
-
-    def estimate(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> Estimate:
-        return self.estimate_runs(rule, runs, unroll_steps).mean(rule)
-
-
-def advance(run: TaskRun, params: Params, state: OptimizerState, steps: int, finite: bool) -> None:
-    """Move ``run`` to the end of a truncation of ``steps`` steps (graph cut)."""
-    run.params = {name: p.detach() for name, p in params.items()}
-    run.state = state.detach()
-    run.steps_done += steps
-    run.diverged = run.diverged or not finite
-
-
-@dataclass
-class TruncatedBPTT(RowEstimator):
-    """Backpropagation through each truncation of ``unroll_steps``; the graph is cut between them.
-
-    ``vectorize=True`` runs the runs' unrolls through :func:`~metaoptimizer.meta.vectorized.run_jobs`
-    (``vmap`` over tasks of equal shapes, ``torch.func.grad`` for the meta-gradient); the default
-    backpropagates through :func:`~metaoptimizer.meta.unroll.unroll` one run at a time.
-    """
-
-    meta_objective: str = "train_loss"
-    second_order: bool = False
-    vectorize: bool = False
-
-    def estimate_runs(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> RunEstimates:
-        if self.vectorize:
-            return self._vectorized(rule, runs, unroll_steps)
-        params = list(meta_parameters(rule).values())
-        size = sum(p.numel() for p in params)
-        rows, losses, inner = [], [], []
-        for run in runs:
-            steps = run.steps_left(unroll_steps)
-            result = unroll(
-                rule, run.task, detach_params(run.params), run.state.detach(), run.train_batches, steps,
-                second_order=self.second_order, meta_objective=self.meta_objective, valid_batches=run.valid_batches,
-            )
-            row = torch.full((size,), math.nan, device=params[0].device if params else None)
-            if result.finite:
-                grads = torch.autograd.grad(result.meta_loss, params, allow_unused=True) if params else ()
-                row = _flatten_grads(grads, params)
-            advance(run, result.params, result.state, steps, result.finite)
-            rows.append(row)
-            losses.append(float(result.meta_loss.detach()))
-            inner.append(steps)
-        return _rows(rows, losses, inner)
-
-    def _vectorized(self, rule: UpdateRule, runs: list[TaskRun], unroll_steps: int) -> RunEstimates:
-        theta = flatten_meta(rule)
-        jobs, steps = [], []
-        for run in runs:
-            steps.append(run.steps_left(unroll_steps))
-            train, valid = run.draw_batches(steps[-1], self.meta_objective)
-            jobs.append(UnrollJob(run.task, theta[None], run.params, run.state, train, valid))
-        outcomes = run_jobs(
-            rule, jobs, meta_objective=self.meta_objective, second_order=self.second_order, with_grad=True
-        )
-        rows, losses = [], []
-        for run, outcome, count in zip(runs, outcomes, steps, strict=True):
-            finite = bool(outcome.finite()[0])
-            advance(run, index_tree(outcome.params, 0), index_tree(outcome.state, 0), count, finite)
-            rows.append(outcome.grads[0].detach() if finite else torch.full_like(theta, math.nan))
-            losses.append(float(outcome.meta_losses[0]))
-        return _rows(rows, losses, steps)
-
-
-def _flatten_grads(grads: tuple[Tensor | None, ...], params: list[Tensor]) -> Tensor:
-    """One flat vector of ``grads`` (zeros for unused parameters)."""
-    if not params:
-        return torch.zeros(0)
-    pieces = [(torch.zeros_like(p) if g is None else g.detach()).reshape(-1) for g, p in zip(grads, params, strict=True)]
-    return torch.cat(pieces)
-
-
-def _rows(rows: list[Tensor], losses: list[float], inner: list[int]) -> RunEstimates:
-    return RunEstimates(
-        grads=torch.stack(rows) if rows else torch.zeros(0, 0),
-        meta_losses=torch.tensor(losses, dtype=torch.float64),
-        inner_steps=torch.tensor(inner, dtype=torch.int64),
-    )
+from metaoptimizer.meta.estimators import GradientEstimator, RunEstimates, TruncatedBPTT
+from metaoptimizer.meta.runs import ReplayableBatches, TaskRun, run_generator
+from metaoptimizer.rules.base import UpdateRule
+from metaoptimizer.tasks.base import TRAIN, TaskFamily, split_seed
 
 
 def gather_slot_rows(rows: RunEstimates, slots: list[int], num_slots: int, communicator: Communicator) -> RunEstimates:
@@ -378,7 +140,7 @@ class Phase:
 
 
 def cohort_generator(seed: int) -> torch.Generator:
-    """The generator of the shared horizons of synchronised runs (a stream apart from every slot's)."""
+    """The generator of the shared run lengths of synchronised runs (a stream apart from every slot's)."""
     state = np.random.SeedSequence([seed]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
@@ -393,8 +155,8 @@ class MetaTrainer:
     """Meta-trains ``rule`` on tasks sampled from ``family``'s training split (or several families').
 
     Each meta-step advances ``tasks_per_step`` inner runs by one truncation of ``unroll_steps``
-    inner steps; a run that reaches its horizon (``horizon`` steps, or with ``min_horizon`` a
-    length drawn log-uniformly from [``min_horizon``, ``horizon``] per task, which staggers the
+    inner steps; a run that reaches its end (``run_steps`` steps, or with ``min_run_steps`` a
+    length drawn log-uniformly from [``min_run_steps``, ``run_steps``] per task, which staggers the
     runs' resets) is replaced by a freshly sampled task. The meta-gradient (from ``estimator``,
     truncated BPTT by default) is clipped to ``gradient_clipping`` in global norm and applied with
     Adam(``meta_lr``); ``meta_lr_scales`` maps name prefixes of meta-parameters to multipliers of
@@ -413,7 +175,7 @@ class MetaTrainer:
     from ``[0, initial_offset)`` (at least one step is left), so slots do not restart in lockstep.
 
     ``sync_runs=True`` trades that staggering for speed: all slots form one *cohort* that shares
-    its horizon (and, for the first cohort, its offset) and restarts together, so the runs'
+    its length (and, for the first cohort, its offset) and restarts together, so the runs'
     rule states agree in their step counts and budgets and their unrolls share one vmapped call
     (runs of different lengths cannot: the state's counters are Python numbers). A run that
     diverges is replaced by a fresh task that ends with its cohort. Families whose estimators are
@@ -431,14 +193,14 @@ class MetaTrainer:
         *,
         meta_lr: float = 1e-3,
         unroll_steps: int = 20,
-        horizon: int = 200,
+        run_steps: int = 200,
         gradient_clipping: float | None = 1.0,
         tasks_per_step: int = 1,
         meta_objective: str = "train_loss",
         second_order: bool = False,
         seed: int = 0,
         estimator: GradientEstimator | Sequence[GradientEstimator] | None = None,
-        min_horizon: int | None = None,
+        min_run_steps: int | None = None,
         communicator: Communicator | None = None,
         meta_lr_scales: Mapping[str, float] | None = None,
         meta_optimizer: str = "adam",
@@ -449,17 +211,17 @@ class MetaTrainer:
     ) -> None:
         check_positive("meta_lr", meta_lr)
         check_positive("unroll_steps", unroll_steps, integer=True)
-        check_positive("horizon", horizon, integer=True)
+        check_positive("run_steps", run_steps, integer=True)
         check_positive("tasks_per_step", tasks_per_step, integer=True)
         check_positive("seed", seed, integer=True, allow_zero=True)
         if gradient_clipping is not None:
             check_positive("gradient_clipping", gradient_clipping)
         if meta_objective not in META_OBJECTIVES:
             raise ValueError(f"meta_objective={meta_objective!r} is not supported; accepted values: {META_OBJECTIVES}")
-        if min_horizon is not None:
-            check_positive("min_horizon", min_horizon, integer=True)
-            if min_horizon > horizon:
-                raise ValueError(f"min_horizon ({min_horizon}) must be <= horizon ({horizon})")
+        if min_run_steps is not None:
+            check_positive("min_run_steps", min_run_steps, integer=True)
+            if min_run_steps > run_steps:
+                raise ValueError(f"min_run_steps ({min_run_steps}) must be <= run_steps ({run_steps})")
         check_positive("initial_offset", initial_offset, integer=True, allow_zero=True)
         if not isinstance(sync_runs, bool):
             raise ValueError(f"sync_runs must be True or False, got {sync_runs!r}")
@@ -493,8 +255,8 @@ class MetaTrainer:
         self.families = families
         self.family = families[0]
         self.unroll_steps = unroll_steps
-        self.horizon = horizon
-        self.min_horizon = min_horizon
+        self.run_steps = run_steps
+        self.min_run_steps = min_run_steps
         self.gradient_clipping = gradient_clipping
         self.tasks_per_step = tasks_per_step
         self.seed = seed
@@ -520,12 +282,13 @@ class MetaTrainer:
             self._new_cohort(first=True)
         self.runs = [self._new_run(slot, slot_generator(seed, slot), first=True) for slot in self.slots]
 
-    def _sample_horizon(self, generator: torch.Generator) -> int:
-        if self.min_horizon is None:
-            return self.horizon
-        low, high = math.log(self.min_horizon), math.log(self.horizon)
+    def _sample_run_steps(self, generator: torch.Generator) -> int:
+        """A run's length (its budget): ``run_steps``, or log-uniform in [``min_run_steps``, ``run_steps``]."""
+        if self.min_run_steps is None:
+            return self.run_steps
+        low, high = math.log(self.min_run_steps), math.log(self.run_steps)
         u = float(torch.rand((), generator=generator, dtype=torch.float64))
-        return min(self.horizon, max(self.min_horizon, round(math.exp(low + u * (high - low)))))
+        return min(self.run_steps, max(self.min_run_steps, round(math.exp(low + u * (high - low)))))
 
     def family_of(self, slot: int) -> TaskFamily:
         """The family that ``slot`` draws its tasks from."""
@@ -538,25 +301,25 @@ class MetaTrainer:
         seed = split_seed(TRAIN, task_index)
         task = self.family_of(slot).sample(seed)
         if self.sync_runs:
-            horizon, offset = self.cohort["horizon"], self.cohort["offset"] + self.cohort["steps_done"]
+            num_steps, offset = self.cohort["num_steps"], self.cohort["offset"] + self.cohort["steps_done"]
         else:
-            horizon = self._sample_horizon(generator)
-            offset = self._sample_offset(horizon, generator) if first else 0
+            num_steps = self._sample_run_steps(generator)
+            offset = self._sample_offset(num_steps, generator) if first else 0
         return TaskRun.start(
-            task, task_index, seed, task.init_params(seed), self.rule, horizon,
+            task, task_index, seed, task.init_params(seed), self.rule, num_steps,
             slot=slot, generator=generator, offset=offset,
         )
 
-    def _sample_offset(self, horizon: int, generator: torch.Generator) -> int:
+    def _sample_offset(self, num_steps: int, generator: torch.Generator) -> int:
         if not self.initial_offset:
             return 0
-        return min(horizon - 1, int(torch.randint(0, self.initial_offset, (1,), generator=generator)))
+        return min(num_steps - 1, int(torch.randint(0, self.initial_offset, (1,), generator=generator)))
 
     def _new_cohort(self, first: bool = False) -> None:
-        """Draw the horizon (and for the first cohort the offset) that all runs share next."""
-        horizon = self._sample_horizon(self.cohort_generator)
-        offset = self._sample_offset(horizon, self.cohort_generator) if first else 0
-        self.cohort = {"horizon": horizon, "offset": offset, "steps_done": 0}
+        """Draw the length (and for the first cohort the offset) that all runs share next."""
+        num_steps = self._sample_run_steps(self.cohort_generator)
+        offset = self._sample_offset(num_steps, self.cohort_generator) if first else 0
+        self.cohort = {"num_steps": num_steps, "offset": offset, "steps_done": 0}
 
     def _replace_runs(self, skipped: bool) -> None:
         """New tasks for finished runs (for all after a skipped step: their parameters may hold
@@ -567,9 +330,9 @@ class MetaTrainer:
             ]
             return
         cohort = self.cohort
-        # Every run of the cohort (replacements included) stands at the same point of the horizon.
+        # Every run of the cohort (replacements included) stands at the same point of its length.
         cohort["steps_done"] = max(run.offset + run.steps_done for run in self.runs) - cohort["offset"]
-        if skipped or cohort["steps_done"] >= cohort["horizon"] - cohort["offset"]:
+        if skipped or cohort["steps_done"] >= cohort["num_steps"] - cohort["offset"]:
             self._new_cohort()
             self.runs = [self._new_run(run.slot, run_generator(run)) for run in self.runs]
         else:
@@ -649,10 +412,11 @@ class MetaTrainer:
             train_batches=ReplayableBatches(task.train_batches, seed, saved["train_drawn"]),
             valid_batches=ReplayableBatches(task.valid_batches, seed, saved["valid_drawn"]),
             steps_done=saved["steps_done"],
-            horizon=saved["horizon"],
+            num_steps=saved["num_steps"],
             slot=saved["slot"],
             generator=generator,
-            estimator_state=saved["estimator_state"],
+            estimator_state=self.estimators[saved["slot"] % len(self.families)].restore_run_state(
+                saved["estimator_state"]),
             diverged=saved["diverged"],
             offset=saved.get("offset", 0),
         )
@@ -698,9 +462,9 @@ class MetaTrainer:
                 "train_drawn": run.train_batches.drawn,
                 "valid_drawn": run.valid_batches.drawn,
                 "steps_done": run.steps_done,
-                "horizon": run.horizon,
+                "num_steps": run.num_steps,
                 "generator": run_generator(run).get_state(),
-                "estimator_state": run.estimator_state,
+                "estimator_state": {} if run.estimator_state is None else run.estimator_state.to_dict(),
                 "diverged": run.diverged,
                 "offset": run.offset,
             }
@@ -724,7 +488,7 @@ class MetaTrainer:
 
         The trainer keeps copies: it never shares tensors with ``state``.
         """
-        state = copy.deepcopy(state)
+        state = _renamed_legacy_keys(copy.deepcopy(state))
         slots = [run["slot"] for run in state["runs"]]
         if slots != list(range(self.tasks_per_step)):
             raise ValueError(
@@ -741,3 +505,12 @@ class MetaTrainer:
             self.cohort_generator.set_state(state["cohort_generator"])
         self._apply_phase()
         self.runs = [self._restore_run(state["runs"][slot]) for slot in self.slots]
+
+
+def _renamed_legacy_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with the run length under its current key: checkpoints written before the rename
+    hold it as ``"horizon"`` in every run and in the cohort."""
+    for table in (*state["runs"], state.get("cohort", {})):
+        if "horizon" in table:
+            table["num_steps"] = table.pop("horizon")
+    return state

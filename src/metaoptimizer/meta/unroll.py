@@ -1,7 +1,7 @@
 """Differentiable unrolls: apply an update rule K steps on a task and return a meta-loss.
 
 :func:`inner_step` is the one inner update every loop runs (this unroll, the vectorized unroll of
-:mod:`metaoptimizer.meta.vectorized` and the evaluation runner), and :func:`objective` the one
+:mod:`metaoptimizer.meta._vectorized` and the evaluation runner), and :func:`objective` the one
 meta-loss both unrolls take.
 """
 

@@ -48,8 +48,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, check_positive
+from metaoptimizer.meta._step import apply_meta_gradient
 from metaoptimizer.meta.gradient_learner import EpisodicLearner
-from metaoptimizer.meta.step import apply_meta_gradient
 from metaoptimizer.rules.base import Params, UpdateRule, apply_updates
 from metaoptimizer.rules.hand import HAND_RULES, make_hand_rule
 from metaoptimizer.rules.state import OptimizerState

@@ -24,11 +24,18 @@ Where no meta-gradient is needed, :meth:`HandRule.torch_step` applies the same u
 with torch's multi-tensor (``torch._foreach_*``) kernels, as ``torch.optim``'s foreach
 implementations do, or with ``torch.optim``'s fused kernels (the torch adapter does so by
 default): SGD and momentum call ``torch.optim``'s own functional kernels; Adam and RMSProp run
-``torch.optim``'s foreach passes, plus one that adds ``eps_root`` under the square root (at
-``eps_root=0`` their results are bitwise those of ``torch.optim``). Fused Adam has no
+``torch.optim``'s foreach passes (at ``eps_root=0`` their results are bitwise those of
+``torch.optim``); with ``eps_root`` Adam takes as many passes (the division by
+``sqrt(1 - beta2^t)`` moves into the step size), RMSProp one more. Fused Adam has no
 ``eps_root``, so it is available at ``eps_root=0`` only. Centered RMSProp keeps the functional
 form. The kernels agree with the functional form to rounding (tests: 1e-6 in float32, 1e-12 in
 float64).
+
+Under autograd (unrolled meta-training), Adam and AdamW record each update of all tensors as one
+node (:class:`_AdamStep`: multi-tensor kernels forward, a hand-written backward) instead of about
+16 operations per tensor, when only ``lr`` (and the weight decay) may require grad; its values and
+derivatives match the functional form to rounding (tests), and higher derivatives go through the
+functional form.
 
 Example: three Adam steps on ``sum((w - 1)^2)`` with a learning rate that requires grad.
 
@@ -51,6 +58,9 @@ Example: three Adam steps on ``sum((w - 1)^2)`` with a learning rate that requir
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
 from collections.abc import Callable, Mapping
 
 import torch
@@ -88,6 +98,11 @@ def _hyper(name: str, value: Hyper, check: Callable[..., None], **kwargs) -> Hyp
 def _value(value: Hyper) -> float:
     """A hyperparameter's current value as a float, without touching autograd."""
     return float(value.detach()) if isinstance(value, Tensor) else float(value)
+
+
+@functools.cache
+def _constructor_arguments(cls: type) -> frozenset[str]:
+    return frozenset(name for name in inspect.signature(cls.__init__).parameters if name != "self")
 
 
 def _is_zero(value: Hyper) -> bool:
@@ -132,6 +147,19 @@ class HandRule(UpdateRule):
     def with_hyperparameters(self, **values: object) -> HandRule:
         """This rule with ``values`` in place of its hyperparameters (checked as by the constructor)."""
         return type(self).from_hyperparameters({**self.hyperparameters(), **values})
+
+    def with_unchecked_hyperparameters(self, **values: Hyper | tuple[Hyper, Hyper]) -> HandRule:
+        """A copy of this rule with ``values`` in place of its hyperparameters, without the
+        constructor's checks: for values in range by construction (learned hyperparameters through
+        ``exp``/``sigmoid``) at every inner step, where the checks would cost more than the update
+        (they read each tensor hyperparameter's value: a device sync each on a GPU)."""
+        known = _constructor_arguments(type(self))
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no hyperparameters {unknown}; it has {sorted(known)}")
+        rule = copy.copy(self)
+        rule.__dict__.update(values)
+        return rule
 
     def has_torch_kernel(self, fused: bool = False) -> bool:
         """Whether :meth:`torch_step` can apply this rule (with a ``fused`` kernel); see the module docstring."""
@@ -316,27 +344,164 @@ class RMSProp(HandRule):
         square_avg = slots["square_avg"]
         torch._foreach_mul_(square_avg, _value(self.alpha))
         torch._foreach_addcmul_(square_avg, grads, grads, value=1 - _value(self.alpha))
-        denominator = _foreach_root(square_avg, 1.0, _value(self.eps_root), _value(self.eps))
+        denominator, factor = _foreach_root(square_avg, 1.0, _value(self.eps_root), _value(self.eps))
         if "momentum_buffer" in slots:
             torch._foreach_mul_(slots["momentum_buffer"], momentum)
-            torch._foreach_addcdiv_(slots["momentum_buffer"], grads, denominator)
+            torch._foreach_addcdiv_(slots["momentum_buffer"], grads, denominator, value=factor)
             torch._foreach_add_(params, slots["momentum_buffer"], alpha=-lr)
         else:
-            torch._foreach_addcdiv_(params, grads, denominator, value=-lr)
+            torch._foreach_addcdiv_(params, grads, denominator, value=-lr * factor)
         return slots
 
 
-def _foreach_root(second: list[Tensor], correction: float, eps_root: float, eps: float) -> list[Tensor]:
-    """``sqrt(second / correction + eps_root) + eps`` for a list of tensors (new tensors), computed
-    as ``sqrt(second + eps_root * correction) / sqrt(correction) + eps``: at ``eps_root=0`` the
-    passes of ``torch.optim``'s foreach Adam and RMSprop, one more otherwise."""
-    root = torch._foreach_add(second, eps_root * correction) if eps_root else torch._foreach_sqrt(second)
-    if eps_root:
+def _foreach_root(second: list[Tensor], correction: float, eps_root: float, eps: float) -> tuple[list[Tensor], float]:
+    """Denominators ``d`` (new tensors) and a factor ``f`` with ``f / d = 1 / (sqrt(second /
+    correction + eps_root) + eps)``, in three passes as ``torch.optim``'s foreach Adam takes: at
+    ``eps_root=0`` its own (``sqrt(second) / sqrt(correction) + eps``, ``f = 1``), otherwise
+    ``sqrt(second + eps_root * correction) + eps * sqrt(correction)`` with ``f = sqrt(correction)``
+    (the division moved into the caller's scalar)."""
+    if not eps_root:
+        root = torch._foreach_sqrt(second)
+        if correction != 1:
+            torch._foreach_div_(root, correction**0.5)
+        torch._foreach_add_(root, eps)
+        return root, 1.0
+    root = torch._foreach_add(second, eps_root * correction)
+    torch._foreach_sqrt_(root)
+    torch._foreach_add_(root, eps * correction**0.5)
+    return root, correction**0.5
+
+
+def _adam_direction(
+    m: Tensor, second: Tensor, lr: Hyper, correction1: Hyper, correction2: Hyper, eps_root: Hyper, eps: Hyper
+) -> Tensor:
+    """Adam's update from its moments: ``-lr * m_hat / (sqrt(v_hat + eps_root) + eps)``, the
+    differentiable reference form."""
+    return (-lr * (m / correction1) / (torch.sqrt(second / correction2 + eps_root) + eps)).to(m.dtype)
+
+
+def _gradient_list(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tensor] | None:
+    """Incoming gradients of a list of outputs: None when none has one, zeros for the missing ones."""
+    if all(g is None for g in grads):
+        return None
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
+
+
+class _AdamStep(torch.autograd.Function):
+    """One Adam update of every tensor as a single autograd node (the fast path of
+    :meth:`Adam.update` under autograd).
+
+    The reference form records about 16 operations per tensor and update, and an unroll's
+    backward pays for every node. This node computes the same update with torch's multi-tensor
+    kernels and differentiates it by hand (gradients for the gradients, both moments and ``lr``).
+    Differentiating its backward again (``create_graph=True``) runs autograd through the reference
+    form, recomputed from the saved inputs, so higher derivatives stay exact. Inputs: ``lr`` (a
+    number or a 0-dim tensor), the constants ``(beta1, beta2, correction1, correction2, eps_root,
+    eps)``, the tensor count ``n``, then ``n`` gradients, first and second moments; outputs: ``n``
+    updates, first and second moments.
+    """
+
+    @staticmethod
+    def run(rule: Adam, step: int, grads: Mapping[str, Tensor], slots: Mapping[str, Params]):
+        """``rule``'s update ``step`` as (updates, new moments), every tensor of ``grads`` in one node."""
+        beta1, beta2 = (_value(beta) for beta in rule.betas)
+        names = list(grads)
+        count = len(names)
+        constants = (beta1, beta2, 1 - beta1**step, 1 - beta2**step, _value(rule.eps_root), _value(rule.eps))
+        outputs = _AdamStep.apply(
+            rule.lr, constants, count, *grads.values(),
+            *(slots["exp_avg"][n] for n in names), *(slots["exp_avg_sq"][n] for n in names),
+        )
+        updates = dict(zip(names, outputs[:count], strict=True))
+        exp_avg = dict(zip(names, outputs[count : 2 * count], strict=True))
+        return updates, {"exp_avg": exp_avg, "exp_avg_sq": dict(zip(names, outputs[2 * count :], strict=True))}
+
+    @staticmethod
+    def forward(ctx, lr, constants, count, *tensors):
+        beta1, beta2, correction1, correction2, eps_root, eps = constants
+        grads, exp_avg, exp_avg_sq = tensors[:count], tensors[count : 2 * count], tensors[2 * count :]
+        # Factors as 0-dim tensors (lists of them broadcast in the sums): torch converts a Python
+        # number in a product or a sum on every call, which doubles the cost of these small kernels.
+        # Built on the CPU and sent without waiting (a blocking copy would sync a GPU every step).
+        factors = torch.tensor(
+            [beta1, beta2, 1 - beta1, 1 / correction2, -0.5 / correction2, eps_root, eps,
+             -1 / correction1 if isinstance(lr, Tensor) else -lr / correction1],
+            dtype=grads[0].dtype,
+        ).to(grads[0].device, non_blocking=True).unbind()
+        scale = lr * factors[7] if isinstance(lr, Tensor) else factors[7]
+        m = torch._foreach_lerp(exp_avg, grads, 1 - beta1)
+        v = torch._foreach_mul(exp_avg_sq, factors[1])
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        root = torch._foreach_mul(v, factors[3])
+        if eps_root:
+            torch._foreach_add_(root, [factors[5]] * count)
         torch._foreach_sqrt_(root)
-    if correction != 1:
-        torch._foreach_div_(root, correction**0.5)
-    torch._foreach_add_(root, eps)
-    return root
+        denominator = torch._foreach_add(root, [factors[6]] * count) if eps else root
+        ratio = torch._foreach_div(m, denominator)
+        ctx.set_materialize_grads(False)
+        ctx.count, ctx.constants, ctx.factors, ctx.lr = count, constants, factors, lr
+        ctx.save_for_backward(
+            lr if isinstance(lr, Tensor) else None, scale, *tensors, *ratio, *root, *(denominator if eps else ())
+        )
+        return (*torch._foreach_mul(ratio, scale), *m, *v)
+
+    @staticmethod
+    def backward(ctx, *output_grads):
+        count, factors = ctx.count, ctx.factors
+        beta2, correction2, eps = (ctx.constants[i] for i in (1, 3, 5))
+        saved = ctx.saved_tensors
+        lr, scale, inputs = saved[0], saved[1], saved[2 : 2 + 3 * count]
+        if torch.is_grad_enabled():
+            return _AdamStep._reference_backward(ctx, lr, inputs, output_grads)
+        grads = list(inputs[:count])
+        ratio, root = list(saved[2 + 3 * count : 2 + 4 * count]), list(saved[2 + 4 * count : 2 + 5 * count])
+        denominator = list(saved[2 + 5 * count :]) if eps else root
+        d_update, d_m, d_v = (_gradient_list(output_grads[i * count : (i + 1) * count], grads) for i in range(3))
+        d_lr = None
+        if d_update is not None:
+            if ctx.needs_input_grad[0]:
+                d_lr = sum(torch.dot(u.reshape(-1), r.reshape(-1)) for u, r in zip(d_update, ratio)) * factors[7]
+            # update = scale * m / (sqrt(v / c2 + eps_root) + eps): its derivatives in m and in v
+            from_update = torch._foreach_mul(d_update, scale)
+            torch._foreach_div_(from_update, denominator)
+            through_root = torch._foreach_mul(from_update, ratio)
+            torch._foreach_div_(through_root, root)
+            d_m = from_update if d_m is None else torch._foreach_add(from_update, d_m)
+            d_v = torch._foreach_mul(through_root, factors[4]) if d_v is None else (
+                torch._foreach_add(d_v, through_root, alpha=-0.5 / correction2)
+            )
+        needs = ctx.needs_input_grad[3:]
+        none = [None] * count
+        d_grads = d_exp_avg = d_exp_avg_sq = none
+        if any(needs[:count]) and (d_m is not None or d_v is not None):
+            # m = lerp(m0, g, 1 - beta1), v = beta2 v0 + (1 - beta2) g^2
+            d_grads = torch._foreach_mul(d_m, factors[2]) if d_m is not None else [torch.zeros_like(g) for g in grads]
+            if d_v is not None:
+                torch._foreach_addcmul_(d_grads, grads, d_v, value=2 * (1 - beta2))
+        if any(needs[count : 2 * count]) and d_m is not None:
+            d_exp_avg = torch._foreach_mul(d_m, factors[0])
+        if any(needs[2 * count :]) and d_v is not None:
+            d_exp_avg_sq = torch._foreach_mul(d_v, factors[1])
+        return (d_lr, None, None, *d_grads, *d_exp_avg, *d_exp_avg_sq)
+
+    @staticmethod
+    def _reference_backward(ctx, lr, inputs, output_grads):
+        """The backward by autograd through the reference form (for ``create_graph=True``)."""
+        count, (beta1, beta2, correction1, correction2, eps_root, eps) = ctx.count, ctx.constants
+        grads, exp_avg, exp_avg_sq = inputs[:count], inputs[count : 2 * count], inputs[2 * count :]
+        lr = ctx.lr if lr is None else lr
+        m = [_ema(a, g, beta1) for a, g in zip(exp_avg, grads, strict=True)]
+        v = [_ema(a, g * g, beta2) for a, g in zip(exp_avg_sq, grads, strict=True)]
+        updates = [_adam_direction(a, b, lr, correction1, correction2, eps_root, eps) for a, b in zip(m, v, strict=True)]
+        pairs = [(out, grad) for out, grad in zip((*updates, *m, *v), output_grads, strict=True) if grad is not None]
+        needed = ctx.needs_input_grad[:1] + ctx.needs_input_grad[3:]
+        wanted = [t for t, flag in zip((lr, *inputs), needed, strict=True) if flag]
+        found = iter(
+            torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True, allow_unused=True)
+            if wanted and pairs else ()
+        )
+        d_lr, *d_inputs = (next(found, None) if flag else None for flag in needed)
+        return (d_lr, None, None, *d_inputs)
 
 
 class Adam(HandRule):
@@ -377,24 +542,39 @@ class Adam(HandRule):
         grads = self._gradients(grads, state, params, 0.0 if decoupled else self.weight_decay)
         beta1, beta2 = self.betas
         slots = state.slots
-        exp_avg = {name: _ema(slots["exp_avg"][name], g, beta1) for name, g in grads.items()}
-        exp_avg_sq = {name: _ema(slots["exp_avg_sq"][name], g * g, beta2) for name, g in grads.items()}
-        new_slots = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-        second = exp_avg_sq
-        if self.amsgrad:
-            second = {name: torch.maximum(slots["max_exp_avg_sq"][name], v) for name, v in exp_avg_sq.items()}
-            new_slots["max_exp_avg_sq"] = second
-        correction1, correction2 = 1 - beta1**step, 1 - beta2**step
-        updates = {
-            name: (-self.lr * (m / correction1) / (torch.sqrt(second[name] / correction2 + self.eps_root) + self.eps))
-            .to(m.dtype)
-            for name, m in exp_avg.items()
-        }
+        if self._records_one_node(grads, slots):
+            updates, new_slots = _AdamStep.run(self, step, grads, slots)
+        else:
+            exp_avg = {name: _ema(slots["exp_avg"][name], g, beta1) for name, g in grads.items()}
+            exp_avg_sq = {name: _ema(slots["exp_avg_sq"][name], g * g, beta2) for name, g in grads.items()}
+            new_slots = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+            second = exp_avg_sq
+            if self.amsgrad:
+                second = {name: torch.maximum(slots["max_exp_avg_sq"][name], v) for name, v in exp_avg_sq.items()}
+                new_slots["max_exp_avg_sq"] = second
+            updates = {
+                name: _adam_direction(m, second[name], self.lr, 1 - beta1**step, 1 - beta2**step, self.eps_root, self.eps)
+                for name, m in exp_avg.items()
+            }
         if decoupled and not _is_zero(self.weight_decay):
             updates = {
                 name: (u - self.lr * self.weight_decay * params[name]).to(u.dtype) for name, u in updates.items()
             }
         return updates, _advance(state, step, **new_slots)
+
+    def _records_one_node(self, grads: Mapping[str, Tensor], slots: Mapping[str, Params]) -> bool:
+        """Whether this update runs as one :class:`_AdamStep` node: autograd records it, no
+        ``torch.func`` transform is active, only ``lr`` (and the weight decay, applied outside) may
+        require grad, no ``amsgrad``, and every tensor shares one dtype and device."""
+        if self.amsgrad or not torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+            return False
+        if any(isinstance(h, Tensor) and h.requires_grad for h in (*self.betas, self.eps, self.eps_root)):
+            return False
+        tensors = [*grads.values(), *(slots["exp_avg"][n] for n in grads), *(slots["exp_avg_sq"][n] for n in grads)]
+        if not any(t.requires_grad for t in tensors) and not (isinstance(self.lr, Tensor) and self.lr.requires_grad):
+            return False
+        first = tensors[0]
+        return all(t.dtype == first.dtype and t.device == first.device for t in tensors)
 
     def has_torch_kernel(self, fused: bool = False) -> bool:
         return not fused or _value(self.eps_root) == 0
@@ -421,8 +601,8 @@ class Adam(HandRule):
         if self.amsgrad:
             torch._foreach_maximum_(slots["max_exp_avg_sq"], second)
             second = slots["max_exp_avg_sq"]
-        denominator = _foreach_root(second, 1 - beta2**step, _value(self.eps_root), _value(self.eps))
-        torch._foreach_addcdiv_(params, exp_avg, denominator, value=-lr / (1 - beta1**step))
+        denominator, factor = _foreach_root(second, 1 - beta2**step, _value(self.eps_root), _value(self.eps))
+        torch._foreach_addcdiv_(params, exp_avg, denominator, value=-lr * factor / (1 - beta1**step))
         return slots
 
 

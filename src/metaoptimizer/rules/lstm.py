@@ -27,7 +27,7 @@ from metaoptimizer.rules.fused import compiled
 from metaoptimizer.rules.mlp import COMPILE_MIN_NUMEL, autograd_needed
 from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.rules.transforms import scale_by_schedule
-from metaoptimizer.schedules import CosineDecay, LearnedSchedule, warmup_cosine
+from metaoptimizer.schedules import LearnedSchedule
 
 #: ``'log_sign'``: Andrychowicz et al.'s (log|g|/p, sign g); ``'none'``: the raw gradient;
 #: ``'tensor_rms'``: the gradient over its root mean square across the tensor (as Celo normalises
@@ -416,9 +416,5 @@ def budget_aware_lstm(
     ``warmup_fraction`` of the run then cosine decay, floored at 1%."""
     check_positive("num_steps", num_steps, integer=True)
     check_positive("schedule_knots", schedule_knots, integer=True)
-    check_unit_interval("warmup_fraction", warmup_fraction)
-    warmup = round(warmup_fraction * num_steps)
-    # num_steps + 1 keeps warmup shorter than the run for any warmup_fraction < 1.
-    prior = warmup_cosine(warmup, num_steps + 1) if warmup else CosineDecay(num_steps)
-    schedule = LearnedSchedule(num_steps, schedule_knots).initialise_as(prior)
+    schedule = LearnedSchedule(num_steps, schedule_knots, warmup_fraction=warmup_fraction)
     return named_chain(lstm=LSTMRule(training_fraction=True, **lstm_options), schedule=scale_by_schedule(schedule))

@@ -12,7 +12,7 @@ from torch import Tensor
 from metaoptimizer.config import MetaOptTrainResult
 
 if TYPE_CHECKING:
-    from metaoptimizer.meta.trainer import Estimate
+    from metaoptimizer.meta.estimators import Estimate
 
 
 def global_norm(grads: list[Tensor | None]) -> float:
