@@ -83,7 +83,7 @@ augment = { levels = ["global"], scale_range = [1e-3, 1e3] }
 
 [training]
 steps = 2
-horizon = 8
+run_steps = 8
 tasks_per_step = 1
 snapshot_every = 1
 estimator = "pes"

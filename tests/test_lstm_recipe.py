@@ -17,7 +17,7 @@ def test_the_lstm_recipe_config_describes_the_recipe_and_builds_the_step_scale_l
     config = TrainingConfig.from_toml(CONFIG)
     assert TrainingConfig.from_dict(config.to_dict()) == config
     assert (config.estimator, config.meta_optimizer, config.optimizer.meta_lr) == ("pes", "adamw", 3e-4)
-    assert (config.optimizer.unroll_steps, config.min_horizon, config.horizon) == (50, 50, 1000)
+    assert (config.optimizer.unroll_steps, config.min_run_steps, config.run_steps) == (50, 50, 1000)
     assert [f["name"] for f in config.families] == [
         "digits8_mlp", "mnist8_mlp", "omniglot8_mlp", "synthetic8_mlp", "digits_mlp"]
     assert all(f["augment"]["scale_range"] == [1e-3, 1e3] for f in config.families)
@@ -34,7 +34,7 @@ def test_a_shrunk_lstm_recipe_takes_finite_meta_steps_that_move_the_rule():
     data = TrainingConfig.from_toml(CONFIG).to_dict()
     data["families"] = [f for f in data["families"] if f["name"] in ("digits8_mlp", "digits_mlp")]
     data["families"][1].update(widths=[8], depths=[1], n_examples=[300])
-    data["training"].update(steps=2, horizon=8, min_horizon=4, initial_offset=0, tasks_per_step=2, snapshot_every=None)
+    data["training"].update(steps=2, run_steps=8, min_run_steps=4, initial_offset=0, tasks_per_step=2, snapshot_every=None)
     data["optimizer"].update(unroll_steps=3)
     data["rule"]["hidden_size"] = 4
     trainer = build_trainer(TrainingConfig.from_dict(data))
