@@ -75,11 +75,13 @@ def main() -> None:
     parser.add_argument("--baseline-cache", default=None)
     parser.add_argument("--reference", action="append", default=None, help="pretrained names drawn as lines")
     parser.add_argument("--out", type=Path, default=Path("runs/recipe_curve"))
+    parser.add_argument("--every", type=int, default=1, help="evaluate only snapshots at multiples of this meta-step")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     hours = hours_at(args.run / "log.csv")
-    snapshots = sorted((args.run / "snapshots").glob("step_*.pt"))
+    snapshots = [path for path in sorted((args.run / "snapshots").glob("step_*.pt"))
+                 if int(path.stem.removeprefix("step_")) % args.every == 0]
     if not snapshots:
         raise SystemExit(f"{args.run / 'snapshots'} holds no step_NNNNNN.pt snapshots (set [training] snapshot_every)")
     points = []

@@ -287,20 +287,27 @@ def test_default_step_equals_the_plain_cell_formula():
     torch.testing.assert_close(new_state.slots["hidden"]["w"], torch.stack(hidden).detach(), rtol=1e-12, atol=1e-12)
 
 
+STEP_SCALE_OPTIONS = {"preprocessing": "tensor_rms", "relative_step": True, "loss_features": True,
+                      "training_fraction": True}
+
+
 @pytest.mark.slow
-def test_compiled_cells_match_the_eager_ones():
-    """``backend='auto'`` compiles the cells of a large tensor without autograd; float32 to 1e-6."""
-    auto, eager = LSTMRule(momentum_decay=0.9, init_lr=0.01), LSTMRule(momentum_decay=0.9, init_lr=0.01, backend="eager")
+@pytest.mark.parametrize("options", [{}, STEP_SCALE_OPTIONS])
+def test_compiled_cells_match_the_eager_ones(options):
+    """``backend='auto'`` compiles the cells of a large tensor without autograd; float32 to 1e-6
+    (with the step-scale inputs, the run's context reaches the compiled cells as a tensor)."""
+    auto = LSTMRule(momentum_decay=0.9, init_lr=0.01, **options)
+    eager = LSTMRule(momentum_decay=0.9, init_lr=0.01, backend="eager", **options)
     eager.load_state_dict(auto.state_dict())
     g = torch.Generator().manual_seed(5)
     params = {"w": torch.randn(300, 250, generator=g)}
     results = []
     for rule in (auto, eager):
-        state, p, rows = rule.init(params), dict(params), []
+        state, p, rows = rule.init(params, num_steps=10), dict(params), []
         with torch.no_grad():
             for t in range(3):
                 grads = {"w": torch.randn(300, 250, generator=torch.Generator().manual_seed(t))}
-                updates, state = rule.update(grads, state, p)
+                updates, state = rule.update(grads, state, p, loss=1.0 / (1 + t))
                 p = {"w": p["w"] + updates["w"]}
                 rows.append(updates["w"])
         results.append(rows)

@@ -289,6 +289,9 @@ def test_classifier_family_on_custom_data():
     task = family.sample(0)
     assert task.name.startswith("toy:mlp[4,") and family.num_classes == 2
     assert next(task.train_batches(0))[0].shape == (8, 3)
+    # the batch size is part of the name, which keys the baseline cache: another batch size is another task
+    other = ClassifierFamily(x, y, name="toy", widths=4, depths=1, n_examples=40, batch_size=16).sample(0)
+    assert other.name != task.name and "batch=16" in other.name
 
 
 # -- sequences ------------------------------------------------------------------------------

@@ -293,7 +293,7 @@ class CeloFamilyRule(UpdateRule):
         self, grads: Mapping[str, Tensor], state: OptimizerState, params: Mapping[str, Tensor], *, loss=None
     ) -> tuple[Params, OptimizerState]:
         step, state = self.begin_update(grads, state, params, loss)
-        loss = self._checked_loss(loss)
+        loss = scalar_loss(loss)
         for name in grads:
             check_slots(self, state, [name], [*RUN_SLOTS, *self.coordinate_slot_shapes(_working_shape(params[name]))])
         names = list(grads)
@@ -364,23 +364,25 @@ class CeloFamilyRule(UpdateRule):
         """The rule (constructor ``options``) with the authors' published weights (``weights_file``)."""
         return cls(**options).load_weights(resources.files("metaoptimizer.pretrained").joinpath(cls.weights_file))
 
-    @staticmethod
-    def _checked_loss(loss) -> Tensor:
-        if loss is None:
+
+def scalar_loss(loss) -> Tensor:
+    """``loss`` (a number or a one-element floating-point tensor) as a 0-d float32 tensor; a clear
+    error when it is missing or not a finite scalar."""
+    if loss is None:
+        raise ValueError(
+            "this rule reads the training loss at every update: pass update(..., loss=L); with the torch "
+            "optimizer call optimizer.step(closure) or optimizer.step(loss=loss)"
+        )
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1 or not loss.is_floating_point():
             raise ValueError(
-                "this rule reads the training loss at every update: pass update(..., loss=L); with the torch "
-                "optimizer call optimizer.step(closure) or optimizer.step(loss=loss)"
+                f"loss must be a scalar floating-point value, got a tensor of shape {tuple(loss.shape)} "
+                f"and dtype {loss.dtype}"
             )
-        if isinstance(loss, Tensor):
-            if loss.numel() != 1 or not loss.is_floating_point():
-                raise ValueError(
-                    f"loss must be a scalar floating-point value, got a tensor of shape {tuple(loss.shape)} "
-                    f"and dtype {loss.dtype}"
-                )
-            return loss.reshape(()).float()
-        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
-            raise ValueError(f"loss must be a finite number or a scalar floating-point tensor, got {loss!r}")
-        return as_float32(float(loss))
+        return loss.reshape(()).float()
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        raise ValueError(f"loss must be a finite number or a scalar floating-point tensor, got {loss!r}")
+    return as_float32(float(loss))
 
 
 def _working_shape(t: Tensor) -> tuple[int, ...]:

@@ -17,6 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from metaoptimizer._validation import check_choice, check_flag, check_positive, check_unit_interval
+from metaoptimizer.rules._celo_common import (
+    LOSS_BUFFER_SIZE, LOSS_COUNT, LOSS_MEANS, LOSS_MIN, loss_buffer_decays, loss_buffer_features, scalar_loss,
+    update_loss_buffer,
+)
 from metaoptimizer.rules.base import Params, UpdateRule, check_slots, compute_dtype
 from metaoptimizer.rules.combine import NamedChain, named_chain
 from metaoptimizer.rules.fused import compiled
@@ -25,7 +29,19 @@ from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.rules.transforms import scale_by_schedule
 from metaoptimizer.schedules import LearnedSchedule
 
-PREPROCESSING = ("log_sign", "none")
+#: ``'log_sign'``: Andrychowicz et al.'s (log|g|/p, sign g); ``'none'``: the raw gradient;
+#: ``'tensor_rms'``: the gradient over its root mean square across the tensor (as Celo normalises
+#: its features), which does not change when the gradient is rescaled.
+PREPROCESSING = ("log_sign", "none", "tensor_rms")
+#: ``relative_step``: the update is multiplied by ``sqrt(mean(param**2) + PARAM_SCALE_FLOOR**2)``
+#: of its tensor (Celo's parameter-relative step); the floor keeps an all-zero tensor moving.
+PARAM_SCALE_FLOOR = 1e-6
+#: Added to the mean square of a gradient before ``'tensor_rms'`` divides by its root.
+GRAD_SCALE_EPS = 1e-16
+#: The loss slots of ``loss_features`` (Celo's loss buffer), kept per parameter tensor.
+LOSS_SLOTS = (LOSS_MEANS, LOSS_MIN, LOSS_COUNT)
+#: Loss features the cells read with ``loss_features`` (one per adjacent pair of loss averages).
+NUM_LOSS_FEATURES = LOSS_BUFFER_SIZE - 1
 #: ``'auto'``: the cells of large tensors (at least :data:`~metaoptimizer.rules.mlp.COMPILE_MIN_NUMEL`
 #: coordinates) through ``torch.compile`` when no autograd graph is recorded, eager otherwise;
 #: ``'eager'``: always eager.
@@ -71,6 +87,17 @@ class LSTMRule(UpdateRule):
     run done, ``state.schedule_step() / state.num_steps`` (capped at 1). :func:`budget_aware_lstm`
     pairs such an LSTM with a learned schedule.
 
+    Inputs to find a task's step scale (issue 16 item 5), as Celo has them: ``relative_step``
+    multiplies every update by its tensor's parameter root mean square (see
+    :data:`PARAM_SCALE_FLOOR`), so with ``preprocessing='tensor_rms'`` and ``preconditioning``
+    rescaling a tensor's parameters by ``c`` and its gradients by any factor rescales its update by
+    ``c`` (up to the epsilons); ``init_lr`` is then a step relative to the parameters' size.
+    ``loss_features`` makes the cells read Celo's 9 loss-trend features (where each short
+    average of the loss sits between its running minimum and the next longer average, in
+    [-1, 1]; unchanged when the loss is multiplied by a constant; :func:`~metaoptimizer.rules._celo_common.
+    loss_buffer_features`); the rule then reads the loss at every update and needs the budget
+    (the averages' half-lives span 10 steps to the run).
+
     ``chunk_size`` processes a tensor's coordinates in chunks of that many (None:
     :data:`DEFAULT_CHUNK_SIZE`, :data:`ACCELERATOR_CHUNK_SIZE` off the CPU), bounding the size of
     temporaries at any model size.
@@ -98,6 +125,8 @@ class LSTMRule(UpdateRule):
         momentum_decay: float = 0.0,
         training_fraction: bool = False,
         backend: str = "auto",
+        relative_step: bool = False,
+        loss_features: bool = False,
     ) -> None:
         super().__init__()
         check_positive("hidden_size", hidden_size, integer=True)
@@ -109,6 +138,8 @@ class LSTMRule(UpdateRule):
         check_choice("backend", backend, BACKENDS)
         check_flag("preconditioning", preconditioning)
         check_flag("training_fraction", training_fraction)
+        check_flag("relative_step", relative_step)
+        check_flag("loss_features", loss_features)
         if chunk_size is not None:
             check_positive("chunk_size", chunk_size, integer=True)
         check_positive("init_lr", init_lr, allow_zero=True)
@@ -130,12 +161,16 @@ class LSTMRule(UpdateRule):
         self.init_lr = float(init_lr)
         self.momentum_decay = float(momentum_decay)
         self.training_fraction = training_fraction
-        self.budget_aware = training_fraction
+        self.relative_step = relative_step
+        self.loss_features = loss_features
+        self.budget_aware = training_fraction or loss_features
+        self.reads_loss = loss_features
         self.backend = backend
 
-        # Direction features feed the cells and the skip path; the training fraction only the cells.
+        # Direction features feed the cells and the skip path; the run's context (training
+        # fraction, loss features) only the cells.
         direction_size = (2 if preprocessing == "log_sign" else 1) + int(preconditioning) + int(momentum_decay > 0)
-        input_size = direction_size + int(training_fraction)
+        input_size = direction_size + int(training_fraction) + NUM_LOSS_FEATURES * int(loss_features)
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
         self.input_weights = nn.ParameterList(nn.Parameter(torch.empty(n, 4 * hidden_size)) for n in sizes)
         self.hidden_weights = nn.ParameterList(
@@ -171,15 +206,28 @@ class LSTMRule(UpdateRule):
             return torch.zeros((self.num_layers, p.numel(), self.hidden_size), dtype=self._stored_dtype(p), device=p.device)
 
         slots = {"hidden": {n: zeros(p) for n, p in params.items()}, "cell": {n: zeros(p) for n, p in params.items()}}
-        slots.update({slot: {n: torch.zeros_like(p) for n, p in params.items()} for slot in self._slot_names()})
+        slots.update({slot: {n: torch.zeros_like(p) for n, p in params.items()} for slot in self._accumulator_names()})
+        if self.loss_features:  # Celo's loss buffer, one small copy per tensor so the state splits per parameter
+            slots[LOSS_MEANS] = {n: torch.zeros(LOSS_BUFFER_SIZE, device=p.device) for n, p in params.items()}
+            slots[LOSS_MIN] = {n: torch.full((LOSS_BUFFER_SIZE,), 1e12, device=p.device) for n, p in params.items()}
+            slots[LOSS_COUNT] = {n: torch.zeros(1, device=p.device) for n, p in params.items()}
         return OptimizerState(num_steps=self.resolve_num_steps(num_steps), slots=slots)
 
-    def _slot_names(self) -> tuple[str, ...]:
+    def _accumulator_names(self) -> tuple[str, ...]:
         return ("rms",) * self.preconditioning + ("momentum",) * (self.momentum_decay > 0)
 
-    def _features(self, grad: Tensor, rms: Tensor | None, momentum: Tensor | None, step: int) -> Tensor:
-        """Per-coordinate direction inputs of flat tensors, shape (coordinates, direction features)."""
-        parts = [log_sign_preprocess(grad, self.preprocess_p) if self.preprocessing == "log_sign" else grad[:, None]]
+    def _slot_names(self) -> tuple[str, ...]:
+        return ("hidden", "cell", *self._accumulator_names(), *LOSS_SLOTS * self.loss_features)
+
+    def _features(
+        self, grad: Tensor, rms: Tensor | None, momentum: Tensor | None, step: int, grad_scale: Tensor | None = None
+    ) -> Tensor:
+        """Per-coordinate direction inputs of flat tensors, shape (coordinates, direction features);
+        ``grad_scale`` is the inverse root mean square of the whole tensor's gradient (``'tensor_rms'``)."""
+        if self.preprocessing == "log_sign":
+            parts = [log_sign_preprocess(grad, self.preprocess_p)]
+        else:
+            parts = [(grad if grad_scale is None else grad * grad_scale)[:, None]]
         if rms is not None:
             scale = torch.rsqrt(rms / (1.0 - self.rms_decay**step) + 1e-8)
             parts.append((grad * scale)[:, None])
@@ -208,15 +256,17 @@ class LSTMRule(UpdateRule):
         }
 
     def _cells(
-        self, directions: Tensor, hidden: Tensor, cell: Tensor, progress: float | None, weights: dict[str, Any]
+        self, directions: Tensor, hidden: Tensor, cell: Tensor, context: Tensor | None, weights: dict[str, Any]
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The stacked cells on a batch of coordinates, out of place: (output, new hidden, new cell),
-        the states of shape (layers, batch, H) in the compute dtype. One ``addmm`` per layer over
-        ``[x, h]`` and the stacked weights, one sigmoid over the three sigmoid gates."""
+        the states of shape (layers, batch, H) in the compute dtype. ``context`` (the run's inputs
+        shared by every coordinate: training fraction, loss features) is None or a 1-D tensor.
+        One ``addmm`` per layer over ``[x, h]`` and the stacked weights, one sigmoid over the three
+        sigmoid gates."""
         H, dtype = self.hidden_size, directions.dtype
         x = directions
-        if progress is not None:
-            x = torch.cat([directions, directions.new_full((directions.shape[0], 1), progress)], dim=-1)
+        if context is not None:
+            x = torch.cat([directions, context.to(dtype).expand(directions.shape[0], -1)], dim=-1)
         new_h, new_c = [], []
         for layer, (weight, bias) in enumerate(weights["layers"]):
             gates = torch.addmm(bias, torch.cat([x, hidden[layer].to(dtype)], dim=-1), weight)
@@ -230,11 +280,11 @@ class LSTMRule(UpdateRule):
 
     def _cells_into(
         self, directions: Tensor, hidden: Tensor, cell: Tensor, new_hidden: Tensor, new_cell: Tensor,
-        progress: float | None, weights: dict[str, Any],
+        context: Tensor | None, weights: dict[str, Any],
     ) -> Tensor:
         """:meth:`_cells` writing the new state into ``new_hidden`` / ``new_cell`` (any dtype; they
         may be ``hidden`` / ``cell`` themselves: every read comes first); returns the output."""
-        out, h, c = self._cells(directions, hidden, cell, progress, weights)
+        out, h, c = self._cells(directions, hidden, cell, context, weights)
         new_hidden.copy_(h)
         new_cell.copy_(c)
         return out
@@ -269,13 +319,15 @@ class LSTMRule(UpdateRule):
     ) -> tuple[Params, OptimizerState]:
         """``update`` (``lr`` None: new state tensors) or ``update_in_place`` (``lr`` its factor)."""
         step, state = self.begin_update(grads, state, params, loss)
-        check_slots(self, state, grads, ("hidden", "cell", *self._slot_names()))
-        slots = {slot: dict(state.slots[slot]) for slot in ("hidden", "cell", *self._slot_names())}
-        progress = None
-        if self.training_fraction:
-            if state.num_steps is None:
-                raise ValueError("this LSTM reads the training fraction: build its state with init(params, num_steps=N)")
-            progress = min(state.schedule_step() / state.num_steps, 1.0)
+        check_slots(self, state, grads, self._slot_names())
+        slots = {slot: dict(state.slots[slot]) for slot in self._slot_names()}
+        if self.budget_aware and state.num_steps is None:
+            raise ValueError(
+                "this LSTM reads the training fraction or the loss trend: build its state with init(params, num_steps=N)"
+            )
+        fraction = [min(state.schedule_step() / state.num_steps, 1.0)] if self.training_fraction else []
+        if self.loss_features:
+            loss = scalar_loss(loss)
         weights: dict[torch.dtype, dict[str, Any]] = {}
         updates: Params = {}
         for name, grad in grads.items():
@@ -291,19 +343,25 @@ class LSTMRule(UpdateRule):
                 old = slots["momentum"][name].reshape(-1).to(dtype)
                 accumulators["momentum"] = self.momentum_decay * old + (1.0 - self.momentum_decay) * g
             rms, momentum = accumulators.get("rms"), accumulators.get("momentum")
+            context, loss_slots = self._context(fraction, state, name, loss, dtype)
+            accumulators.update(loss_slots)
+            grad_scale = torch.rsqrt(g.square().mean() + GRAD_SCALE_EPS) if self.preprocessing == "tensor_rms" else None
+            param_scale = (
+                torch.sqrt(params[name].to(dtype).square().mean() + PARAM_SCALE_FLOOR**2) if self.relative_step else None
+            )
             hidden, cell = state.slots["hidden"][name], state.slots["cell"][name]
             size = self._chunk_size(g.shape[0], g.device)
             chunks = (  # a generator: one chunk's features at a time
                 (start, start + size, self._features(
                     g[start : start + size], None if rms is None else rms[start : start + size],
-                    None if momentum is None else momentum[start : start + size], step,
+                    None if momentum is None else momentum[start : start + size], step, grad_scale,
                 ))
                 for start in range(0, g.shape[0], size)
             )
             fast = self.backend == "auto" and g.shape[0] >= COMPILE_MIN_NUMEL and not autograd_needed(self, grads, params)
             if lr is None and not fast:  # out of place, what autograd and vmap need
                 results = [
-                    self._cells(x, hidden[:, a:b], cell[:, a:b], progress, weights[dtype]) for a, b, x in chunks
+                    self._cells(x, hidden[:, a:b], cell[:, a:b], context, weights[dtype]) for a, b, x in chunks
                 ]
                 out, new_hidden, new_cell = (
                     parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
@@ -316,10 +374,11 @@ class LSTMRule(UpdateRule):
                 out = g.new_empty(g.shape[0])
                 for a, b, x in chunks:
                     out[a:b] = cells(
-                        self, x, hidden[:, a:b], cell[:, a:b], new_hidden[:, a:b], new_cell[:, a:b], progress, weights[dtype]
+                        self, x, hidden[:, a:b], cell[:, a:b], new_hidden[:, a:b], new_cell[:, a:b], context, weights[dtype]
                     )
             slots["hidden"][name], slots["cell"][name] = new_hidden, new_cell
-            update = (self.output_scale * out).reshape(grad.shape).to(grad.dtype)
+            step_size = self.output_scale if param_scale is None else self.output_scale * param_scale
+            update = (step_size * out).reshape(grad.shape).to(grad.dtype)
             for slot, value in accumulators.items():
                 stored = state.slots[slot][name]
                 if lr is not None:
@@ -331,6 +390,21 @@ class LSTMRule(UpdateRule):
             else:
                 updates[name] = update
         return updates, state.replace(slots={**state.slots, **slots}, step_count=step)
+
+    def _context(
+        self, fraction: list[float], state: OptimizerState, name: str, loss: Tensor | None, dtype: torch.dtype
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """The run-level inputs of tensor ``name``'s cells (training fraction, then the loss
+        features; None when the rule reads neither) and its advanced loss slots."""
+        parts = [torch.tensor(fraction, dtype=dtype, device=state.slots["hidden"][name].device)] if fraction else []
+        loss_slots: dict[str, Tensor] = {}
+        if self.loss_features:
+            means, minima, count = (state.slots[slot][name] for slot in LOSS_SLOTS)
+            decays = loss_buffer_decays(state.num_steps, means.device)
+            means, minima = update_loss_buffer(means, minima, decays, loss.to(means.device), count)
+            loss_slots = {LOSS_MEANS: means, LOSS_MIN: minima, LOSS_COUNT: count + 1}
+            parts.append(loss_buffer_features(means, minima, decays, count + 1).to(dtype))
+        return (torch.cat(parts) if parts else None), loss_slots
 
 
 def budget_aware_lstm(

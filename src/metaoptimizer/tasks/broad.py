@@ -175,7 +175,7 @@ class BroadImageFamily(TaskFamily):
         train, valid = standardised_split(x.to(self.device), y.to(self.device), n_valid)
         input_shape, device = (1, self.image_size, self.image_size), self.device
         return ModuleTask(
-            name=f"{self.name}:{spec.label()}:seed={seed}",
+            name=f"{self.name}:{spec.label()}:batch={self.batch_size}:seed={seed}",  # the name keys cached baselines
             model_factory=lambda: build_classifier(spec, input_shape, NUM_CLASSES).to(device),
             train_data=train,
             valid_data=valid,
@@ -260,7 +260,7 @@ class CaseFoldedLMFamily(TaskFamily):
 
         label = "transformer[w=16,l=1]" if model == "transformer" else f"{model}[h={hidden}]"
         return FoldedLMTask(
-            name=f"{self.name}:{label}:seq={seq_len}:seed={seed}",
+            name=f"{self.name}:{label}:seq={seq_len}:batch={self.batch_size}:seed={seed}",
             model_factory=factory,
             train_data=next_token_windows(ids[:split], seq_len),
             valid_data=next_token_windows(ids[split:], seq_len),

@@ -174,7 +174,7 @@ class ClassifierFamily(TaskFamily):
         train, valid = standardised_split(x, y, round(spec.n_examples * self.valid_fraction))
         input_shape, num_classes, device = tuple(self.x.shape[1:]), self.num_classes, self.device
         return ModuleTask(
-            name=f"{self.name}:{spec.label()}:seed={seed}",
+            name=f"{self.name}:{spec.label()}:batch={self.batch_size}:seed={seed}",  # the name keys cached baselines
             model_factory=lambda: build_classifier(spec, input_shape, num_classes).to(device),
             train_data=train,
             valid_data=valid,
