@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--reference", action="append", default=None, help="pretrained names drawn as lines")
     parser.add_argument("--out", type=Path, default=Path("runs/recipe_curve"))
     parser.add_argument("--every", type=int, default=1, help="evaluate only snapshots at multiples of this meta-step")
+    parser.add_argument("--snapshots-only", action="store_true",
+                        help="evaluate the snapshots and stop (no reference, table or plot): to run beside another call")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +94,8 @@ def main() -> None:
         point = cached(args.out / f"{path.stem}_h{args.horizon}.json",
                        lambda path=path: figures(str(path), path.stem, args.horizon, args.data_dir, args.baseline_cache))
         points.append((step, hours[step], point))
+    if args.snapshots_only:
+        return
     references = {name: cached(args.out / f"{name}_h{args.horizon}.json",
                                lambda name=name: figures(name, name, args.horizon, args.data_dir, args.baseline_cache))
                   for name in args.reference or ["celo"]}
