@@ -261,6 +261,15 @@ def test_update_in_place_equals_update_then_add(dtype, options):
             torch.testing.assert_close(tensor, reference.slots[slot][name], **tolerance)
 
 
+@pytest.mark.parametrize("needs_grad", ["params", "grads"])
+def test_update_in_place_refuses_an_autograd_graph(needs_grad):
+    rule = LSTMRule()
+    params = {"w": torch.randn(3, 2, requires_grad=needs_grad == "params")}
+    grads = {"w": torch.randn(3, 2, requires_grad=needs_grad == "grads")}
+    with pytest.raises(ValueError, match="update_in_place is for deployment"):
+        rule.update_in_place(grads, rule.init(params), params)
+
+
 def test_default_step_equals_the_plain_cell_formula():
     """The stacked [x, h] product, reordered gates and chunks give the textbook cell's numbers."""
     rule = LSTMRule(hidden_size=6, chunk_size=5).double()

@@ -24,7 +24,7 @@ from metaoptimizer.rules._celo_common import (
 from metaoptimizer.rules.base import Params, UpdateRule, check_slots, compute_dtype
 from metaoptimizer.rules.combine import NamedChain, named_chain
 from metaoptimizer.rules.fused import compiled
-from metaoptimizer.rules.mlp import COMPILE_MIN_NUMEL, autograd_needed
+from metaoptimizer.rules.mlp import COMPILE_MIN_NUMEL, autograd_needed, check_deployment_call
 from metaoptimizer.rules.state import OptimizerState
 from metaoptimizer.rules.transforms import scale_by_schedule
 from metaoptimizer.schedules import LearnedSchedule
@@ -308,8 +308,7 @@ class LSTMRule(UpdateRule):
         returned state shares them; the caller gives up the old one). No full-size temporary:
         every chunk's state is overwritten where it lies. The same numbers as ``update`` then
         ``params + lr * updates`` (tests pin it)."""
-        if torch.is_grad_enabled() and any(t.requires_grad for t in [*self.parameters(), *params.values()]):
-            raise ValueError("update_in_place is for deployment: call it under torch.no_grad(), or use update()")
+        check_deployment_call(self, grads, params)
         _, state = self._step(grads, state, params, loss, lr=lr)
         return state
 

@@ -153,6 +153,13 @@ def autograd_needed(rule: nn.Module, *tensor_dicts: Mapping[str, Tensor]) -> boo
     return any(t.requires_grad for t in tensors)
 
 
+def check_deployment_call(rule: nn.Module, *tensor_dicts: Mapping[str, Tensor]) -> None:
+    """Refuse an ``update_in_place`` call that would record an autograd graph: writing state and
+    parameters in place would cut it."""
+    if autograd_needed(rule, *tensor_dicts):
+        raise ValueError("update_in_place is for deployment: call it under torch.no_grad(), or use update()")
+
+
 class PerCoordinateMLP(nn.Module):
     """Weights of a tiny per-coordinate MLP, or of a bank of ``bank_size`` of them.
 
@@ -459,8 +466,7 @@ class MLPRule(FeatureRule):
         accumulators once and writes parameter and accumulators once, with no new full-size
         tensor. The same numbers as ``update`` then ``params + lr * updates`` (tests pin it).
         """
-        if torch.is_grad_enabled() and autograd_needed(self, grads, params):
-            raise ValueError("update_in_place is for deployment: call it under torch.no_grad(), or use update()")
+        check_deployment_call(self, grads, params)
         _, state = self._step(grads, state, params, loss, lr=lr)
         return state
 
