@@ -106,6 +106,42 @@ def test_a_corrupt_checkpoint_on_resume_is_a_usage_error(tmp_path, config_path):
     assert outcome.exit_code == 2 and "truncated or corrupt" in outcome.output
 
 
+def test_set_overrides_a_setting_and_resume_needs_the_same_settings(tmp_path, config_path):
+    out = tmp_path / "run"
+    started = runner.invoke(app, ["meta-train", "-c", str(config_path), "-o", str(out), "--steps", "1",
+                                  "--set", "optimizer.meta_lr=0.05", "--set", 'training.estimator="tbptt"'])
+    assert started.exit_code == 0, started.output
+    stored = load_checkpoint(out / "checkpoint.pt")["config"]
+    assert stored["optimizer"]["meta_lr"] == 0.05 and stored["training"]["estimator"] == "tbptt"
+    direct = build_trainer(TrainingConfig.from_toml(config_path, ["optimizer.meta_lr=0.05"]))
+    assert direct.meta_optimizer.param_groups[0]["lr"] == 0.05
+    # forgetting the override on resume would change the run: refused, the difference named
+    forgot = runner.invoke(app, ["meta-train", "-c", str(config_path), "-o", str(out), "--resume", "--steps", "2"])
+    assert forgot.exit_code == 2 and "written under another config" in forgot.output
+    assert "optimizer.meta_lr: 0.05 in the checkpoint, 0.01 now" in " ".join(forgot.output.split())
+    # run length and checkpoint spacing may change on resume
+    resumed = runner.invoke(app, ["meta-train", "-c", str(config_path), "-o", str(out), "--resume", "--steps", "2",
+                                  "--set", "optimizer.meta_lr=5e-2", "--set", "training.checkpoint_every=1"])
+    assert resumed.exit_code == 0, resumed.output
+    assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("optimizer.meta_lr", "is not SECTION.KEY=VALUE"),
+     ("meta_lr=0.1", "is not SECTION.KEY=VALUE"),
+     ("optimizer.a.b=1", "is not SECTION.KEY=VALUE"),
+     ("families.name=1", "cannot be set; accepted sections"),
+     ("training.estimator=pes", "is not a TOML value (quote strings"),
+     ("optimizer.meta_lr=-1", "meta_lr"),
+     ("training.unknown_key=1", "unknown_key")],
+)
+def test_bad_overrides_are_usage_errors(tmp_path, config_path, override, message):
+    outcome = runner.invoke(app, ["meta-train", "-c", str(config_path), "-o", str(tmp_path / "o"), "--set", override])
+    assert outcome.exit_code == 2, outcome.output
+    assert message in " ".join(outcome.output.split()) and "Traceback" not in outcome.output
+
+
 def test_help_keeps_the_toml_section_names():
     outcome = runner.invoke(app, ["meta-train", "--help"])
     assert outcome.exit_code == 0 and "[training]" in outcome.output

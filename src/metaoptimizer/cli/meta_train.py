@@ -42,10 +42,14 @@ def meta_train(
     checkpoint_every: Annotated[int | None, typer.Option(
         min=1, help="Meta-steps between checkpoints (overrides [training] checkpoint_every).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, lines in a log).")] = True,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="SECTION.KEY=VALUE",
+        help="Set one setting of the config (VALUE in TOML: --set optimizer.meta_lr=3e-4); repeatable. "
+             "A resumed run needs the same settings as the run that wrote its checkpoint.")] = None,
 ) -> None:
     """Meta-train a learned optimizer from a TOML config, with checkpoints, logs and --resume."""
-    with usage_errors("--config"):
-        settings = TrainingConfig.from_toml(config)
+    with usage_errors("--config" if not overrides else "--config/--set"):
+        settings = TrainingConfig.from_toml(config, overrides or ())
     total = steps if steps is not None else settings.steps
     every = checkpoint_every if checkpoint_every is not None else settings.checkpoint_every
     if (out / CHECKPOINT_NAME).exists() and not resume:

@@ -20,7 +20,7 @@ import os
 import random
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metaoptimizer.checkpoint import load_checkpoint, save_checkpoint
+from metaoptimizer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metaoptimizer.config import MetaOptimizerConfig, MetaOptTrainResult, build_rule, check_positive
 from metaoptimizer.meta.distributed import Communicator
 from metaoptimizer.meta.estimators import ESTIMATORS, make_estimator
@@ -139,7 +139,8 @@ def run_meta_training(
     ``out_dir/log.csv`` (one row per step) when ``log_csv``, and TensorBoard events in
     ``out_dir/tensorboard`` when ``tensorboard`` is True, or ``'auto'`` and the package is
     installed. ``config`` is stored in the checkpoint header. With ``resume`` the run continues
-    from the checkpoint in ``out_dir`` (or starts afresh when there is none); without it an
+    from the checkpoint in ``out_dir`` (or starts afresh when there is none; a checkpoint written
+    under another ``config`` is refused, see :func:`load_training_checkpoint`); without it an
     existing checkpoint is an error, never overwritten. ``callback(iteration, result)`` is called
     after each step. Returns the results of the steps run by this call. Only process 0 writes;
     every process must call this (checkpointing gathers the runs of all processes).
@@ -154,7 +155,7 @@ def run_meta_training(
     if path.exists():
         if not resume:
             raise ValueError(f"{out_dir} already holds a checkpoint; pass resume=True to continue it or use another folder")
-        iteration = load_training_checkpoint(trainer, path)
+        iteration = load_training_checkpoint(trainer, path, config)
     if iteration > num_steps:
         raise ValueError(f"the checkpoint is at step {iteration}, past num_steps={num_steps}")
     log = board = None
@@ -216,9 +217,20 @@ def save_training_checkpoint(
         save_checkpoint(path, kind=CHECKPOINT_KIND, payload=payload, config=config)
 
 
-def load_training_checkpoint(trainer: MetaTrainer, path: str | os.PathLike) -> int:
-    """Restore ``trainer`` and the RNG states from ``path``; returns the iteration it was taken at."""
+def load_training_checkpoint(
+    trainer: MetaTrainer, path: str | os.PathLike, config: dict[str, Any] | None = None,
+) -> int:
+    """Restore ``trainer`` and the RNG states from ``path``; returns the iteration it was taken at.
+
+    With ``config``, a checkpoint written under another config (apart from
+    :data:`RESUMABLE_CHANGES`) is refused: its run would go on with settings it never had.
+    """
     checkpoint = load_checkpoint(path, expected_kind=CHECKPOINT_KIND)
+    changes = config_changes(checkpoint["config"], config) if config and checkpoint.get("config") else []
+    if changes:
+        raise CheckpointError(f"{path} was written under another config; resume it with the config (and "
+                              "overrides) of the run that wrote it, or start a new run. Differences: "
+                              + "; ".join(changes))
     trainer.load_state_dict(checkpoint["trainer"])
     set_rng_states(checkpoint["rng"])
     return int(checkpoint["iteration"])
@@ -356,7 +368,8 @@ class TrainingConfig:
         return [{"name": self.family, **self.family_options}]
 
     @classmethod
-    def from_toml(cls, path: str | os.PathLike) -> TrainingConfig:
+    def from_toml(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainingConfig:
+        """The run ``path`` describes, with ``overrides`` (see :func:`apply_overrides`) set."""
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -364,7 +377,7 @@ class TrainingConfig:
             raise ValueError(f"no config file at {path}") from error
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"{path} is not valid TOML: {error}") from error
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(apply_overrides(data, overrides), source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainingConfig:
@@ -422,6 +435,51 @@ class TrainingConfig:
         if self.phases:
             data["phases"] = [dict(entry) for entry in self.phases]
         return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``data`` (a parsed config) with each ``SECTION.KEY=VALUE`` of ``overrides`` set.
+
+    VALUE is written in TOML (``optimizer.meta_lr=3e-4``, ``training.estimator="pes"``,
+    ``rule.pretrained="celo"``), so a run that differs from a config file in a few settings needs
+    no copy of the file. Sections are the config's tables; entries of ``[[families]]`` and
+    ``[[phases]]`` are set in the file.
+    """
+    data = {section: dict(table) if isinstance(table, dict) else table for section, table in data.items()}
+    for override in overrides:
+        name, equals, raw = override.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not equals or not dot or not key or "." in key:
+            raise ValueError(f"override {override!r} is not SECTION.KEY=VALUE (e.g. optimizer.meta_lr=3e-4)")
+        tables = [name for name in SECTIONS if name not in ("families", "phases")]
+        if section not in tables:
+            raise ValueError(f"override {override!r}: section {section!r} cannot be set; accepted sections: {tables}")
+        try:
+            value = tomllib.loads(f"value = {raw.strip()}")["value"]
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"override {override!r}: {raw.strip()!r} is not a TOML value "
+                             "(quote strings: training.estimator=\"pes\")") from error
+        data.setdefault(section, {})[key] = value
+    return data
+
+
+#: [training] keys a resumed run may change: how it is run and recorded, not what it computes.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "snapshot_every", "log_csv", "tensorboard", "device")
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between the config a checkpoint was written with and ``current``, one line
+    per setting, leaving out the [training] keys of :data:`RESUMABLE_CHANGES`."""
+
+    def flat(data: dict[str, Any]) -> dict[str, Any]:
+        return {f"{section}.{key}" if isinstance(table, dict) else section: value
+                for section, table in data.items()
+                for key, value in (table.items() if isinstance(table, dict) else [(None, table)])
+                if not (section == "training" and key in RESUMABLE_CHANGES)}
+
+    before, after = flat(stored), flat(current)
+    return [f"{name}: {before.get(name, '(unset)')!r} in the checkpoint, {after.get(name, '(unset)')!r} now"
+            for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
 
 
 def rule_table_spec(table: dict[str, Any]) -> dict[str, Any]:
