@@ -23,6 +23,7 @@ from metaoptimizer.rules.hand import SGD
 from metaoptimizer.rules.lstm import LSTMRule
 from metaoptimizer.tasks.base import ModuleTask
 from metaoptimizer.tasks.quadratic import QuadraticFamily, QuadraticTask
+from metaoptimizer.tasks.sequence import CharRNNFamily
 
 
 class LearnedLR(UpdateRule):
@@ -91,13 +92,19 @@ def _mlp_task(seed, hidden=8, activation=nn.Tanh):
     )
 
 
-def test_vmapped_jobs_match_looped_jobs_on_mlps_with_stacked_starts():
+def _lm_task(seed):
+    return CharRNNFamily(cells="gru", hidden_sizes=6, seq_len=5, batch_size=4, n_chars=256, vocab_size=7).sample(seed)
+
+
+@pytest.mark.parametrize("make_task", [_mlp_task, _lm_task], ids=["mlp", "gru_lm"])
+def test_vmapped_jobs_match_looped_jobs_with_stacked_starts(make_task):
     torch.manual_seed(0)
     rule = LSTMRule(hidden_size=4)
     theta = flatten_meta(rule)
+    assert loss_signature(make_task(0)) == loss_signature(make_task(1)) is not None  # one vmapped call
     jobs = []
     for index in range(2):
-        task = _mlp_task(index)
+        task = make_task(index)
         params = task.init_params(index)
         members = theta + 0.01 * torch.randn(3, theta.numel())
         stacked = {n: p.expand(3, *p.shape) + 0.01 * torch.randn(3, *p.shape) for n, p in params.items()}

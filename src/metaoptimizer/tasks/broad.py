@@ -28,7 +28,6 @@ pairs here) each run their particles in their own vmapped call.
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable
 from functools import lru_cache
 
 import torch
@@ -42,7 +41,7 @@ from metaoptimizer.tasks.general import TransformerLM
 from metaoptimizer.tasks.sampling import ARCHITECTURE_STREAM, DATA_STREAM, as_choices, check_fraction, pick, task_rng
 from metaoptimizer.tasks.sequence import CELL_GATES, RecurrentLM, SequenceTask, next_token_windows
 
-__all__ = ["BroadImageFamily", "CaseFoldedLMFamily", "FoldedLMTask", "GENERAL_SUITE_MLPS", "fold_text"]
+__all__ = ["BroadImageFamily", "CaseFoldedLMFamily", "GENERAL_SUITE_MLPS", "fold_text"]
 
 #: Hidden stacks and activations of the general suite's MLP classifiers and regressor (see
 #: tasks/general.py); :class:`BroadImageFamily` redraws an MLP that matches one.
@@ -195,14 +194,6 @@ def fold_text(text: str) -> Tensor:
     return torch.tensor([index.get(ch.lower(), dot) for ch in text], dtype=torch.long)
 
 
-class FoldedLMTask(SequenceTask):
-    """A :class:`SequenceTask` whose tasks of one architecture share their loss function (its
-    loss only flattens the targets), so the vectorised estimators vmap them together."""
-
-    def loss_signature(self) -> Hashable | None:
-        return type(self), repr(self.model), self.loss_name
-
-
 @lru_cache(maxsize=2)
 def _folded_shakespeare(root: str) -> Tensor:
     return fold_text(load_tiny_shakespeare(root))
@@ -245,7 +236,7 @@ class CaseFoldedLMFamily(TaskFamily):
         self.seq_len, self.batch_size, self.n_chars, self.n_valid = seq_len, batch_size, n_chars, n_valid
         self.device = device
 
-    def sample(self, seed: int) -> FoldedLMTask:
+    def sample(self, seed: int) -> SequenceTask:
         rng = task_rng(seed, ARCHITECTURE_STREAM)
         model, hidden = pick(rng, self.models), pick(rng, self.hidden_sizes)
         start = int(task_rng(seed, DATA_STREAM).integers(len(self.text_ids) - self.n_chars + 1))
@@ -259,7 +250,7 @@ class CaseFoldedLMFamily(TaskFamily):
             return RecurrentLM(vocab, hidden, model).to(device)
 
         label = "transformer[w=16,l=1]" if model == "transformer" else f"{model}[h={hidden}]"
-        return FoldedLMTask(
+        return SequenceTask(
             name=f"{self.name}:{label}:seq={seq_len}:batch={self.batch_size}:seed={seed}",
             model_factory=factory,
             train_data=next_token_windows(ids[:split], seq_len),

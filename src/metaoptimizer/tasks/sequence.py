@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
@@ -94,6 +94,11 @@ class SequenceTask(ModuleTask):
     def metrics(self, params: Mapping[str, Tensor], batch: Batch) -> dict[str, float]:
         x, y = batch
         return super().metrics(params, (x, y.flatten()))
+
+    def loss_signature(self) -> Hashable | None:
+        """The module's loss with the targets flattened: tasks of one architecture share it, so
+        the vectorised estimators vmap them together."""
+        return type(self), repr(self.model), self.loss_name
 
 
 def markov_text(seed: int, length: int, vocab_size: int, concentration: float = 0.1) -> Tensor:
