@@ -22,10 +22,10 @@ then the median speedup, the number of task-seeds that reach the target and the 
 
 An optimizer is anything ``metaopt eval --optimizer`` takes (a pretrained name or a saved
 ``MetaOptimizer`` file). ``--select RUN`` first scores every snapshot of a meta-training run
-(``RUN/snapshots/*.pt``) on meta-validation tasks: training-split tasks (indices 0-1, never drawn
-as such by meta-training, which draws indices from 2**31) of each family of ``--config``, without
-augmentation, 200 steps, against tuned Adam; the snapshot with the best median speedup there is
-then run on the held-out suite (the held-out suite never takes part in the choice). One thread,
+(``RUN/snapshots/*.pt``) on meta-validation tasks: held-out tasks 0-1 of each family of
+``--config`` (``split='heldout'`` seeds, which meta-training never samples), without augmentation,
+200 steps, against tuned Adam; the snapshot with the best median speedup there is then run on the
+outside-family suite (which never takes part in the choice). One thread,
 seeded: the figures repeat exactly on one machine.
 """
 
@@ -47,7 +47,7 @@ from metaoptimizer.evaluate.runner import SuiteResult, run_suite
 from metaoptimizer.evaluate.suites import Suite, SuiteEntry
 from metaoptimizer.meta.loop import TrainingConfig
 from metaoptimizer.tasks import make_family
-from metaoptimizer.tasks.base import TRAIN, ModuleTask, TaskFamily
+from metaoptimizer.tasks.base import HELDOUT, ModuleTask, TaskFamily
 from metaoptimizer.tasks.digits import ACTIVATIONS, load_digits_tensors, standardised_split
 from metaoptimizer.tasks.sampling import ARCHITECTURE_STREAM, DATA_STREAM, pick, task_rng
 
@@ -112,14 +112,15 @@ def outside_family_suite(
 
 
 def validation_suite(config: TrainingConfig, *, num_tasks: int = 2, steps: int = STEPS) -> Suite:
-    """Training-split tasks ``0 .. num_tasks - 1`` of every family of ``config``, unaugmented."""
+    """Held-out tasks ``0 .. num_tasks - 1`` of every family of ``config`` (seeds meta-training
+    never samples), unaugmented."""
     entries = []
     for options in config.family_entries():
         options = {k: v for k, v in options.items() if k not in ("augment", "estimator")}
         name = options.pop("name")
-        entries.append(SuiteEntry(name, name, tuple(range(num_tasks)), steps, (0,), options, split=TRAIN,
+        entries.append(SuiteEntry(name, name, tuple(range(num_tasks)), steps, (0,), options, split=HELDOUT,
                                   group="meta-validation"))
-    return Suite("lstm_meta_validation", f"training-split tasks of the meta-training families, {steps} steps",
+    return Suite("lstm_meta_validation", f"held-out tasks of the meta-training families, {steps} steps",
                  tuple(entries))
 
 

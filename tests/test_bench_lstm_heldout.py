@@ -95,7 +95,7 @@ tensorboard = false
     loaded = TrainingConfig.from_toml(config)
     suite = bench.validation_suite(loaded, num_tasks=1, steps=5)
     (entry,) = suite.entries
-    assert entry.split == "train" and entry.family == "digits8_mlp" and "augment" not in entry.kwargs
+    assert entry.split == "heldout" and entry.family == "digits8_mlp" and "augment" not in entry.kwargs
     adam = [Baseline("adam", lambda lr: Adam(lr=lr), (0.01,))]
     name, path = bench.select_snapshot(run, loaded, adam, num_tasks=1, steps=5)
     assert path.is_file() and path.parent == run / "snapshots" and name in {"step_000000", "step_000001", "step_000002"}
