@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--reference", action="append", default=None, help="pretrained names drawn as lines")
     parser.add_argument("--out", type=Path, default=Path("runs/recipe_curve"))
     parser.add_argument("--every", type=int, default=1, help="evaluate only snapshots at multiples of this meta-step")
+    parser.add_argument("--steps", type=int, nargs="+", default=None,
+                        help="evaluate only the snapshots of these meta-steps (instead of --every)")
     parser.add_argument("--snapshots-only", action="store_true",
                         help="evaluate the snapshots and stop (no reference, table or plot): to run beside another call")
     args = parser.parse_args()
@@ -83,9 +85,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     hours = hours_at(args.run / "log.csv")
     snapshots = [path for path in sorted((args.run / "snapshots").glob("step_*.pt"))
-                 if int(path.stem.removeprefix("step_")) % args.every == 0]
+                 if (int(path.stem.removeprefix("step_")) in args.steps if args.steps
+                     else int(path.stem.removeprefix("step_")) % args.every == 0)]
     if not snapshots:
-        raise SystemExit(f"{args.run / 'snapshots'} holds no step_NNNNNN.pt snapshots (set [training] snapshot_every)")
+        raise SystemExit(f"{args.run / 'snapshots'} holds no step_NNNNNN.pt snapshots (set [training] snapshot_every)"
+                         + (f" of meta-steps {args.steps}" if args.steps else ""))
+    missing = sorted(set(args.steps or ()) - {int(path.stem.removeprefix("step_")) for path in snapshots})
+    if missing:
+        raise SystemExit(f"no snapshot of meta-steps {missing} in {args.run / 'snapshots'}")
     points = []
     for path in snapshots:
         step = int(path.stem.removeprefix("step_"))
