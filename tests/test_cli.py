@@ -92,13 +92,16 @@ def test_pretrain_runs_the_recipe_with_checkpoints_and_resume(tmp_path):
 def test_the_recipe_runs_what_the_python_recipe_ran():
     """The shipped config, run through `meta-train`'s loop, gives the meta-parameters and meta-losses
     that the former Python recipe (a hand-built MetaTrainer, removed since) gave for its first two
-    meta-steps (reference saved from it: tests/data/lstm_digits_mlp_recipe_2_steps.pt)."""
+    meta-steps (reference saved from it: tests/data/lstm_digits_mlp_recipe_2_steps.pt). The reference
+    was saved on an AVX-512 CPU; torch picks its CPU kernels by capability, and on an AVX2 CPU the
+    second meta-loss differs in the 8th digit, hence float32 round-off tolerances, not bit equality."""
     reference = torch.load(Path(__file__).parent / "data" / "lstm_digits_mlp_recipe_2_steps.pt", weights_only=True)
     trainer = build_trainer(pretrained.recipe("lstm-digits-mlp"))
-    losses = [trainer.step().meta_loss for _ in range(2)]
-    assert losses == reference["meta_losses"].tolist()
+    losses = torch.tensor([trainer.step().meta_loss for _ in range(2)], dtype=reference["meta_losses"].dtype)
+    torch.testing.assert_close(losses, reference["meta_losses"], rtol=1e-6, atol=1e-7)
     weights = trainer.rule.state_dict()
-    assert all(torch.equal(weights[key], value) for key, value in reference["rule"].items())
+    for key, value in reference["rule"].items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-6, atol=1e-7)
 
 
 def test_shipped_checkpoint_loads_ready_to_use():
