@@ -84,18 +84,16 @@ def main() -> None:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     hours = hours_at(args.run / "log.csv")
-    snapshots = [path for path in sorted((args.run / "snapshots").glob("step_*.pt"))
-                 if (int(path.stem.removeprefix("step_")) in args.steps if args.steps
-                     else int(path.stem.removeprefix("step_")) % args.every == 0)]
-    if not snapshots:
-        raise SystemExit(f"{args.run / 'snapshots'} holds no step_NNNNNN.pt snapshots (set [training] snapshot_every)"
-                         + (f" of meta-steps {args.steps}" if args.steps else ""))
-    missing = sorted(set(args.steps or ()) - {int(path.stem.removeprefix("step_")) for path in snapshots})
+    found = {int(path.stem.removeprefix("step_")): path for path in (args.run / "snapshots").glob("step_*.pt")}
+    missing = sorted(set(args.steps or ()) - set(found))
     if missing:
         raise SystemExit(f"no snapshot of meta-steps {missing} in {args.run / 'snapshots'}")
+    steps = sorted(set(args.steps)) if args.steps else [step for step in sorted(found) if step % args.every == 0]
+    if not steps:
+        raise SystemExit(f"{args.run / 'snapshots'} holds no step_NNNNNN.pt snapshots (set [training] snapshot_every)")
     points = []
-    for path in snapshots:
-        step = int(path.stem.removeprefix("step_"))
+    for step in steps:
+        path = found[step]
         if step not in hours:
             raise SystemExit(f"{path.name}: meta-step {step} is not in {args.run / 'log.csv'}")
         point = cached(args.out / f"{path.stem}_h{args.horizon}.json",

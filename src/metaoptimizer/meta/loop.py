@@ -446,12 +446,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     ``[[phases]]`` are set in the file.
     """
     data = {section: dict(table) if isinstance(table, dict) else table for section, table in data.items()}
+    tables = [section for section in SECTIONS if section not in ("families", "phases")]
     for override in overrides:
         name, equals, raw = override.partition("=")
         section, dot, key = name.strip().partition(".")
         if not equals or not dot or not key or "." in key:
             raise ValueError(f"override {override!r} is not SECTION.KEY=VALUE (e.g. optimizer.meta_lr=3e-4)")
-        tables = [name for name in SECTIONS if name not in ("families", "phases")]
         if section not in tables:
             raise ValueError(f"override {override!r}: section {section!r} cannot be set; accepted sections: {tables}")
         try:
@@ -472,10 +472,14 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]
     per setting, leaving out the [training] keys of :data:`RESUMABLE_CHANGES`."""
 
     def flat(data: dict[str, Any]) -> dict[str, Any]:
-        return {f"{section}.{key}" if isinstance(table, dict) else section: value
-                for section, table in data.items()
-                for key, value in (table.items() if isinstance(table, dict) else [(None, table)])
-                if not (section == "training" and key in RESUMABLE_CHANGES)}
+        settings = {}
+        for section, table in data.items():
+            if not isinstance(table, dict):  # [[families]], [[phases]]: compared whole
+                settings[section] = table
+                continue
+            settings.update({f"{section}.{key}": value for key, value in table.items()
+                             if not (section == "training" and key in RESUMABLE_CHANGES)})
+        return settings
 
     before, after = flat(stored), flat(current)
     return [f"{name}: {before.get(name, '(unset)')!r} in the checkpoint, {after.get(name, '(unset)')!r} now"
