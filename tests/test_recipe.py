@@ -272,6 +272,29 @@ def test_synchronised_runs_share_one_horizon_and_one_vmapped_call(monkeypatch):
     assert state["cohort"] == trainer.cohort and state["cohort"]["num_steps"] == trainer.runs[0].num_steps
 
 
+def test_a_checkpoint_taken_as_a_cohort_restarts_holds_no_run_tensors_and_resumes_exactly(tmp_path):
+    def trainer():
+        family = make_family("synthetic8_mlp", hidden=4, batch_size=8, n_examples=60,
+                             augment={"levels": ["tensor", "parameter"], "scale_range": [1e-2, 1e2]})
+        torch.manual_seed(0)
+        return MetaTrainer(LSTMRule(hidden_size=4, num_layers=1), [family], run_steps=6, unroll_steps=2,
+                           tasks_per_step=2, sync_runs=True, estimator=PES(num_pairs=1), seed=3)
+
+    running = trainer()
+    while any(run.steps_done for run in running.runs) or running.steps == 0:
+        running.step()  # to the step after which the cohort restarts
+    state = running.state_dict()
+    assert all("params" not in run and "state" not in run for run in state["runs"])
+    restored = trainer()
+    restored.load_state_dict(state)
+    for a, b in zip(running.runs, restored.runs, strict=True):
+        assert a.params.keys() == b.params.keys() and all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    assert restored.train(5) == running.train(5)
+    assert torch.equal(flatten_meta(restored.rule), flatten_meta(running.rule))
+    mid_run = running.state_dict()["runs"]  # 5 steps on, the cohort is 2 truncations into its run
+    assert all(run["steps_done"] == 4 and "params" in run and "state" in run for run in mid_run)
+
+
 def test_pes_without_centre_gives_the_same_estimate_with_fewer_unrolls():
     def runs_and_rows(centre):
         trainer = MetaTrainer(

@@ -404,11 +404,16 @@ class MetaTrainer:
         task = self.family_of(saved["slot"]).sample(seed)
         generator = torch.Generator()
         generator.set_state(saved["generator"])
+        if "params" in saved:
+            params, state = saved["params"], OptimizerState.from_dict(saved["state"])
+        else:  # a run saved before its first step: rebuilt as _new_run built it
+            params = task.init_params(seed)
+            state = self.rule.init(params, num_steps=saved["num_steps"])
         return TaskRun(
             task=task,
             task_index=task_index,
-            params=saved["params"],
-            state=OptimizerState.from_dict(saved["state"]),
+            params=params,
+            state=state,
             train_batches=ReplayableBatches(task.train_batches, seed, saved["train_drawn"]),
             valid_batches=ReplayableBatches(task.valid_batches, seed, saved["valid_drawn"]),
             steps_done=saved["steps_done"],
@@ -453,23 +458,7 @@ class MetaTrainer:
         With several processes this is a collective call: the runs of all processes are gathered,
         so every process returns the same, process-count-independent dict.
         """
-        local = [
-            {
-                "slot": run.slot,
-                "task_index": run.task_index,
-                "params": run.params,
-                "state": run.state.to_dict(),
-                "train_drawn": run.train_batches.drawn,
-                "valid_drawn": run.valid_batches.drawn,
-                "steps_done": run.steps_done,
-                "num_steps": run.num_steps,
-                "generator": run_generator(run).get_state(),
-                "estimator_state": {} if run.estimator_state is None else run.estimator_state.to_dict(),
-                "diverged": run.diverged,
-                "offset": run.offset,
-            }
-            for run in self.runs
-        ]
+        local = [_saved_run(run) for run in self.runs]
         gathered = self.communicator.all_gather_object(local)
         return {
             "rule": self.rule.state_dict(),
@@ -505,6 +494,28 @@ class MetaTrainer:
             self.cohort_generator.set_state(state["cohort_generator"])
         self._apply_phase()
         self.runs = [self._restore_run(state["runs"][slot]) for slot in self.slots]
+
+
+def _saved_run(run: TaskRun) -> dict[str, Any]:
+    """``run`` in checkpoint form. A run that has not taken a step is saved without its parameters
+    and rule state (they are its task's initial parameters and the rule's fresh state, rebuilt on
+    restore), so a checkpoint taken when a synchronised cohort restarts holds no per-run tensors:
+    a large rule's state (an LSTM's, per coordinate and particle) is not written at all."""
+    saved = {
+        "slot": run.slot,
+        "task_index": run.task_index,
+        "train_drawn": run.train_batches.drawn,
+        "valid_drawn": run.valid_batches.drawn,
+        "steps_done": run.steps_done,
+        "num_steps": run.num_steps,
+        "generator": run_generator(run).get_state(),
+        "estimator_state": {} if run.estimator_state is None else run.estimator_state.to_dict(),
+        "diverged": run.diverged,
+        "offset": run.offset,
+    }
+    if run.steps_done or run.estimator_state is not None:
+        saved["params"], saved["state"] = run.params, run.state.to_dict()
+    return saved
 
 
 def _renamed_legacy_keys(state: dict[str, Any]) -> dict[str, Any]:
