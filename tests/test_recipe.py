@@ -272,7 +272,7 @@ def test_synchronised_runs_share_one_horizon_and_one_vmapped_call(monkeypatch):
     assert state["cohort"] == trainer.cohort and state["cohort"]["num_steps"] == trainer.runs[0].num_steps
 
 
-def test_a_checkpoint_taken_as_a_cohort_restarts_holds_no_run_tensors_and_resumes_exactly(tmp_path):
+def test_a_checkpoint_taken_as_a_cohort_restarts_holds_no_run_tensors_and_resumes_exactly():
     def trainer():
         family = make_family("synthetic8_mlp", hidden=4, batch_size=8, n_examples=60,
                              augment={"levels": ["tensor", "parameter"], "scale_range": [1e-2, 1e2]})
