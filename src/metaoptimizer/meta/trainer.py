@@ -404,16 +404,14 @@ class MetaTrainer:
         task = self.family_of(saved["slot"]).sample(seed)
         generator = torch.Generator()
         generator.set_state(saved["generator"])
-        if "params" in saved:
-            params, state = saved["params"], OptimizerState.from_dict(saved["state"])
-        else:  # a run saved before its first step: rebuilt as _new_run built it
-            params = task.init_params(seed)
-            state = self.rule.init(params, num_steps=saved["num_steps"])
+        if "params" not in saved:  # saved before its first step (_saved_run): started again as _new_run did
+            return TaskRun.start(task, task_index, seed, task.init_params(seed), self.rule, saved["num_steps"],
+                                 slot=saved["slot"], generator=generator, offset=saved["offset"])
         return TaskRun(
             task=task,
             task_index=task_index,
-            params=params,
-            state=state,
+            params=saved["params"],
+            state=OptimizerState.from_dict(saved["state"]),
             train_batches=ReplayableBatches(task.train_batches, seed, saved["train_drawn"]),
             valid_batches=ReplayableBatches(task.valid_batches, seed, saved["valid_drawn"]),
             steps_done=saved["steps_done"],
