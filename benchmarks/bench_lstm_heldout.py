@@ -15,9 +15,11 @@ speedup is tuned Adam's steps to its best smoothed loss over the optimizer's ste
 (:mod:`metaoptimizer.evaluate.metrics`; capped at Adam's steps / 200 and flagged "never" when the
 optimizer does not get there). Printed per task-seed with both final smoothed training losses,
 then the median speedup, the number of task-seeds that reach the target and the final-loss ratios.
+``--step-scales 0.5,1.4`` also runs each optimizer with its updates multiplied by those factors,
+to tell a miss of the step size (some factor reaches) from a miss of the update itself (none does).
 
     python benchmarks/bench_lstm_heldout.py [--optimizer lstm-digits-mlp] [--optimizer runs/x/snapshots/step_000100.pt]
-        [--inputs unit|standardised] [--seeds 1] [--json FILE]
+        [--inputs unit|standardised] [--seeds 1] [--json FILE] [--step-scales 0.5,0.7,1.4]
         [--select runs/lstm_recipe --config configs/lstm_recipe.toml]
 
 An optimizer is anything ``metaopt eval --optimizer`` takes (a pretrained name or a saved
@@ -46,6 +48,9 @@ from metaoptimizer.evaluate.loading import load_optimizer
 from metaoptimizer.evaluate.runner import SuiteResult, run_suite
 from metaoptimizer.evaluate.suites import Suite, SuiteEntry
 from metaoptimizer.meta.loop import TrainingConfig
+from metaoptimizer.rules import UpdateRule
+from metaoptimizer.rules.combine import chain
+from metaoptimizer.rules.transforms import scale
 from metaoptimizer.tasks import make_family
 from metaoptimizer.tasks.base import HELDOUT, ModuleTask, TaskFamily
 from metaoptimizer.tasks.digits import ACTIVATIONS, load_digits_tensors, standardised_split
@@ -143,6 +148,12 @@ def select_snapshot(
     return best, run / "snapshots" / f"{best}.pt"
 
 
+def with_step_scales(rules: dict[str, UpdateRule], factors: tuple[float, ...]) -> dict[str, UpdateRule]:
+    """``rules`` plus, for each factor, each rule with its updates multiplied by it (``"name x0.5"``)."""
+    scaled = {f"{name} x{factor:g}": chain(rule, scale(factor)) for name, rule in rules.items() for factor in factors}
+    return {**rules, **scaled}
+
+
 def rows(result: SuiteResult, name: str) -> list[dict[str, Any]]:
     """One row per task-seed: the comparison of ``name`` with tuned Adam."""
     table = []
@@ -184,6 +195,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="Write the per-task-seed rows here.")
     parser.add_argument("--select", type=Path, default=None, help="A meta-training run whose snapshots to choose from.")
     parser.add_argument("--config", type=Path, default=None, help="The run's config (its families validate).")
+    parser.add_argument("--step-scales", default="", help="Comma-separated factors: also run each optimizer with "
+                        "its updates multiplied by each (e.g. 0.5,0.7,1.4).")
     args = parser.parse_args()
     if (args.select is None) != (args.config is None):
         parser.error("--select and --config go together")
@@ -192,7 +205,13 @@ def main() -> None:
     specs = list(args.optimizer or ([] if args.select else ["lstm-digits-mlp"]))
     if args.select is not None:
         specs.append(str(select_snapshot(args.select, TrainingConfig.from_toml(args.config), adam)[1]))
-    rules = {(Path(s).stem if Path(s).is_file() else s): load_optimizer(s) for s in specs}
+    try:
+        factors = tuple(float(f) for f in args.step_scales.split(",") if f.strip())
+    except ValueError:
+        factors = (float("nan"),)
+    if any(not 0 < f < float("inf") for f in factors):
+        parser.error(f"--step-scales takes positive finite factors separated by commas, got {args.step_scales!r}")
+    rules = with_step_scales({(Path(s).stem if Path(s).is_file() else s): load_optimizer(s) for s in specs}, factors)
     suite = outside_family_suite(inputs=args.inputs, seeds=tuple(range(args.seeds)))
     started = time.perf_counter()
     result = run_suite(suite, {name: (lambda rule=rule: rule) for name, rule in rules.items()}, baselines=adam,

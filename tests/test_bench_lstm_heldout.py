@@ -100,3 +100,16 @@ tensorboard = false
     name, path = bench.select_snapshot(run, loaded, adam, num_tasks=1, steps=5)
     assert path.is_file() and path.parent == run / "snapshots" and name in {"step_000000", "step_000001", "step_000002"}
     assert f"chosen on meta-validation: {name}" in capsys.readouterr().out
+
+
+def test_step_scales_multiply_each_optimizers_updates():
+    rules = bench.with_step_scales({"adam": Adam(lr=0.01)}, (0.5, 2.0))
+    assert list(rules) == ["adam", "adam x0.5", "adam x2"]
+    params = {"w": torch.tensor([1.0, -2.0])}
+    grads = {"w": torch.tensor([0.3, -0.1])}
+    updates = {}
+    for name, rule in rules.items():
+        update, _ = rule.update(grads, rule.init(params), params)
+        updates[name] = update["w"]
+    torch.testing.assert_close(updates["adam x0.5"], 0.5 * updates["adam"])
+    torch.testing.assert_close(updates["adam x2"], 2.0 * updates["adam"])
