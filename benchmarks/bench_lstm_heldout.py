@@ -148,6 +148,17 @@ def select_snapshot(
     return best, run / "snapshots" / f"{best}.pt"
 
 
+def step_factors(text: str) -> tuple[float, ...]:
+    """``"0.5,1.4"`` -> ``(0.5, 1.4)``; anything but positive finite numbers is refused."""
+    try:
+        factors = tuple(float(f) for f in text.split(",") if f.strip())
+    except ValueError:
+        factors = ()
+    if not factors or not all(0 < f < float("inf") for f in factors):
+        raise argparse.ArgumentTypeError(f"takes positive finite factors separated by commas, got {text!r}")
+    return factors
+
+
 def with_step_scales(rules: dict[str, UpdateRule], factors: tuple[float, ...]) -> dict[str, UpdateRule]:
     """``rules`` plus, for each factor, each rule with its updates multiplied by it (``"name x0.5"``)."""
     scaled = {f"{name} x{factor:g}": chain(rule, scale(factor)) for name, rule in rules.items() for factor in factors}
@@ -195,8 +206,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="Write the per-task-seed rows here.")
     parser.add_argument("--select", type=Path, default=None, help="A meta-training run whose snapshots to choose from.")
     parser.add_argument("--config", type=Path, default=None, help="The run's config (its families validate).")
-    parser.add_argument("--step-scales", default="", help="Comma-separated factors: also run each optimizer with "
-                        "its updates multiplied by each (e.g. 0.5,0.7,1.4).")
+    parser.add_argument("--step-scales", type=step_factors, default=(), help="Comma-separated factors: also run "
+                        "each optimizer with its updates multiplied by each (e.g. 0.5,0.7,1.4).")
     args = parser.parse_args()
     if (args.select is None) != (args.config is None):
         parser.error("--select and --config go together")
@@ -205,13 +216,8 @@ def main() -> None:
     specs = list(args.optimizer or ([] if args.select else ["lstm-digits-mlp"]))
     if args.select is not None:
         specs.append(str(select_snapshot(args.select, TrainingConfig.from_toml(args.config), adam)[1]))
-    try:
-        factors = tuple(float(f) for f in args.step_scales.split(",") if f.strip())
-    except ValueError:
-        factors = (float("nan"),)
-    if any(not 0 < f < float("inf") for f in factors):
-        parser.error(f"--step-scales takes positive finite factors separated by commas, got {args.step_scales!r}")
-    rules = with_step_scales({(Path(s).stem if Path(s).is_file() else s): load_optimizer(s) for s in specs}, factors)
+    rules = with_step_scales({(Path(s).stem if Path(s).is_file() else s): load_optimizer(s) for s in specs},
+                             args.step_scales)
     suite = outside_family_suite(inputs=args.inputs, seeds=tuple(range(args.seeds)))
     started = time.perf_counter()
     result = run_suite(suite, {name: (lambda rule=rule: rule) for name, rule in rules.items()}, baselines=adam,

@@ -102,6 +102,15 @@ tensorboard = false
     assert f"chosen on meta-validation: {name}" in capsys.readouterr().out
 
 
+def test_step_factors_parse_positive_finite_numbers_and_name_the_problem_otherwise():
+    import argparse
+
+    assert bench.step_factors("0.5, 1.4") == (0.5, 1.4)
+    for bad in ("", "0,1", "-1", "nan", "inf", "a,1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive finite factors"):
+            bench.step_factors(bad)
+
+
 def test_step_scales_multiply_each_optimizers_updates():
     rules = bench.with_step_scales({"adam": Adam(lr=0.01)}, (0.5, 2.0))
     assert list(rules) == ["adam", "adam x0.5", "adam x2"]
