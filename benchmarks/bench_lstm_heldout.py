@@ -152,10 +152,14 @@ def step_factors(text: str) -> tuple[float, ...]:
     """``"0.5,1.4"`` -> ``(0.5, 1.4)``; anything but positive finite numbers is refused."""
     try:
         factors = tuple(float(f) for f in text.split(",") if f.strip())
-    except ValueError:
-        factors = ()
-    if not factors or not all(0 < f < float("inf") for f in factors):
-        raise argparse.ArgumentTypeError(f"takes positive finite factors separated by commas, got {text!r}")
+        if not factors:
+            raise ValueError("no factor given")
+        for factor in factors:
+            check_positive("a step scale", factor)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"takes positive finite factors separated by commas, got {text!r} ({error})"
+        ) from error
     return factors
 
 
